@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Each creates .venv on first use. Without a CUDA GPU, torch==2.13.0 (CPU build) is installed first,
+# so nothing pulls several GB of CUDA wheels.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cellduality-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  echo "CUDA GPU found: installing the default torch build"; $(PY) -m pip install -q torch; \
+	else \
+	  echo "No CUDA GPU: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	@if $(PY) -m pip list 2>/dev/null | grep -qiE '^(nvidia-|triton)' && ! nvidia-smi >/dev/null 2>&1; then \
+	  echo "ERROR: CUDA wheels were pulled on a machine without a GPU"; exit 1; fi
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cellduality demo --out demo_out
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cellduality sft_data tests benchmarks
+	$(VENV)/bin/ruff format --check cellduality sft_data tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/sentences.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,35 @@
+"""Rewards: completion parsing, RWJS, format, dual (self-supervised), oracle (ground truth), registry.
+
+Names are resolved lazily (PEP 562): ``cellduality.tasks`` imports the parsing helpers from here, and
+the reward classes import ``cellduality.tasks``, so an eager import would be circular.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# rwjs and parsing import nothing from cellduality: safe (and needed) eagerly, so that the function
+# ``rwjs`` shadows the submodule of the same name.
+from cellduality.rewards.parsing import parse_completion, parse_genes, parse_label
+from cellduality.rewards.rwjs import rwjs
+
+_EXPORTS = {
+    "REWARDS": "registry",
+    "USES_LABELS": "registry",
+    "build_rewards": "registry",
+    "register_reward": "registry",
+    "DualReward": "dual",
+    "FormatReward": "format",
+    "Oracle": "oracle",
+    "OracleAccuracy": "oracle",
+    "OracleRWJS": "oracle",
+}
+
+__all__ = sorted([*_EXPORTS, "parse_completion", "parse_genes", "parse_label", "rwjs"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"cellduality.rewards.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'cellduality.rewards' has no attribute {name!r}")

@@ -1,0 +1,44 @@
+"""The shape every reward shares: TRL's signature, per-row columns, ``None`` for rows not scored.
+
+TRL calls ``reward(prompts=..., completions=..., completion_ids=..., **columns)`` with one list entry
+per completion, the dataset's columns included. ``RowReward`` turns those column lists back into one
+dict per row, so each reward is written as a function of a single row. It also keeps the gene
+vocabulary (case-folded symbol -> symbol) that the contract's gene cleaning needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cellduality.tasks.common import RECORD_COLUMNS
+
+
+def rows_from_columns(n: int, columns: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One dict per completion from TRL's column lists (non-list keyword arguments are skipped)."""
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, values in columns.items():
+        if key not in RECORD_COLUMNS or not isinstance(values, Sequence) or isinstance(values, str):
+            continue
+        if len(values) != n:
+            continue
+        for row, value in zip(rows, values, strict=True):
+            row[key] = value
+    return rows
+
+
+class RowReward:
+    """Base class: subclasses implement ``score(row, completion) -> float | None``."""
+
+    name = "reward"
+
+    def __init__(self, vocabulary: Mapping[str, str] | None = None) -> None:
+        self.vocabulary = dict(vocabulary) if vocabulary is not None else None
+        self.__name__ = self.name  # TRL logs rewards under the function's __name__
+
+    def score(self, row: Mapping[str, Any], completion: Any) -> float | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
+        rows = rows_from_columns(len(completions), columns)
+        return [self.score(row, completion) for row, completion in zip(rows, completions, strict=True)]

@@ -1,0 +1,78 @@
+"""The self-supervised dual reward: the policy answers the dual of its own forward answer.
+
+For every completion of the batch, the forward answer is parsed; those that parse get a dual prompt
+(``cellduality.tasks.dual``), all dual prompts are answered in ONE call of ``generate`` (the trainer's
+policy with its current weights; the training module supplies it), and each dual completion is scored.
+Completions that do not parse get 0 without a dual prompt. ``generate`` is called exactly once per
+reward call, also with an empty prompt list, because under several ranks a generation is a collective
+operation: a rank that skipped it would hang the others.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cellduality.rewards.base import RowReward, rows_from_columns
+from cellduality.tasks.dual import dual_prompt, dual_score, forward_answer
+
+Messages = list[dict[str, str]]
+GenerateFn = Callable[[list[Messages]], list[str]]
+
+
+class DualReward(RowReward):
+    """Reward = mean dual score over ``num_samples`` dual completions per forward completion."""
+
+    name = "dual"
+
+    def __init__(
+        self,
+        generate: GenerateFn | None = None,
+        vocabulary: Mapping[str, str] | None = None,
+        num_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(vocabulary)
+        if num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+        self.generate = generate
+        self.num_samples = num_samples
+        self.seed = seed
+        self.last_details: list[dict[str, Any]] = []
+
+    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
+        if self.generate is None:
+            raise RuntimeError(
+                "the dual reward needs the policy: build it through cellduality.train (which passes the "
+                "trainer's generation) or give DualReward(generate=...)"
+            )
+        rows = rows_from_columns(len(completions), columns)
+        answers = [forward_answer(row, c, self.vocabulary) for row, c in zip(rows, completions, strict=True)]
+        owners: list[int] = []
+        dual_prompts: list[Messages] = []
+        for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
+            if answer is None:
+                continue
+            prompt = dual_prompt(row, answer, seed=self.seed)
+            for _ in range(self.num_samples):
+                owners.append(i)
+                dual_prompts.append(prompt)
+        outputs = self.generate(dual_prompts)
+        if len(outputs) != len(dual_prompts):
+            raise RuntimeError(f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts")
+        scores: dict[int, list[float]] = defaultdict(list)
+        self.last_details = []
+        for owner, prompt, output in zip(owners, dual_prompts, outputs, strict=True):
+            value = dual_score(rows[owner], output, self.vocabulary)
+            scores[owner].append(value)
+            self.last_details.append(
+                {"index": owner, "task": rows[owner].get("task"), "prompt": prompt, "completion": output, "score": value}
+            )
+        return [
+            (sum(scores[i]) / len(scores[i]) if scores[i] else 0.0) if rows[i].get("task") else None
+            for i in range(len(completions))
+        ]
+
+    def score(self, row: Mapping[str, Any], completion: Any) -> float | None:  # pragma: no cover
+        raise TypeError("DualReward scores a whole batch at once; call it with TRL's signature")

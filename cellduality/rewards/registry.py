@@ -1,0 +1,51 @@
+"""Rewards by name, as open-r1 and TRL's scripts register them, so a recipe can list
+``reward_funcs: [format, dual]`` with ``reward_weights``.
+
+``REWARDS`` maps a name to a factory taking keyword options (``vocabulary``, and for ``dual`` the
+``generate`` function); ``build_rewards`` makes the callables a trainer receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cellduality.rewards.dual import DualReward
+from cellduality.rewards.format import FormatReward
+from cellduality.rewards.oracle import Oracle, OracleAccuracy, OracleRWJS
+
+RewardFactory = Callable[..., Callable[..., list[float | None]]]
+
+REWARDS: dict[str, RewardFactory] = {
+    "format": FormatReward,
+    "oracle": Oracle,
+    "oracle_accuracy": OracleAccuracy,
+    "oracle_rwjs": OracleRWJS,
+    "dual": DualReward,
+}
+
+# Rewards that read the ground-truth ``answer`` column: never allowed in a self-supervised run.
+USES_LABELS = frozenset({"oracle", "oracle_accuracy", "oracle_rwjs"})
+
+
+def register_reward(name: str, factory: RewardFactory) -> None:
+    """Add a reward under ``name`` (for example a verifier reward from ``cellduality.eval``)."""
+    if name in REWARDS:
+        raise ValueError(f"a reward named {name!r} is already registered")
+    REWARDS[name] = factory
+
+
+def build_rewards(
+    names: Sequence[str], vocabulary: Mapping[str, str] | None = None, **options: Any
+) -> list[Callable[..., list[float | None]]]:
+    """Instantiate the named rewards; ``options`` go to the factories that accept them."""
+    out = []
+    for name in names:
+        if name not in REWARDS:
+            raise KeyError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}")
+        factory = REWARDS[name]
+        kwargs: dict[str, Any] = {"vocabulary": vocabulary}
+        if factory is DualReward:
+            kwargs.update({k: v for k, v in options.items() if k in ("generate", "num_samples", "seed")})
+        out.append(factory(**kwargs))
+    return out

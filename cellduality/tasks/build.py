@@ -1,0 +1,203 @@
+"""Turn a validated dataset into the task examples of the 2x2 suite, save and reload them.
+
+A prepared folder holds a ``datasets.DatasetDict`` (train/test; every task in one table, see the
+record contract) and ``meta.json``: the gene vocabulary, the rank -> expression fit, what was done to
+the data, the split and the configuration. Training and evaluation read only this folder, so what they
+see is exactly what ``cellduality prepare`` reported.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Sequence as HFSequence, Value, concatenate_datasets
+
+from cellduality.data.loading import CellData
+from cellduality.data.schema import TASKS, DataError
+from cellduality.data.splits import Split, split_cells
+from cellduality.sentences import cell_sentences, fit_rank_expression
+from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows
+from cellduality.tasks.common import TaskConfig
+from cellduality.tasks.generative import generation_rows, perturbation_rows
+
+META_FILE = "meta.json"
+
+BUILDERS = {
+    "annotation": annotation_rows,
+    "generation": generation_rows,
+    "drug_sensitivity": drug_sensitivity_rows,
+    "perturbation": perturbation_rows,
+}
+
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "task": Value("string"),
+        "prompt": [{"role": Value("string"), "content": Value("string")}],
+        "answer": Value("string"),
+        "candidates": HFSequence(Value("string")),
+        "condition": Value("string"),
+        "condition_text": Value("string"),
+        "cell_genes": HFSequence(Value("string")),
+        "visible_genes": HFSequence(Value("string")),
+        "hidden_genes": HFSequence(Value("string")),
+        "n_genes": Value("int32"),
+        "context": Value("string"),
+        "cell_id": Value("string"),
+        "dataset": Value("string"),
+    }
+)
+
+
+@dataclass
+class PreparedTasks:
+    """Task examples of one dataset with everything needed to interpret them later."""
+
+    datasets: DatasetDict
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.meta.get("genes", []))
+
+
+def split_key(task: str, data: CellData) -> tuple[str | None, str | None]:
+    """Column an OOD split holds values of for ``task``, and the control value it never holds out."""
+    c = data.columns
+    if task in ("annotation", "generation"):
+        return c.cell_type, None
+    if task == "drug_sensitivity":
+        return c.drug, None
+    return c.perturbation, str(c.control_value)
+
+
+def _subsample(cells: np.ndarray, limit: int | None, seed: int, task: str, split: str) -> np.ndarray:
+    if limit is None or cells.size <= limit:
+        return cells
+    rng = np.random.default_rng([seed, TASKS.index(task), 0 if split == "train" else 1])
+    return np.sort(rng.choice(cells, size=limit, replace=False))
+
+
+def build_tasks(
+    data: CellData,
+    tasks: Sequence[str] | None = None,
+    *,
+    split: str = "id",
+    config: TaskConfig | None = None,
+    test_fraction: float = 0.2,
+    holdout: Sequence[str] | None = None,
+) -> PreparedTasks:
+    """Examples of every requested task (default: all the dataset supports), split into train/test."""
+    cfg = config or TaskConfig()
+    supported = data.columns.supported_tasks()
+    if tasks is None:
+        tasks = supported
+        if not tasks:
+            raise DataError(
+                "no task can be built: name at least one of the cell-type, drug+response or "
+                f"perturbation columns (obs columns: {', '.join(map(str, data.adata.obs.columns))})"
+            )
+    tasks = list(dict.fromkeys(tasks))
+    for task in tasks:
+        data.columns.require(task, data.adata.obs.columns)
+    obs = data.adata.obs
+    sentences = cell_sentences(data.adata, top_k=max(cfg.top_k, cfg.answer_genes), seed=cfg.seed)
+    fit = fit_rank_expression(data.adata, seed=cfg.seed)
+    parts: dict[str, list[Dataset]] = {"train": [], "test": []}
+    split_info: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        key, control = split_key(task, data)
+        s: Split = split_cells(
+            obs, mode=split, key=key, test_fraction=test_fraction, seed=cfg.seed, holdout=holdout, control_value=control
+        )
+        split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
+        for name, cells in (("train", s.train), ("test", s.test)):
+            if task == "perturbation":
+                rows = perturbation_rows(obs, sentences, cells, data.columns, data.name, name, cfg)
+                keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
+                rows = [rows[k] for k in keep]
+            else:
+                cells = _subsample(cells, cfg.max_examples, cfg.seed, task, name)
+                rows = BUILDERS[task](obs, sentences, cells, data.columns, data.name, name, cfg)
+            parts[name].append(Dataset.from_list(rows, features=FEATURES))
+    dd = DatasetDict(
+        {name: concatenate_datasets(ds) if ds else Dataset.from_list([], features=FEATURES) for name, ds in parts.items()}
+    )
+    meta = {
+        "dataset": data.name,
+        "tasks": tasks,
+        "value_type": data.value_type,
+        "notes": data.notes,
+        "n_cells": int(data.adata.n_obs),
+        "n_empty_dropped": data.n_empty_dropped,
+        "genes": data.genes,
+        "fit": asdict(fit),
+        "columns": asdict(data.columns),
+        "config": asdict(cfg),
+        "split": split_info,
+        "summary": summarise(dd),
+    }
+    return PreparedTasks(dd, meta)
+
+
+def summarise(dd: DatasetDict) -> list[dict[str, Any]]:
+    """Rows per task and split, with the mean length of input and answer sentences."""
+    out = []
+    for split_name, ds in dd.items():
+        if len(ds) == 0:
+            continue
+        tasks = np.asarray(ds["task"])
+        cell_len = np.asarray([len(g) for g in ds["cell_genes"]])
+        ans_len = np.asarray([len(a.split()) for a in ds["answer"]])
+        for task in sorted(set(tasks), key=TASKS.index):
+            m = tasks == task
+            out.append(
+                {
+                    "task": str(task),
+                    "split": split_name,
+                    "rows": int(m.sum()),
+                    "input_genes": float(cell_len[m].mean()),
+                    "answer_genes": float(ans_len[m].mean()),
+                }
+            )
+    return out
+
+
+@contextmanager
+def _quiet_datasets():
+    """Silence ``datasets``' per-shard progress bars: our own summary says what was written."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def save_prepared(prepared: PreparedTasks, out_dir: str | Path) -> Path:
+    """Write the DatasetDict and ``meta.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _quiet_datasets():
+        prepared.datasets.save_to_disk(str(out / "data"))
+    (out / META_FILE).write_text(json.dumps(prepared.meta, indent=1))
+    return out
+
+
+def load_prepared(path: str | Path) -> PreparedTasks:
+    """Read a folder written by ``save_prepared`` (or ``cellduality prepare``)."""
+    p = Path(path)
+    if not (p / META_FILE).exists():
+        raise DataError(f"{p} is not a prepared dataset folder (no {META_FILE}); run `cellduality prepare` first")
+    from datasets import load_from_disk
+
+    return PreparedTasks(load_from_disk(str(p / "data")), json.loads((p / META_FILE).read_text()))

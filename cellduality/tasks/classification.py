@@ -1,0 +1,141 @@
+"""Classification tasks: cell type annotation and drug sensitivity.
+
+Both show a full cell sentence and ask for one label from a candidate list. Each row also carries the
+split of that sentence into visible and hidden genes, which its dual (in-painting the hidden genes from
+the visible ones and the *predicted* label) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cellduality.data.schema import RESISTANT, SENSITIVE, Columns
+from cellduality.tasks.common import (
+    TaskConfig,
+    example_rng,
+    hide_genes,
+    join_candidates,
+    join_genes,
+    messages,
+    pick,
+    record,
+    shuffled,
+)
+from cellduality.tasks.templates import ANNOTATION, DRUG_SENSITIVITY
+
+
+def context_text(obs_row: pd.Series, columns: Sequence[str]) -> str:
+    """Context values (cell line, donor, ...) as ``column: value`` pairs."""
+    return ", ".join(f"{c.replace('_', ' ')}: {obs_row[c]}" for c in columns)
+
+
+def annotation_rows(
+    obs: pd.DataFrame,
+    sentences: list[list[str]],
+    cells: np.ndarray,
+    columns: Columns,
+    dataset: str,
+    split: str,
+    cfg: TaskConfig,
+) -> list[dict]:
+    """One annotation example per cell in ``cells`` (positions into ``obs``/``sentences``)."""
+    labels = obs[columns.cell_type].astype(str)
+    candidates = sorted(labels.unique())
+    rows = []
+    for i in cells:
+        cell_id = str(obs.index[i])
+        rid = f"{dataset}/annotation/{split}/{cell_id}"
+        rng = example_rng(cfg.seed, rid)
+        sentence = sentences[i][: cfg.top_k]
+        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction)
+        cands = shuffled(rng, candidates)
+        ctx = context_text(obs.iloc[i], columns.context)
+        prompt = pick(rng, ANNOTATION).format(
+            cell=join_genes(sentence),
+            candidates=join_candidates(cands),
+            context=f"Context: {ctx}. " if ctx else "",
+        )
+        rows.append(
+            record(
+                id=rid,
+                task="annotation",
+                prompt=messages(prompt),
+                answer=labels.iloc[i],
+                candidates=cands,
+                cell_genes=sentence,
+                visible_genes=visible,
+                hidden_genes=hidden,
+                n_genes=len(hidden),
+                context=ctx,
+                cell_id=cell_id,
+                dataset=dataset,
+            )
+        )
+    return rows
+
+
+def response_labels(obs: pd.DataFrame, columns: Columns) -> pd.Series:
+    """Map the response column onto ``sensitive`` / ``resistant``, refusing other values."""
+    raw = obs[columns.response].astype(str)
+    mapping = {str(columns.sensitive_value): SENSITIVE, str(columns.resistant_value): RESISTANT}
+    unknown = sorted(set(raw) - set(mapping))
+    if unknown:
+        from cellduality.data.schema import DataError
+
+        raise DataError(
+            f"response column {columns.response!r} has values {unknown} that are neither the sensitive "
+            f"value {columns.sensitive_value!r} nor the resistant value {columns.resistant_value!r}; "
+            "set --sensitive-value / --resistant-value"
+        )
+    return raw.map(mapping)
+
+
+def drug_sensitivity_rows(
+    obs: pd.DataFrame,
+    sentences: list[list[str]],
+    cells: np.ndarray,
+    columns: Columns,
+    dataset: str,
+    split: str,
+    cfg: TaskConfig,
+) -> list[dict]:
+    """One drug-sensitivity example per cell: cell + drug -> sensitive / resistant."""
+    labels = response_labels(obs, columns)
+    drugs = obs[columns.drug].astype(str)
+    rows = []
+    for i in cells:
+        cell_id = str(obs.index[i])
+        rid = f"{dataset}/drug_sensitivity/{split}/{cell_id}"
+        rng = example_rng(cfg.seed, rid)
+        sentence = sentences[i][: cfg.top_k]
+        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction)
+        cands = shuffled(rng, [SENSITIVE, RESISTANT])
+        ctx_values = [str(obs.iloc[i][c]) for c in columns.context]
+        prompt = pick(rng, DRUG_SENSITIVITY).format(
+            cell=join_genes(sentence),
+            drug=drugs.iloc[i],
+            candidates=" or ".join(cands),
+            context="".join(f"{v} " for v in ctx_values),
+        )
+        rows.append(
+            record(
+                id=rid,
+                task="drug_sensitivity",
+                prompt=messages(prompt),
+                answer=labels.iloc[i],
+                candidates=cands,
+                condition=drugs.iloc[i],
+                condition_text=drugs.iloc[i],
+                cell_genes=sentence,
+                visible_genes=visible,
+                hidden_genes=hidden,
+                n_genes=len(hidden),
+                context=context_text(obs.iloc[i], columns.context),
+                cell_id=cell_id,
+                dataset=dataset,
+            )
+        )
+    return rows

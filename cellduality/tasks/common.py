@@ -1,0 +1,118 @@
+"""Pieces shared by the task builders: the record layout, seeded choices, gene hiding."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cellduality.tasks.templates import SYSTEM_PROMPT
+
+RECORD_COLUMNS: tuple[str, ...] = (
+    "id",
+    "task",
+    "prompt",
+    "answer",
+    "candidates",
+    "condition",
+    "condition_text",
+    "cell_genes",
+    "visible_genes",
+    "hidden_genes",
+    "n_genes",
+    "context",
+    "cell_id",
+    "dataset",
+)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Knobs of example building.
+
+    ``top_k``: genes per input cell sentence. ``n_genes``: genes a generation answer lists (defaults to
+    ``top_k``). ``hidden_fraction``: share of an input sentence hidden for the in-painting dual.
+    ``max_candidates``: cap on the perturbation dual's candidate list (the true one always included).
+    ``max_examples``: cap per task and split (seeded sample), ``None`` for all cells.
+    """
+
+    top_k: int = 100
+    n_genes: int | None = None
+    hidden_fraction: float = 0.25
+    max_candidates: int = 8
+    max_examples: int | None = None
+    seed: int = 0
+
+    @property
+    def answer_genes(self) -> int:
+        return self.n_genes or self.top_k
+
+
+def example_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator seeded by the run seed and a stable hash of the example id."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def shuffled(rng: np.random.Generator, items: Sequence[str]) -> list[str]:
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def join_genes(genes: Sequence[str]) -> str:
+    return " ".join(genes)
+
+
+def join_candidates(candidates: Sequence[str]) -> str:
+    return ", ".join(candidates)
+
+
+def messages(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def hide_genes(
+    rng: np.random.Generator, sentence: Sequence[str], fraction: float
+) -> tuple[list[str], list[str]]:
+    """Split a sentence into visible genes (order kept) and hidden genes (rank order).
+
+    At least one gene is hidden and one stays visible whenever the sentence has two genes.
+    """
+    n = len(sentence)
+    if n < 2:
+        return list(sentence), []
+    n_hidden = min(n - 1, max(1, round(n * fraction)))
+    hidden_pos = set(rng.choice(n, size=n_hidden, replace=False).tolist())
+    visible = [g for i, g in enumerate(sentence) if i not in hidden_pos]
+    hidden = [g for i, g in enumerate(sentence) if i in hidden_pos]
+    return visible, hidden
+
+
+def record(**fields: Any) -> dict[str, Any]:
+    """A row with every record column, empty where the task does not use it."""
+    row: dict[str, Any] = {
+        "id": "",
+        "task": "",
+        "prompt": [],
+        "answer": "",
+        "candidates": [],
+        "condition": "",
+        "condition_text": "",
+        "cell_genes": [],
+        "visible_genes": [],
+        "hidden_genes": [],
+        "n_genes": 0,
+        "context": "",
+        "cell_id": "",
+        "dataset": "",
+    }
+    unknown = set(fields) - set(row)
+    if unknown:
+        raise KeyError(f"not record columns: {sorted(unknown)}")
+    row.update(fields)
+    return row
