@@ -25,8 +25,12 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-genes", type=int, default=None, help="genes per generated cell (default: --top-k)")
     p.add_argument("--split", choices=["id", "ood"], default="id", help="in- or out-of-distribution split")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--holdout", nargs="+", default=None, help="OOD: values to hold out (default: seeded choice)")
-    p.add_argument("--hidden-fraction", type=float, default=0.25, help="share of genes hidden for in-painting")
+    p.add_argument(
+        "--holdout", nargs="+", default=None, help="OOD: values to hold out (default: seeded choice)"
+    )
+    p.add_argument(
+        "--hidden-fraction", type=float, default=0.25, help="share of genes hidden for in-painting"
+    )
     p.add_argument("--max-examples", type=int, default=None, help="cap on examples per task and split")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("your own .h5ad: column names")

@@ -19,7 +19,11 @@ def print_prepared(prepared: PreparedTasks, out: Path | None = None, console: Co
         table.add_column(col, justify="right" if col not in ("task", "split") else "left")
     for row in meta["summary"]:
         table.add_row(
-            row["task"], row["split"], str(row["rows"]), f"{row['input_genes']:.1f}", f"{row['answer_genes']:.1f}"
+            row["task"],
+            row["split"],
+            str(row["rows"]),
+            f"{row['input_genes']:.1f}",
+            f"{row['answer_genes']:.1f}",
         )
     console.print(table)
     fit = meta["fit"]

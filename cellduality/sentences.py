@@ -10,74 +10,135 @@ sentences back into expression vectors.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-_BLOCK_CELLS = 4096
+_BLOCK_CELLS = 2048
 
 
-def _tie_keys(n_genes: int, seed: int) -> np.ndarray:
-    """A unique, seeded secondary key per gene (uint64) used to break expression ties."""
-    rng = np.random.default_rng(seed)
-    return rng.permutation(n_genes).astype(np.uint64)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_MOD32 = 1 << 32
 
 
-def _value_keys(values: np.ndarray) -> np.ndarray:
-    """Order-preserving uint64 of positive float32 values, shifted to leave room for the tie key."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return bits << np.uint64(32)
+@dataclass(frozen=True)
+class _TieOrder:
+    """A seeded bijection gene index <-> 32-bit tie key: ``key = (a * gene + b) mod 2**32``, ``a`` odd.
+
+    Ties in expression are broken by this key, so the order is deterministic for a seed and differs
+    between seeds. An affine map is computed in one vectorised pass (no random gather over the
+    non-zeros), and inverted exactly to recover the gene from a sort key.
+    """
+
+    a: int
+    b: int
+
+    @classmethod
+    def from_seed(cls, seed: int) -> _TieOrder:
+        rng = np.random.default_rng(seed)
+        a, b = (int(v) for v in rng.integers(0, _MOD32, size=2, dtype=np.uint64))
+        return cls(a | 1, b)
+
+    def encode(self, genes: np.ndarray) -> np.ndarray:
+        keys = genes.astype(np.uint64) * np.uint64(self.a)
+        keys += np.uint64(self.b)
+        keys &= _LOW32
+        return keys
+
+    def decode(self, keys: np.ndarray) -> np.ndarray:
+        low = (keys & _LOW32) + np.uint64(_MOD32 - self.b)
+        low &= _LOW32
+        low *= np.uint64(pow(self.a, -1, _MOD32))
+        low &= _LOW32
+        return low.astype(np.int64)
 
 
-def _top_positions(keys: np.ndarray, k: int) -> np.ndarray:
-    """Column positions of the k largest keys per row, largest first (keys are unique where > 0)."""
+def _sort_keys(values: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """uint64 keys ordering (value, tie) pairs: float32 bits of a positive value in the high word.
+
+    For positive IEEE floats the bit pattern orders like the value, so integer comparison of the keys
+    sorts by expression first and by the seeded tie key second. Non-positive values get key 0.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    keys = values.view(np.uint32).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= tie
+    if values.size and values.min() <= 0:
+        keys[values <= 0] = 0
+    return keys
+
+
+def _top_genes(keys: np.ndarray, k: int | None, order: _TieOrder) -> tuple[np.ndarray, np.ndarray]:
+    """Gene indices of the k largest keys per row (largest first, -1 padded) and their counts."""
     width = keys.shape[1]
-    if k < width:
-        part = np.argpartition(keys, width - k, axis=1)[:, width - k :]
-    else:
-        part = np.broadcast_to(np.arange(width), keys.shape).copy()
-    top = np.take_along_axis(keys, part, axis=1)
-    order = np.argsort(top, axis=1)[:, ::-1]
-    return np.take_along_axis(part, order, axis=1)
+    kk = width if k is None else min(k, width)
+    if kk < width:
+        keys = np.partition(keys, width - kk, axis=1)[:, width - kk :]
+    keys = np.sort(keys, axis=1)[:, ::-1]
+    valid = keys > 0
+    genes = order.decode(keys)
+    genes[~valid] = -1
+    return genes, valid.sum(axis=1)
 
 
-def _block_sparse(block: sp.csr_matrix, k: int | None, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k gene indices (padded with -1) and their counts for a CSR block of cells."""
-    block.sort_indices()
-    indptr = block.indptr
+def _csr_rows(matrix: sp.csr_matrix, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of the data, indices and (rebased) indptr of rows ``start:stop``: no copy, unlike slicing."""
+    lo, hi = matrix.indptr[start], matrix.indptr[stop]
+    return matrix.data[lo:hi], matrix.indices[lo:hi], matrix.indptr[start : stop + 1] - lo
+
+
+def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
+    """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr)."""
+    data, indices, indptr = rows
     counts = np.diff(indptr)
-    n = block.shape[0]
+    n = counts.size
     width = int(counts.max()) if n else 0
     if width == 0:
         return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    rows = np.repeat(np.arange(n), counts)
-    pos = np.arange(indptr[-1]) - np.repeat(indptr[:-1], counts)
-    data = block.data
-    positive = data > 0
-    keys = np.zeros((n, width), dtype=np.uint64)
-    cols = np.full((n, width), -1, dtype=np.int64)
-    keys[rows, pos] = np.where(positive, _value_keys(np.where(positive, data, 0)) | tie[block.indices], 0)
-    cols[rows, pos] = block.indices
-    kk = width if k is None else min(k, width)
-    top = _top_positions(keys, kk)
-    top_keys = np.take_along_axis(keys, top, axis=1)
-    top_cols = np.take_along_axis(cols, top, axis=1)
-    top_cols[top_keys == 0] = -1
-    return top_cols, (top_keys > 0).sum(axis=1)
+    # position of each stored value in a (cells x width) padded matrix, in one pass
+    flat = np.arange(indptr[-1], dtype=np.int64)
+    flat += np.repeat(np.arange(n, dtype=np.int64) * width - indptr[:-1], counts)
+    padded = np.zeros(n * width, dtype=np.uint64)
+    padded[flat] = _sort_keys(data, order.encode(indices))
+    return _top_genes(padded.reshape(n, width), k, order)
 
 
-def _block_dense(block: np.ndarray, k: int | None, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _block_dense(block: np.ndarray, k: int | None, order: _TieOrder):
     """Top-k gene indices (padded with -1) and their counts for a dense block of cells."""
-    values = np.asarray(block, dtype=np.float32)
-    positive = values > 0
-    keys = np.where(positive, _value_keys(np.where(positive, values, 0)) | tie[None, :], np.uint64(0))
-    kk = values.shape[1] if k is None else min(k, values.shape[1])
-    top = _top_positions(keys, kk)
-    top_keys = np.take_along_axis(keys, top, axis=1)
-    top[top_keys == 0] = -1
-    return top, (top_keys > 0).sum(axis=1)
+    tie = order.encode(np.arange(block.shape[1]))
+    return _top_genes(_sort_keys(block, tie[None, :]), k, order)
+
+
+def _blocks(matrix, top_k: int | None, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(gene indices padded with -1, counts) for consecutive blocks of cells."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    n_cells = matrix.shape[0]
+    order = _TieOrder.from_seed(seed)
+    sparse = sp.issparse(matrix)
+    if sparse:
+        matrix = sp.csr_matrix(matrix)
+        if not matrix.has_canonical_format:  # repeated entries would count a gene twice
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
+
+    def block(start: int) -> tuple[np.ndarray, np.ndarray]:
+        stop = min(start + _BLOCK_CELLS, n_cells)
+        if sparse:
+            return _block_sparse(_csr_rows(matrix, start, stop), top_k, order)
+        return _block_dense(np.asarray(matrix[start:stop]), top_k, order)
+
+    starts = range(0, n_cells, _BLOCK_CELLS)
+    if len(starts) < 2:
+        yield from map(block, starts)
+        return
+    # numpy releases the GIL in partition/sort/arithmetic: blocks run in parallel on the cores
+    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1, 8)) as pool:
+        yield from pool.map(block, starts)
 
 
 def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -85,20 +146,8 @@ def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np
 
     Accepts a dense array or any scipy sparse matrix; returns one int64 array per cell.
     """
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    n_cells, n_genes = matrix.shape
-    tie = _tie_keys(n_genes, seed)
-    sparse = sp.issparse(matrix)
-    if sparse:
-        matrix = sp.csr_matrix(matrix)
     out: list[np.ndarray] = []
-    for start in range(0, n_cells, _BLOCK_CELLS):
-        stop = min(start + _BLOCK_CELLS, n_cells)
-        if sparse:
-            cols, counts = _block_sparse(matrix[start:stop], top_k, tie)
-        else:
-            cols, counts = _block_dense(np.asarray(matrix[start:stop]), top_k, tie)
+    for cols, counts in _blocks(matrix, top_k, seed):
         out.extend(row[:c] for row, c in zip(cols, counts, strict=True))
     return out
 
@@ -109,23 +158,10 @@ def cell_sentences(adata, top_k: int | None = None, seed: int = 0) -> list[list[
     ``adata`` must already be log-normalised with symbols as ``var_names`` (see ``cellduality.data``).
     """
     names = np.asarray(adata.var_names, dtype=object)
-    n_cells, n_genes = adata.shape
-    tie = _tie_keys(n_genes, seed)
-    matrix = adata.X
-    sparse = sp.issparse(matrix)
-    if sparse:
-        matrix = sp.csr_matrix(matrix)
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     sentences: list[list[str]] = []
-    for start in range(0, n_cells, _BLOCK_CELLS):
-        stop = min(start + _BLOCK_CELLS, n_cells)
-        block = matrix[start:stop]
-        cols, counts = (_block_sparse if sparse else _block_dense)(
-            block if sparse else np.asarray(block), top_k, tie
-        )
+    for cols, counts in _blocks(adata.X, top_k, seed):
         if cols.shape[1] == 0:
-            sentences.extend([] for _ in range(stop - start))
+            sentences.extend([] for _ in range(cols.shape[0]))
             continue
         words = names[np.maximum(cols, 0)].tolist()
         sentences.extend(row[:c] for row, c in zip(words, counts.tolist(), strict=True))

@@ -11,8 +11,10 @@ from typing import Any
 
 # rwjs and parsing import nothing from cellduality: safe (and needed) eagerly, so that the function
 # ``rwjs`` shadows the submodule of the same name.
-from cellduality.rewards.parsing import parse_completion, parse_genes, parse_label
-from cellduality.rewards.rwjs import rwjs
+from cellduality.rewards.parsing import parse_completion as parse_completion
+from cellduality.rewards.parsing import parse_genes as parse_genes
+from cellduality.rewards.parsing import parse_label as parse_label
+from cellduality.rewards.rwjs import rwjs as rwjs
 
 _EXPORTS = {
     "REWARDS": "registry",

@@ -60,14 +60,22 @@ class DualReward(RowReward):
                 dual_prompts.append(prompt)
         outputs = self.generate(dual_prompts)
         if len(outputs) != len(dual_prompts):
-            raise RuntimeError(f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts")
+            raise RuntimeError(
+                f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts"
+            )
         scores: dict[int, list[float]] = defaultdict(list)
         self.last_details = []
         for owner, prompt, output in zip(owners, dual_prompts, outputs, strict=True):
             value = dual_score(rows[owner], output, self.vocabulary)
             scores[owner].append(value)
             self.last_details.append(
-                {"index": owner, "task": rows[owner].get("task"), "prompt": prompt, "completion": output, "score": value}
+                {
+                    "index": owner,
+                    "task": rows[owner].get("task"),
+                    "prompt": prompt,
+                    "completion": output,
+                    "score": value,
+                }
             )
         return [
             (sum(scores[i]) / len(scores[i]) if scores[i] else 0.0) if rows[i].get("task") else None

@@ -46,11 +46,15 @@ def parse_completion(completion: Any) -> ParsedCompletion:
     strict = _STRICT.match(text)
     if strict:
         think, answer = strict.group(1).strip(), strict.group(2).strip()
-        return ParsedCompletion(think=think, answer=answer or None, well_formed=bool(answer) and "<" not in answer)
+        return ParsedCompletion(
+            think=think, answer=answer or None, well_formed=bool(answer) and "<" not in answer
+        )
     answers = _ANSWER.findall(text)
     thinks = _THINK.findall(text)
     answer = answers[-1].strip() if answers else None
-    return ParsedCompletion(think=thinks[0].strip() if thinks else None, answer=answer or None, well_formed=False)
+    return ParsedCompletion(
+        think=thinks[0].strip() if thinks else None, answer=answer or None, well_formed=False
+    )
 
 
 def normalize_label(label: str) -> str:

@@ -3,7 +3,8 @@
 Contract (DESIGN.md): weight ``w(g, x) = 1 / rank(g, x)`` (ranks from 1) when ``g`` is in ``x``, else 0;
 ``RWJS(a, b) = sum_g min(w(g,a), w(g,b)) / sum_g max(w(g,a), w(g,b))`` over the union of genes.
 Top-ranked genes dominate, so getting the most expressed genes right matters most, as it should for a
-cell sentence. Duplicates keep their first (best) rank.
+cell sentence. A repeated gene counts once, at its first position, and the genes after it move up
+(ranks are positions in the de-duplicated list), matching the contract's cleaning of generated lists.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Sequence
 
 def _weights(genes: Sequence[str]) -> dict[str, float]:
     weights: dict[str, float] = {}
-    for rank, gene in enumerate(genes, start=1):
+    for gene in genes:
         if gene not in weights:
-            weights[gene] = 1.0 / rank
+            weights[gene] = 1.0 / (len(weights) + 1)
     return weights
 
 

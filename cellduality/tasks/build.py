@@ -9,14 +9,15 @@ see is exactly what ``cellduality prepare`` reported.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Sequence as HFSequence, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
+from datasets import Sequence as HFSequence
 
 from cellduality.data.loading import CellData
 from cellduality.data.schema import TASKS, DataError
@@ -114,7 +115,13 @@ def build_tasks(
     for task in tasks:
         key, control = split_key(task, data)
         s: Split = split_cells(
-            obs, mode=split, key=key, test_fraction=test_fraction, seed=cfg.seed, holdout=holdout, control_value=control
+            obs,
+            mode=split,
+            key=key,
+            test_fraction=test_fraction,
+            seed=cfg.seed,
+            holdout=holdout,
+            control_value=control,
         )
         split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
         for name, cells in (("train", s.train), ("test", s.test)):
@@ -127,7 +134,10 @@ def build_tasks(
                 rows = BUILDERS[task](obs, sentences, cells, data.columns, data.name, name, cfg)
             parts[name].append(Dataset.from_list(rows, features=FEATURES))
     dd = DatasetDict(
-        {name: concatenate_datasets(ds) if ds else Dataset.from_list([], features=FEATURES) for name, ds in parts.items()}
+        {
+            name: concatenate_datasets(ds) if ds else Dataset.from_list([], features=FEATURES)
+            for name, ds in parts.items()
+        }
     )
     meta = {
         "dataset": data.name,
@@ -197,7 +207,9 @@ def load_prepared(path: str | Path) -> PreparedTasks:
     """Read a folder written by ``save_prepared`` (or ``cellduality prepare``)."""
     p = Path(path)
     if not (p / META_FILE).exists():
-        raise DataError(f"{p} is not a prepared dataset folder (no {META_FILE}); run `cellduality prepare` first")
+        raise DataError(
+            f"{p} is not a prepared dataset folder (no {META_FILE}); run `cellduality prepare` first"
+        )
     from datasets import load_from_disk
 
     return PreparedTasks(load_from_disk(str(p / "data")), json.loads((p / META_FILE).read_text()))

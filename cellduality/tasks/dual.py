@@ -21,7 +21,9 @@ CLASSIFICATION_TASKS = ("annotation", "drug_sensitivity")
 GENERATION_TASKS = ("generation", "perturbation")
 
 
-def forward_answer(row: Mapping[str, Any], completion: Any, vocabulary: Mapping[str, str] | None = None) -> str | None:
+def forward_answer(
+    row: Mapping[str, Any], completion: Any, vocabulary: Mapping[str, str] | None = None
+) -> str | None:
     """The usable answer of a forward completion: a candidate label, or a cleaned gene sentence.
 
     ``None`` when the completion has no answer the dual task could start from.

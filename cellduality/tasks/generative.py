@@ -56,7 +56,9 @@ def perturbation_text(condition: str, columns: Columns, direction_value: str | N
     """Words for a perturbation: ``overexpression (CRISPRa) of KLF1 and MAP2K6`` or a drug and dose."""
     if columns.perturbation_kind == "chemical":
         return f"treatment with {condition}" + (f" at {dose}" if dose else "")
-    direction = columns.direction_map.get(str(direction_value), str(direction_value)) if direction_value else ""
+    direction = (
+        columns.direction_map.get(str(direction_value), str(direction_value)) if direction_value else ""
+    )
     direction = direction or columns.default_direction
     targets = [t for t in condition.split("+") if t]
     return f"{direction} of {' and '.join(targets)}"

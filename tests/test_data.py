@@ -1,0 +1,148 @@
+"""Data layer on real files: loading, normalisation, gene IDs, validation errors, splits."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellduality.data import EMBEDDED, Columns, DataError, load_dataset, prepare_anndata, split_cells
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_datasets_load(name: str) -> None:
+    data = load_dataset(name)
+    x = data.adata.X
+    assert sp.issparse(x) and x.dtype == np.float32
+    assert data.adata.var_names.is_unique and data.adata.n_obs > 50
+    assert np.isfinite(x.data).all()
+    if data.value_type == "log-normalised":
+        assert x.data.min() >= 0 and x.data.max() < 20  # log scale
+    for task in data.columns.supported_tasks():
+        data.columns.require(task, data.adata.obs.columns)
+
+
+def test_pbmc_uses_raw_not_scaled(pbmc) -> None:
+    assert any(".raw" in n for n in pbmc.notes)
+    assert pbmc.adata.X.data.min() > 0
+
+
+def test_glioblastoma_counts_normalised_and_ensembl_mapped() -> None:
+    data = load_dataset("glioblastoma_panobinostat")
+    assert any("raw counts" in n for n in data.notes)
+    # normalised over all 300 genes of the file, then the one unmapped gene is dropped: each cell's
+    # kept genes sum to at most 10,000, and to exactly what normalising by hand gives
+    raw = EMBEDDED["glioblastoma_panobinostat"].read()
+    counts = raw.X[:20].toarray()
+    by_hand = counts / counts.sum(axis=1, keepdims=True) * 1e4
+    symbol_of = dict(zip(raw.var_names, raw.var["gene_symbol"].astype(str), strict=True))
+    cols = [list(raw.var_names).index(e) for e in raw.var_names if symbol_of[e] in set(data.genes)]
+    sums = np.expm1(data.adata.X[:20].toarray()).sum(axis=1)
+    assert np.allclose(sums, by_hand[:, cols].sum(axis=1), rtol=1e-3)
+    # the file carries its own symbol column: our offline mapping must agree with it
+    raw = EMBEDDED["glioblastoma_panobinostat"].read()
+    given = set(raw.var["gene_symbol"].dropna().astype(str))
+    assert len(set(data.genes) & given) >= 0.95 * len(data.genes)
+
+
+def test_scad_entrez_mapped_and_zscores_flagged() -> None:
+    data = load_dataset("scad_plx4720")
+    assert data.value_type == "z-score"
+    raw = EMBEDDED["scad_plx4720"].read()
+    assert len(set(data.genes) & set(raw.var["gene_symbol"].astype(str))) >= 0.95 * len(data.genes)
+    with pytest.raises(DataError, match="scaled"):
+        load_dataset("scad_plx4720", allow_scaled=False)
+
+
+def test_user_h5ad_raw_counts(shared_data, tmp_path) -> None:
+    data = load_dataset(shared_data / "instructcell_He2020Liver_rna.h5ad", Columns(cell_type="cell_type"))
+    assert any("raw counts" in n for n in data.notes)
+    assert data.columns.supported_tasks() == ["annotation", "generation"]
+
+
+def test_missing_column_names_existing_columns(shared_data) -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset(
+            shared_data / "openproblems_scib_pancreas_100cells.h5ad", Columns(cell_type="cell_type")
+        ).columns.require("annotation", ["tech", "celltype"])
+    assert "celltype" in str(err.value) and "tech" in str(err.value)
+
+
+def test_no_columns_for_a_file_is_refused(shared_data) -> None:
+    with pytest.raises(DataError, match="columns that exist"):
+        load_dataset(shared_data / "openproblems_scib_pancreas_100cells.h5ad")
+
+
+def _toy(x, genes=None, obs=None) -> ad.AnnData:
+    genes = genes or [f"G{j}" for j in range(np.asarray(x).shape[1])]
+    obs = obs if obs is not None else pd.DataFrame({"ct": ["a"] * np.asarray(x).shape[0]})
+    obs.index = [f"c{i}" for i in range(len(obs))]
+    return ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def test_scaled_without_raw_refused_with_fix() -> None:
+    with pytest.raises(DataError, match=r"\.raw"):
+        prepare_anndata(_toy([[1.0, -0.5], [0.2, 0.3]]), Columns(cell_type="ct"))
+
+
+def test_nan_and_inf_refused() -> None:
+    with pytest.raises(DataError, match="NaN"):
+        prepare_anndata(_toy([[1.0, np.nan], [0.2, 0.3]]), Columns(cell_type="ct"))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        prepare_anndata(_toy([[1.0, np.inf], [0.2, 0.3]]), Columns(cell_type="ct"))
+
+
+def test_empty_cells_dropped_and_counted() -> None:
+    data = prepare_anndata(_toy([[0.0, 0.0], [0.2, 0.3], [0.0, 0.0]]), Columns(cell_type="ct"))
+    assert data.n_empty_dropped == 2 and data.adata.n_obs == 1
+    assert any("dropped 2" in n for n in data.notes)
+
+
+def test_duplicate_symbols_keep_most_expressed() -> None:
+    data = prepare_anndata(
+        _toy([[0.1, 2.0, 0.3], [0.1, 2.0, 0.3]], genes=["CD3E", "cd3e", "LYZ"]), Columns(cell_type="ct")
+    )
+    assert data.genes == ["cd3e", "LYZ"]
+    assert any("duplicate" in n for n in data.notes)
+
+
+def test_unmappable_ids_refused() -> None:
+    genes = [f"ENSG{9_000_000_000 + j:011d}" for j in range(10)]
+    with pytest.raises(DataError, match="--gene-symbols"):
+        prepare_anndata(_toy(np.ones((2, 10)), genes=genes), Columns(cell_type="ct"))
+
+
+def test_gene_symbol_column(shared_data) -> None:
+    adata = ad.read_h5ad(shared_data / "lemur_glioblastoma_panobinostat.h5ad")
+    data = prepare_anndata(
+        adata, Columns(perturbation="condition", control_value="ctrl"), gene_symbols="gene_symbol"
+    )
+    assert "SPP1" in data.genes
+    with pytest.raises(DataError, match="gene_id"):
+        prepare_anndata(adata, Columns(perturbation="condition"), gene_symbols="nope")
+
+
+def test_id_split_is_seeded_partition(pbmc) -> None:
+    s1 = split_cells(pbmc.adata.obs, mode="id", seed=0)
+    s2 = split_cells(pbmc.adata.obs, mode="id", seed=0)
+    assert np.array_equal(s1.test, s2.test)
+    assert len(np.intersect1d(s1.train, s1.test)) == 0
+    assert len(s1.train) + len(s1.test) == pbmc.adata.n_obs
+
+
+def test_ood_split_no_leak(norman) -> None:
+    obs = norman.adata.obs
+    s = split_cells(obs, mode="ood", key="perturbation", seed=0, control_value="control")
+    train_values = set(obs["perturbation"].iloc[s.train])
+    test_values = set(obs["perturbation"].iloc[s.test]) - {"control"}
+    assert s.holdout and test_values == set(s.holdout)
+    assert not (train_values & set(s.holdout))
+    assert "control" in train_values and "control" in set(obs["perturbation"].iloc[s.test])
+
+
+def test_ood_split_needs_two_values() -> None:
+    data = load_dataset("scad_plx4720")
+    with pytest.raises(DataError, match="--split id"):
+        split_cells(data.adata.obs, mode="ood", key="drug")

@@ -1,0 +1,108 @@
+"""Rewards with TRL's signature: format, oracle, dual (with a policy stand-in), registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellduality.rewards import REWARDS, USES_LABELS, DualReward, build_rewards
+from cellduality.rewards.parsing import gene_vocabulary
+from cellduality.tasks import TaskConfig, build_tasks
+
+
+@pytest.fixture(scope="module")
+def rows(pbmc):
+    ds = build_tasks(pbmc, config=TaskConfig(top_k=12, max_examples=6)).datasets["train"]
+    return [dict(r) for r in ds]
+
+
+def _columns(rows):
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def _c(text: str):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_format_reward() -> None:
+    (fmt,) = build_rewards(["format"])
+    assert fmt(prompts=[None, None], completions=[_c("<think>a</think><answer>b</answer>"), _c("b")]) == [
+        1.0,
+        0.0,
+    ]
+    assert fmt.__name__ == "format"
+
+
+def test_oracle_rewards(rows) -> None:
+    ann = next(r for r in rows if r["task"] == "annotation")
+    gen = next(r for r in rows if r["task"] == "generation")
+    wrong = next(c for c in ann["candidates"] if c != ann["answer"])
+    batch = [ann, ann, gen, gen]
+    completions = [
+        _c(f"<think>t</think><answer>{ann['answer']}</answer>"),
+        _c(f"<think>t</think><answer>{wrong}</answer>"),
+        _c(f"<think>t</think><answer>{gen['answer']}</answer>"),
+        _c("<think>t</think><answer>" + " ".join(reversed(gen["answer"].split())) + "</answer>"),
+    ]
+    acc, rw, both = build_rewards(
+        ["oracle_accuracy", "oracle_rwjs", "oracle"], gene_vocabulary(gen["answer"].split())
+    )
+    assert acc(prompts=None, completions=completions, **_columns(batch)) == [1.0, 0.0, None, None]
+    r = rw(prompts=None, completions=completions, **_columns(batch))
+    assert r[:2] == [None, None] and r[2] == pytest.approx(1.0) and 0 < r[3] < 1
+    assert both(prompts=None, completions=completions, **_columns(batch))[:3] == [
+        1.0,
+        0.0,
+        pytest.approx(1.0),
+    ]
+
+
+def test_dual_reward_one_generation_call_and_scores(rows) -> None:
+    calls: list[int] = []
+    ann = next(r for r in rows if r["task"] == "annotation")
+    gen = next(r for r in rows if r["task"] == "generation")
+
+    def policy(prompts):
+        # a policy that in-paints perfectly and names the prompted cell type
+        calls.append(len(prompts))
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            if "hidden" in text or "missing" in text:
+                out.append("<think>.</think><answer>" + " ".join(ann["hidden_genes"]) + "</answer>")
+            else:
+                out.append(f"<think>.</think><answer>{gen['condition']}</answer>")
+        return out
+
+    dual = DualReward(generate=policy, num_samples=2)
+    completions = [
+        _c(f"<think>t</think><answer>{ann['answer']}</answer>"),
+        _c("no answer"),
+        _c(f"<think>t</think><answer>{gen['answer']}</answer>"),
+    ]
+    scores = dual(prompts=None, completions=completions, **_columns([ann, ann, gen]))
+    assert calls == [4]  # 2 parsed forward answers x 2 dual samples, one call
+    assert scores == [pytest.approx(1.0), 0.0, 1.0]
+    assert len(dual.last_details) == 4
+    # nothing parses: generate is still called exactly once (rank symmetry), with no prompt
+    calls.clear()
+    assert dual(prompts=None, completions=[_c("x")], **_columns([ann])) == [0.0]
+    assert calls == [0]
+
+
+def test_dual_reward_never_reads_answer(rows) -> None:
+    gen = next(r for r in rows if r["task"] == "generation")
+    dual = DualReward(generate=lambda ps: [f"<answer>{gen['condition']}</answer>" for _ in ps])
+    forged = {**gen, "answer": "SOMETHING ELSE ENTIRELY"}
+    completion = [_c(f"<think>t</think><answer>{gen['answer']}</answer>")]
+    assert dual(prompts=None, completions=completion, **_columns([gen])) == dual(
+        prompts=None, completions=completion, **_columns([forged])
+    )
+
+
+def test_registry() -> None:
+    assert {"format", "dual", "oracle", "oracle_accuracy", "oracle_rwjs"} <= set(REWARDS)
+    assert "dual" not in USES_LABELS and "format" not in USES_LABELS
+    with pytest.raises(KeyError, match="registered rewards"):
+        build_rewards(["nope"])
+    with pytest.raises(RuntimeError, match="needs the policy"):
+        build_rewards(["dual"])[0](prompts=None, completions=[_c("x")], task=["annotation"])

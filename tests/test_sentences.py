@@ -1,0 +1,88 @@
+"""Cell sentence contract: order, seeded ties, top-k, sparse = dense, inverse fit."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellduality.sentences import (
+    cell_sentences,
+    fit_rank_expression,
+    sentence_to_expression,
+    sentences_to_matrix,
+    top_gene_indices,
+)
+
+
+def _adata(x) -> ad.AnnData:
+    genes = [f"G{j}" for j in range(x.shape[1])]
+    return ad.AnnData(X=x, var=pd.DataFrame(index=genes))
+
+
+def test_order_and_expressed_only() -> None:
+    x = np.array([[0.0, 3.0, 1.0, 2.0], [0.0, 0.0, 0.0, 5.0]], dtype=np.float32)
+    assert cell_sentences(_adata(x)) == [["G1", "G3", "G2"], ["G3"]]
+    assert cell_sentences(_adata(x), top_k=2) == [["G1", "G3"], ["G3"]]
+
+
+def test_sparse_equals_dense_and_naive_reference() -> None:
+    rng = np.random.default_rng(1)
+    dense = rng.poisson(0.7, size=(300, 120)).astype(np.float32)  # many ties
+    a = cell_sentences(_adata(dense), top_k=30, seed=3)
+    b = cell_sentences(_adata(sp.csr_matrix(dense)), top_k=30, seed=3)
+    assert a == b
+    for i in range(300):
+        values = dense[i]
+        got = [int(g[1:]) for g in a[i]]
+        assert all(values[j] > 0 for j in got)
+        assert list(values[got]) == sorted(values[got], reverse=True)
+        expected_len = min(30, int((values > 0).sum()))
+        assert len(got) == expected_len
+        # the k-th value bounds everything left out
+        if got:
+            left_out = np.setdiff1d(np.flatnonzero(values > 0), got)
+            assert (values[left_out] <= values[got[-1]]).all()
+
+
+def test_ties_seeded_and_deterministic() -> None:
+    x = np.ones((1, 50), dtype=np.float32)
+    s0 = cell_sentences(_adata(x), seed=0)
+    assert s0 == cell_sentences(_adata(x), seed=0)
+    assert s0 != cell_sentences(_adata(x), seed=1)
+    assert sorted(s0[0]) == sorted(f"G{j}" for j in range(50))
+
+
+def test_empty_rows_and_bad_k() -> None:
+    x = sp.csr_matrix(np.zeros((3, 4), dtype=np.float32))
+    assert cell_sentences(_adata(x)) == [[], [], []]
+    with pytest.raises(ValueError):
+        top_gene_indices(np.ones((2, 2)), top_k=0)
+
+
+def test_real_data_matches_raw_ranking(pbmc) -> None:
+    sentences = cell_sentences(pbmc.adata, top_k=50)
+    raw = pbmc.adata.X[0].toarray().ravel()
+    genes = list(pbmc.adata.var_names)
+    first = [raw[genes.index(g)] for g in sentences[0]]
+    assert first == sorted(first, reverse=True) and len(first) == 50
+
+
+def test_inverse_fit(pbmc) -> None:
+    fit = fit_rank_expression(pbmc.adata)
+    assert fit.slope < 0 and 0.5 < fit.r2 <= 1.0
+    genes = list(pbmc.adata.var_names)
+    vec = sentence_to_expression(["cd74", "FTL", "NOT_A_GENE", "CD74"], genes, fit)
+    assert vec[genes.index("CD74")] == pytest.approx(fit.intercept)  # rank 1: log10(1) = 0
+    assert vec[genes.index("FTL")] == pytest.approx(max(0.0, fit.slope * np.log10(2) + fit.intercept))
+    assert np.count_nonzero(vec) == 2
+    m = sentences_to_matrix([["FTL"], []], genes, fit)
+    assert m.shape == (2, len(genes)) and m[1].sum() == 0
+    # reconstructed expression correlates with the measured expression of the same cell
+    s = cell_sentences(pbmc.adata, top_k=100)[0]
+    measured = pbmc.adata.X[0].toarray().ravel()
+    recon = sentence_to_expression(s, genes, fit)
+    idx = [genes.index(g) for g in s]
+    assert np.corrcoef(measured[idx], recon[idx])[0, 1] > 0.8
