@@ -8,7 +8,7 @@ vocabulary (case-folded symbol -> symbol) that the contract's gene cleaning need
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellduality.tasks.common import RECORD_COLUMNS
@@ -41,4 +41,28 @@ class RowReward:
 
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
         rows = rows_from_columns(len(completions), columns)
-        return [self.score(row, completion) for row, completion in zip(rows, completions, strict=True)]
+        scores = [self.score(row, completion) for row, completion in zip(rows, completions, strict=True)]
+        log_per_task(self.name, rows, scores, columns.get("log_metric"))
+        return scores
+
+
+def log_per_task(
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    scores: Sequence[float | None],
+    log_metric: Callable[[str, float], None] | None,
+    suffix: str = "mean",
+) -> None:
+    """Report the mean score of each task present in the batch as ``{name}/{task}/{suffix}``.
+
+    TRL averages these over ranks (and over the calls of a logging step); a task absent from this rank's
+    batch is simply not reported by it.
+    """
+    if log_metric is None:
+        return
+    by_task: dict[str, list[float]] = {}
+    for row, value in zip(rows, scores, strict=True):
+        if value is not None and row.get("task"):
+            by_task.setdefault(str(row["task"]), []).append(float(value))
+    for task, values in sorted(by_task.items()):
+        log_metric(f"{name}/{task}/{suffix}", sum(values) / len(values))

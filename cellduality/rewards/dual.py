@@ -14,8 +14,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cellduality.rewards.base import RowReward, rows_from_columns
-from cellduality.tasks.dual import dual_prompt, dual_score, forward_answer
+from cellduality.rewards.base import RowReward, log_per_task, rows_from_columns
+from cellduality.tasks.dual import (
+    CLASSIFICATION_TASKS,
+    GENERATION_TASKS,
+    dual_prompt,
+    dual_score,
+    forward_answer,
+)
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
@@ -40,6 +46,9 @@ class DualReward(RowReward):
         self.num_samples = num_samples
         self.seed = seed
         self.last_details: list[dict[str, Any]] = []
+        # one entry per call: which tasks this rank saw and how many dual prompts it generated; lets a
+        # multi-rank run prove that every rank called ``generate`` the same number of times
+        self.history: list[dict[str, Any]] = []
 
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
         if self.generate is None:
@@ -58,6 +67,12 @@ class DualReward(RowReward):
             for _ in range(self.num_samples):
                 owners.append(i)
                 dual_prompts.append(prompt)
+        self.history.append(
+            {
+                "tasks": sorted({str(r.get("task")) for r in rows if r.get("task")}),
+                "prompts": len(dual_prompts),
+            }
+        )
         outputs = self.generate(dual_prompts)
         if len(outputs) != len(dual_prompts):
             raise RuntimeError(
@@ -77,10 +92,34 @@ class DualReward(RowReward):
                     "score": value,
                 }
             )
-        return [
+        result = [
             (sum(scores[i]) / len(scores[i]) if scores[i] else 0.0) if rows[i].get("task") else None
             for i in range(len(completions))
         ]
+        self._log(rows, result, columns)
+        return result
+
+    def _log(
+        self, rows: list[dict[str, Any]], result: list[float | None], columns: Mapping[str, Any]
+    ) -> None:
+        """Per-task dual metrics, and the dual completions next to the forward ones in TRL's table."""
+        log_metric = columns.get("log_metric")
+        log_per_task(self.name, rows, result, log_metric, "reward")
+        classification = [
+            r if row.get("task") in CLASSIFICATION_TASKS else None
+            for row, r in zip(rows, result, strict=True)
+        ]
+        generation = [
+            r if row.get("task") in GENERATION_TASKS else None for row, r in zip(rows, result, strict=True)
+        ]
+        log_per_task(self.name, rows, classification, log_metric, "rwjs")
+        log_per_task(self.name, rows, generation, log_metric, "accuracy")
+        log_extra = columns.get("log_extra")
+        if log_extra is not None:
+            first: dict[int, str] = {}
+            for detail in self.last_details:
+                first.setdefault(detail["index"], str(detail["completion"]))
+            log_extra("dual_completion", [first.get(i, "") for i in range(len(rows))])
 
     def score(self, row: Mapping[str, Any], completion: Any) -> float | None:  # pragma: no cover
         raise TypeError("DualReward scores a whole batch at once; call it with TRL's signature")

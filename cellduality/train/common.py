@@ -1,0 +1,76 @@
+"""Steps the SFT and GRPO entry points share: model/tokenizer loading, the tiny model, run metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cellduality.tasks.build import PreparedTasks
+from cellduality.train.configs import CellDualityArguments
+
+RUN_META = "cellduality_run.json"
+
+
+def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
+    """Every prompt and answer text, to harvest the tiny tokenizer's vocabulary from."""
+    texts: list[str] = []
+    for split in prepared.datasets.values():
+        for prompt in split["prompt"]:
+            texts.extend(m["content"] for m in prompt)
+        texts.extend(split["answer"])
+    from cellduality.tasks import templates
+
+    for name in ("INPAINT", "RECONSTRUCT_TYPE", "RECONSTRUCT_PERTURBATION"):
+        texts.extend(getattr(templates, name))
+    return texts
+
+
+def ensure_model(cd_args: CellDualityArguments, model_path: str, prepared: PreparedTasks, seed: int) -> None:
+    """Build the tiny offline model at ``model_path`` when the recipe asks for it and it is missing."""
+    if not cd_args.build_tiny_model:
+        return
+    from accelerate import PartialState
+
+    from cellduality.modeling import ensure_tiny_model
+
+    with PartialState().main_process_first():
+        ensure_tiny_model(model_path, prepared.genes, texts_of_tasks(prepared), seed=seed)
+
+
+def load_model_and_tokenizer(model_args: Any, training_args: Any):
+    """A causal LM and its tokenizer from ``model_name_or_path`` (any Hugging Face causal LM folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_args.model_name_or_path
+    if path is None:
+        raise ValueError("model_name_or_path is required")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=model_args.model_revision,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    return model, tokenizer
+
+
+def write_run_meta(output_dir: str, prepared: PreparedTasks, extra: dict[str, Any]) -> None:
+    """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_META).write_text(json.dumps({"prepared": prepared.meta, **extra}, indent=1, default=str))
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder of an interrupted run, to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    return get_last_checkpoint(str(out)) if out.is_dir() else None

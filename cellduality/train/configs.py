@@ -1,0 +1,113 @@
+"""Our arguments for the training entry points, parsed by TRL's ``TrlParser`` next to TRL's own.
+
+``TrlParser((CellDualityArguments, GRPOConfig, ModelConfig))`` reads a recipe YAML and any
+``--field value`` override. Field names must not collide with TRL's (``HfArgumentParser`` would refuse)
+and no field may be called ``config`` (``TrlParser`` uses ``--config`` for the YAML path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REWARD_MODES = ("self_supervised", "oracle", "combined")
+
+
+@dataclass
+class CellDualityArguments:
+    """Dataset, task mix, rewards and the dual generation of a CellDuality run."""
+
+    dataset: str = field(
+        default="pbmc68k",
+        metadata={"help": "prepared folder (cellduality prepare), embedded dataset name, or .h5ad path"},
+    )
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "tasks to train on (default: all present)"}
+    )
+    task_weights: list[float] | None = field(
+        default=None, metadata={"help": "relative share of each task in --tasks (resampled with the seed)"}
+    )
+    sentence_genes: int = field(
+        default=100, metadata={"help": "genes per input cell sentence when building from raw data"}
+    )
+    n_genes: int | None = field(
+        default=None, metadata={"help": "genes per generated cell (default: sentence_genes)"}
+    )
+    max_train_examples: int | None = field(default=None, metadata={"help": "cap on training rows per task"})
+    data_split: str = field(default="id", metadata={"help": "id or ood, when building from raw data"})
+    prepared_dir: str | None = field(
+        default=None,
+        metadata={"help": "where to cache examples built from raw data (default: <output_dir>/prepared)"},
+    )
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={
+            "help": "build the tiny offline model at model_name_or_path if it is not there (tiny-cpu recipes)"
+        },
+    )
+    reward_mode: str = field(
+        default="self_supervised",
+        metadata={
+            "help": "self_supervised (no labels), oracle (ground truth) or combined; checks reward_funcs"
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "dual"],
+        metadata={"help": "registered reward names (cellduality.rewards.REWARDS)"},
+    )
+    dual_max_new_tokens: int = field(default=64, metadata={"help": "max tokens of a dual completion"})
+    dual_do_sample: bool = field(default=False, metadata={"help": "sample dual completions (default greedy)"})
+    dual_temperature: float = field(default=1.0, metadata={"help": "temperature when dual_do_sample"})
+    dual_num_samples: int = field(
+        default=1, metadata={"help": "dual completions averaged per forward completion"}
+    )
+    sft_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT entry point: folder written by `cellduality sft-data` (default: made with the offline teacher)"
+        },
+    )
+
+
+def check_reward_mode(mode: str, reward_funcs: list[str]) -> None:
+    """Refuse a reward list that contradicts the declared mode (labels in a self-supervised run)."""
+    from cellduality.rewards import REWARDS, USES_LABELS
+
+    if mode not in REWARD_MODES:
+        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {mode!r}")
+    unknown = [r for r in reward_funcs if r not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; registered: {', '.join(sorted(REWARDS))}")
+    uses_labels = [r for r in reward_funcs if r in USES_LABELS]
+    if mode == "self_supervised" and uses_labels:
+        raise ValueError(
+            f"reward_mode self_supervised uses no labels, but reward_funcs has {uses_labels}; "
+            "set reward_mode: oracle or combined"
+        )
+    if mode == "oracle" and "dual" in reward_funcs:
+        raise ValueError(
+            "reward_mode oracle uses ground truth only; remove 'dual' or set reward_mode: combined"
+        )
+    if mode in ("oracle", "combined") and not uses_labels:
+        raise ValueError(
+            f"reward_mode {mode} needs a ground-truth reward (oracle, oracle_accuracy, oracle_rwjs)"
+        )
+
+
+@dataclass
+class SFTDataArguments:
+    """Where the SFT stage finds its teacher-distilled examples."""
+
+    sft_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder written by `cellduality sft-data` (default: <output_dir>/sft_data, made with the "
+            "offline teacher when missing)"
+        },
+    )
+    sft_limit: int | None = field(
+        default=None, metadata={"help": "offline teacher: cap on forward examples per task"}
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={"help": "with use_peft: also save the LoRA merged into the base (GRPO loads it)"},
+    )

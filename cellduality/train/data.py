@@ -1,0 +1,99 @@
+"""Datasets for the training entry points, from a prepared folder or built (once) from raw data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+
+from cellduality.tasks.build import META_FILE, PreparedTasks, build_tasks, load_prepared, save_prepared
+from cellduality.tasks.common import TaskConfig
+from cellduality.train.configs import CellDualityArguments
+
+
+def _build_key(args: CellDualityArguments, seed: int) -> dict:
+    return {
+        "dataset": args.dataset,
+        "tasks": args.tasks,
+        "sentence_genes": args.sentence_genes,
+        "n_genes": args.n_genes,
+        "split": args.data_split,
+        "seed": seed,
+    }
+
+
+def load_task_data(args: CellDualityArguments, output_dir: str | Path, seed: int = 0) -> PreparedTasks:
+    """The prepared tasks a run trains on.
+
+    A folder written by ``cellduality prepare`` is used as it is. An embedded name or ``.h5ad`` path is
+    built once, by the main process, into ``prepared_dir`` (other ranks wait, then read it), and reused
+    by later runs with the same settings.
+    """
+    from accelerate import PartialState
+
+    source = Path(args.dataset)
+    if (source / META_FILE).exists():
+        return load_prepared(source)
+    cache = Path(args.prepared_dir or Path(output_dir) / "prepared")
+    key = _build_key(args, seed)
+    state = PartialState()
+    with state.main_process_first():
+        key_file = cache / "build_key.json"
+        fresh = (cache / META_FILE).exists() and key_file.exists() and json.loads(key_file.read_text()) == key
+        if not fresh and state.is_main_process:
+            from cellduality.data import load_dataset
+
+            prepared = build_tasks(
+                load_dataset(args.dataset),
+                args.tasks,
+                split=args.data_split,
+                config=TaskConfig(top_k=args.sentence_genes, n_genes=args.n_genes, seed=seed),
+            )
+            save_prepared(prepared, cache)
+            key_file.write_text(json.dumps(key))
+        return load_prepared(cache)
+
+
+def training_rows(
+    prepared: PreparedTasks,
+    tasks: list[str] | None,
+    weights: list[float] | None,
+    max_per_task: int | None,
+    seed: int,
+    split: str = "train",
+) -> Dataset:
+    """Rows of ``tasks`` from ``split``, capped per task and resampled to the requested task mix.
+
+    With weights, each task gets ``round(w / max(w) * n_max)`` rows (sampled with replacement when it
+    has fewer), where ``n_max`` is the row count of the most weighted task after the cap.
+    """
+    ds = prepared.datasets[split]
+    present = list(dict.fromkeys(ds["task"]))
+    tasks = tasks or present
+    missing = [t for t in tasks if t not in present]
+    if missing:
+        raise ValueError(f"tasks {missing} are not in the dataset; it has {present}")
+    if weights is not None and len(weights) != len(tasks):
+        raise ValueError(f"task_weights has {len(weights)} values for {len(tasks)} tasks {tasks}")
+    rng = np.random.default_rng(seed)
+    task_col = np.asarray(ds["task"])
+    per_task = {}
+    for t in tasks:
+        idx = np.flatnonzero(task_col == t)
+        if max_per_task is not None and idx.size > max_per_task:
+            idx = np.sort(rng.choice(idx, size=max_per_task, replace=False))
+        per_task[t] = idx
+    if weights is not None:
+        w = np.asarray(weights, dtype=float)
+        if (w <= 0).any():
+            raise ValueError("task_weights must be positive")
+        lead = tasks[int(np.argmax(w))]
+        n_max = per_task[lead].size
+        for t, wt in zip(tasks, w, strict=True):
+            want = max(1, round(wt / w.max() * n_max))
+            idx = per_task[t]
+            per_task[t] = np.sort(rng.choice(idx, size=want, replace=want > idx.size))
+    parts = [ds.select(per_task[t]) for t in tasks]
+    return concatenate_datasets(parts).shuffle(seed=seed)

@@ -1,0 +1,120 @@
+"""Self-supervised dual-task GRPO (and its oracle ablation) with TRL's ``GRPOTrainer``.
+
+    accelerate launch [--config_file accelerate_configs/zero3.yaml] -m cellduality.train.grpo \\
+        --config recipes/llama-3.2-3b/grpo_dual.yaml [--any_field value]
+    python -m cellduality.train.grpo --config recipes/tiny-cpu/grpo_dual.yaml
+
+Rewards come from the registry (``reward_funcs`` + ``reward_weights``). In ``self_supervised`` mode
+the ground-truth ``answer`` column is removed from the training data before the trainer sees it, so
+no reward can read a label even by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cellduality.train.launch_guard import check_launch_environment
+
+
+def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
+    """The configured ``GRPOTrainer`` (dual reward wired to the trainer's own generation)."""
+    from transformers import set_seed
+    from trl import GRPOTrainer, get_peft_config
+
+    from cellduality.rewards import DualReward, build_rewards
+    from cellduality.rewards.parsing import gene_vocabulary
+    from cellduality.train.common import ensure_model, load_model_and_tokenizer
+    from cellduality.train.configs import check_reward_mode
+    from cellduality.train.data import load_task_data, training_rows
+    from cellduality.train.generation import PolicyGenerator
+
+    check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
+    set_seed(training_args.seed)
+    prepared = load_task_data(cd_args, training_args.output_dir, training_args.seed)
+    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    train = training_rows(
+        prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed
+    )
+    if cd_args.reward_mode == "self_supervised":
+        train = train.remove_columns(["answer"])
+    generator = PolicyGenerator(
+        tokenizer,
+        max_new_tokens=cd_args.dual_max_new_tokens,
+        do_sample=cd_args.dual_do_sample,
+        temperature=cd_args.dual_temperature,
+    )
+    rewards = build_rewards(
+        cd_args.reward_funcs,
+        gene_vocabulary(prepared.genes),
+        generate=generator,
+        num_samples=cd_args.dual_num_samples,
+        seed=training_args.seed,
+    )
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
+        raise ValueError(
+            f"reward_weights has {len(training_args.reward_weights)} values for {len(rewards)} reward_funcs"
+        )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    generator.trainer = trainer
+    if trainer.use_vllm:
+        # vLLM's server mode slices results by equal per-rank counts: pad every call to the same size
+        per_call = training_args.per_device_train_batch_size * training_args.steps_per_generation
+        generator.fixed_batch = per_call * cd_args.dual_num_samples
+    trainer.cellduality_prepared = prepared
+    trainer.cellduality_dual = next((r for r in rewards if isinstance(r, DualReward)), None)
+    return trainer
+
+
+def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
+    """Train, resuming from the newest checkpoint of ``output_dir`` if a run was interrupted."""
+    from cellduality.train.common import last_checkpoint, write_run_meta
+
+    trainer = build_grpo_trainer(cd_args, training_args, model_args)
+    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    dual = trainer.cellduality_dual
+    if dual is not None:
+        rank = trainer.accelerator.process_index
+        calls = Path(training_args.output_dir) / f"dual_calls_rank{rank}.json"
+        calls.write_text(json.dumps(dual.history))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(training_args.output_dir)
+        write_run_meta(
+            training_args.output_dir,
+            trainer.cellduality_prepared,
+            {"stage": "grpo", "reward_mode": cd_args.reward_mode, "reward_funcs": list(cd_args.reward_funcs)},
+        )
+    return trainer
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    from trl import GRPOConfig, ModelConfig, TrlParser
+
+    from cellduality.train.configs import CellDualityArguments
+
+    parser = TrlParser((CellDualityArguments, GRPOConfig, ModelConfig))
+    return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    check_launch_environment()
+    cd_args, training_args, model_args = parse_args(argv)
+    run_grpo(cd_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

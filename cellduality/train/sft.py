@@ -1,0 +1,108 @@
+"""Supervised fine-tuning on teacher-distilled ``<think>/<answer>`` traces with TRL's ``SFTTrainer``.
+
+    accelerate launch [--config_file accelerate_configs/zero3.yaml] -m cellduality.train.sft \\
+        --config recipes/llama-3.2-3b/sft.yaml
+    python -m cellduality.train.sft --config recipes/tiny-cpu/sft.yaml
+
+The examples are prompt/completion chat pairs written by ``cellduality sft-data`` (forward and dual
+examples). When the recipe names none, they are made here with the offline teacher from the training
+split, so the tiny recipe runs right after installation. The loss covers the completion only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cellduality.train.launch_guard import check_launch_environment
+
+
+def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any):
+    """The SFT training split, generated with the offline teacher (main process only) if missing."""
+    from accelerate import PartialState
+
+    from cellduality.teacher.pipeline import GenerationConfig, load_sft_dataset, run_generation
+
+    folder = Path(sft_args.sft_data or Path(training_args.output_dir) / "sft_data")
+    state = PartialState()
+    with state.main_process_first():
+        if not (folder / "dataset").exists() and state.is_main_process:
+            prepared_dir = Path(training_args.output_dir) / "prepared"
+            if not (prepared_dir / "meta.json").exists():
+                from cellduality.tasks import save_prepared
+
+                save_prepared(prepared, prepared_dir)
+            run_generation(
+                GenerationConfig(
+                    data=str(prepared_dir),
+                    tasks=cd_args.tasks,
+                    out=str(folder),
+                    limit=sft_args.sft_limit,
+                    seed=training_args.seed,
+                )
+            )
+        return load_sft_dataset(folder)["train"]
+
+
+def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
+    """Train, resuming from the newest checkpoint; save the model (LoRA merged if asked) and run meta."""
+    from transformers import set_seed
+    from trl import SFTTrainer, get_peft_config
+
+    from cellduality.train.common import (
+        ensure_model,
+        last_checkpoint,
+        load_model_and_tokenizer,
+        write_run_meta,
+    )
+    from cellduality.train.data import load_task_data
+
+    set_seed(training_args.seed)
+    prepared = load_task_data(cd_args, training_args.output_dir, training_args.seed)
+    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    train = sft_examples(cd_args, sft_args, prepared, training_args)
+    if cd_args.tasks:
+        train = train.filter(lambda r: r["task"] in cd_args.tasks)
+    train = train.select_columns(["prompt", "completion"])
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        out = Path(training_args.output_dir)
+        if model_args.use_peft and sft_args.merge_lora:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out)
+        write_run_meta(str(out), prepared, {"stage": "sft", "examples": len(train)})
+    return trainer
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
+
+    parser = TrlParser((CellDualityArguments, SFTDataArguments, SFTConfig, ModelConfig))
+    return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    check_launch_environment()
+    cd_args, sft_args, training_args, model_args = parse_args(argv)
+    run_sft(cd_args, sft_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

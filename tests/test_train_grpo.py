@@ -1,0 +1,136 @@
+"""Dual-task GRPO with the real TRL trainer on the tiny model (one process, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cellduality.tasks.dual import dual_prompt
+from cellduality.train.configs import check_reward_mode
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "tiny-cpu" / "grpo_dual.yaml"
+
+
+def _args(tmp: Path, *extra: str):
+    from cellduality.train.grpo import parse_args
+
+    return parse_args(
+        [
+            "--config",
+            str(RECIPE),
+            "--output_dir",
+            str(tmp / "run"),
+            "--prepared_dir",
+            str(tmp / "prepared"),
+            "--model_name_or_path",
+            str(tmp / "model"),
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "1",
+            *extra,
+        ]
+    )
+
+
+def test_reward_mode_guard() -> None:
+    check_reward_mode("self_supervised", ["format", "dual"])
+    check_reward_mode("combined", ["format", "dual", "oracle"])
+    with pytest.raises(ValueError, match="uses no labels"):
+        check_reward_mode("self_supervised", ["format", "oracle"])
+    with pytest.raises(ValueError, match="ground truth only"):
+        check_reward_mode("oracle", ["dual", "oracle"])
+    with pytest.raises(ValueError, match="unknown reward"):
+        check_reward_mode("oracle", ["nope"])
+
+
+@pytest.fixture(scope="module")
+def dual_run(tmp_path_factory):
+    from cellduality.train.grpo import run_grpo
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    trainer = run_grpo(*_args(tmp))
+    return tmp, trainer
+
+
+def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
+    tmp, trainer = dual_run
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert any(k.startswith("dual/") for h in logs for k in h), "per-task dual metrics must be logged"
+    assert all("rewards/dual/mean" in h for h in logs)
+    # no label reached the trainer in self-supervised mode
+    assert "answer" not in trainer.train_dataset.column_names
+    out = tmp / "run"
+    meta = json.loads((out / "cellduality_run.json").read_text())
+    assert meta["reward_mode"] == "self_supervised" and meta["prepared"]["genes"]
+    calls = json.loads((out / "dual_calls_rank0.json").read_text())
+    assert len(calls) == 2  # one dual generation per reward call, also when nothing parsed
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_policy_generator_uses_trainer_model(dual_run) -> None:
+    _, trainer = dual_run
+    generator = trainer.cellduality_dual.generate
+    row = dict(trainer.train_dataset[0])
+    prompt = dual_prompt(row, row["candidates"][0] if row["task"] == "annotation" else "CD74 FTL")
+    model = trainer.model
+    model.train()
+    calls = generator.calls
+    texts = generator([prompt, prompt])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert texts[0] == texts[1]  # greedy: same prompt, same answer
+    assert model.training, "generation must hand the model back in train mode"
+    assert generator.calls == calls + 1
+    assert generator([]) == []  # an empty batch still generates (filler) and returns nothing
+
+
+def test_resume_from_checkpoint(dual_run) -> None:
+    from cellduality.train.grpo import run_grpo
+
+    tmp, first = dual_run
+    before = [h for h in first.state.log_history if "loss" in h]
+    # the run left checkpoint-2; asking for 3 steps resumes there and trains one more step
+    trainer = run_grpo(*_args(tmp, "--max_steps", "3"))
+    after = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and [h["step"] for h in after] == [1, 2, 3]
+    # steps 1-2 come from the checkpoint's state, not from training them again
+    assert [h["step_time"] for h in after[:2]] == [h["step_time"] for h in before]
+
+
+def test_oracle_mode_with_lora(tmp_path) -> None:
+    from cellduality.train.grpo import run_grpo
+
+    trainer = run_grpo(
+        *_args(
+            tmp_path,
+            "--reward_mode",
+            "oracle",
+            "--reward_funcs",
+            "format",
+            "oracle",
+            "--reward_weights",
+            "0.2",
+            "1.0",
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+        )
+    )
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("rewards/oracle/mean" in h for h in logs)
+    assert "answer" in trainer.train_dataset.column_names
+    assert (tmp_path / "run" / "adapter_config.json").exists()
