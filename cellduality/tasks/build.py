@@ -213,3 +213,44 @@ def load_prepared(path: str | Path) -> PreparedTasks:
     from datasets import load_from_disk
 
     return PreparedTasks(load_from_disk(str(p / "data")), json.loads((p / META_FILE).read_text()))
+
+
+def merge_prepared(parts: Sequence[PreparedTasks]) -> PreparedTasks:
+    """Several prepared datasets as one: rows concatenated, per-dataset metadata kept under ``parts``.
+
+    Each row's ``dataset`` column names the part it came from, so evaluation can find that part's gene
+    list and rank -> expression fit. ``genes`` is the union (first-seen order), the vocabulary the
+    rewards clean generated genes with.
+    """
+    if not parts:
+        raise DataError("no dataset to merge")
+    if len(parts) == 1:
+        return parts[0]
+    names = [p.meta["dataset"] for p in parts]
+    if len(set(names)) != len(names):
+        raise DataError(f"the same dataset is named twice: {names}")
+    splits = {name for p in parts for name in p.datasets}
+    merged = DatasetDict(
+        {
+            split: concatenate_datasets([p.datasets[split] for p in parts if split in p.datasets])
+            for split in sorted(splits)
+        }
+    )
+    genes = list(dict.fromkeys(g for p in parts for g in p.genes))
+    meta = {
+        "dataset": "+".join(names),
+        "tasks": list(dict.fromkeys(t for p in parts for t in p.meta["tasks"])),
+        "genes": genes,
+        "parts": {p.meta["dataset"]: p.meta for p in parts},
+        "summary": summarise(merged),
+    }
+    return PreparedTasks(merged, meta)
+
+
+def part_meta(meta: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The metadata of one dataset inside a (possibly merged) prepared meta."""
+    if "parts" in meta:
+        return meta["parts"][dataset]
+    if meta.get("dataset") != dataset:
+        raise KeyError(f"dataset {dataset!r} is not in this prepared folder ({meta.get('dataset')})")
+    return meta

@@ -26,16 +26,26 @@ def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
     return texts
 
 
-def ensure_model(cd_args: CellDualityArguments, model_path: str, prepared: PreparedTasks, seed: int) -> None:
+def ensure_model(
+    cd_args: CellDualityArguments, model_path: str, prepared: PreparedTasks, training_args: Any
+) -> None:
     """Build the tiny offline model at ``model_path`` when the recipe asks for it and it is missing."""
     if not cd_args.build_tiny_model:
         return
-    from accelerate import PartialState
-
     from cellduality.modeling import ensure_tiny_model
 
-    with PartialState().main_process_first():
-        ensure_tiny_model(model_path, prepared.genes, texts_of_tasks(prepared), seed=seed)
+    with training_args.main_process_first(desc="building the tiny model"):
+        ensure_tiny_model(model_path, prepared.genes, texts_of_tasks(prepared), seed=training_args.seed)
+
+
+def apply_auto_vllm(cd_args: CellDualityArguments, training_args: Any) -> None:
+    """``auto_vllm``: use vLLM generation exactly when it is installed and a CUDA GPU is present."""
+    if not cd_args.auto_vllm:
+        return
+    import torch
+    from trl.import_utils import is_vllm_available
+
+    training_args.use_vllm = bool(is_vllm_available() and torch.cuda.is_available())
 
 
 def load_model_and_tokenizer(model_args: Any, training_args: Any):

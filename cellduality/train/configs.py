@@ -16,9 +16,12 @@ REWARD_MODES = ("self_supervised", "oracle", "combined")
 class CellDualityArguments:
     """Dataset, task mix, rewards and the dual generation of a CellDuality run."""
 
-    dataset: str = field(
-        default="pbmc68k",
-        metadata={"help": "prepared folder (cellduality prepare), embedded dataset name, or .h5ad path"},
+    dataset: list[str] = field(
+        default_factory=lambda: ["pbmc68k"],
+        metadata={
+            "help": "one or more sources, each a prepared folder (cellduality prepare) or an embedded dataset "
+            "name; their tasks are trained together"
+        },
     )
     tasks: list[str] | None = field(
         default=None, metadata={"help": "tasks to train on (default: all present)"}
@@ -66,6 +69,15 @@ class CellDualityArguments:
             "help": "SFT entry point: folder written by `cellduality sft-data` (default: made with the offline teacher)"
         },
     )
+
+    auto_vllm: bool = field(
+        default=False, metadata={"help": "turn use_vllm on when vLLM is installed and CUDA is available"}
+    )
+
+    def __post_init__(self) -> None:
+        # YAML may give one source as a plain string
+        if isinstance(self.dataset, str):
+            self.dataset = [d.strip() for d in self.dataset.split(",") if d.strip()]
 
 
 def check_reward_mode(mode: str, reward_funcs: list[str]) -> None:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from cellduality.tasks.build import META_FILE, PreparedTasks, build_tasks, load_prepared, save_prepared
+from cellduality.tasks.build import (
+    META_FILE,
+    PreparedTasks,
+    build_tasks,
+    load_prepared,
+    merge_prepared,
+    save_prepared,
+)
 from cellduality.tasks.common import TaskConfig
 from cellduality.train.configs import CellDualityArguments
 
 
-def _build_key(args: CellDualityArguments, seed: int) -> dict:
+def _build_key(args: CellDualityArguments, source: str, seed: int) -> dict:
     return {
-        "dataset": args.dataset,
+        "dataset": source,
         "tasks": args.tasks,
         "sentence_genes": args.sentence_genes,
         "n_genes": args.n_genes,
@@ -24,30 +32,43 @@ def _build_key(args: CellDualityArguments, seed: int) -> dict:
     }
 
 
-def load_task_data(args: CellDualityArguments, output_dir: str | Path, seed: int = 0) -> PreparedTasks:
-    """The prepared tasks a run trains on.
+def load_task_data(args: CellDualityArguments, training_args: Any) -> PreparedTasks:
+    """The prepared tasks a run trains on: every source of ``args.dataset``, merged.
 
-    A folder written by ``cellduality prepare`` is used as it is. An embedded name or ``.h5ad`` path is
-    built once, by the main process, into ``prepared_dir`` (other ranks wait, then read it), and reused
-    by later runs with the same settings.
+    ``training_args`` (TRL's config) provides the process layout: its ``main_process_first`` knows the
+    real ranks, also on CPU where a bare ``accelerate.PartialState()`` would report a single process.
     """
-    from accelerate import PartialState
+    root = Path(args.prepared_dir or Path(training_args.output_dir) / "prepared")
+    sources = list(args.dataset)
+    parts = []
+    for source in sources:
+        cache = root if len(sources) == 1 else root / Path(source).name
+        parts.append(_load_one(args, source, cache, training_args))
+    return merge_prepared(parts)
 
-    source = Path(args.dataset)
-    if (source / META_FILE).exists():
+
+def _load_one(args: CellDualityArguments, source: str, cache: Path, training_args: Any) -> PreparedTasks:
+    """A folder written by ``cellduality prepare`` is used as it is. An embedded name is built once, by
+    the main process, into ``cache`` (other ranks wait, then read it), and reused by later runs with the
+    same settings. Tasks the dataset does not support are skipped.
+    """
+    if (Path(source) / META_FILE).exists():
         return load_prepared(source)
-    cache = Path(args.prepared_dir or Path(output_dir) / "prepared")
-    key = _build_key(args, seed)
-    state = PartialState()
-    with state.main_process_first():
+    seed = training_args.seed
+    key = _build_key(args, source, seed)
+    is_main = training_args.process_index == 0
+    with training_args.main_process_first(desc=f"preparing {source}"):
         key_file = cache / "build_key.json"
         fresh = (cache / META_FILE).exists() and key_file.exists() and json.loads(key_file.read_text()) == key
-        if not fresh and state.is_main_process:
+        if not fresh and is_main:
             from cellduality.data import load_dataset
 
+            data = load_dataset(source)
+            supported = data.columns.supported_tasks()
+            tasks = [t for t in args.tasks if t in supported] if args.tasks else None
             prepared = build_tasks(
-                load_dataset(args.dataset),
-                args.tasks,
+                data,
+                tasks or None,
                 split=args.data_split,
                 config=TaskConfig(top_k=args.sentence_genes, n_genes=args.n_genes, seed=seed),
             )

@@ -27,15 +27,16 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
     from cellduality.rewards import DualReward, build_rewards
     from cellduality.rewards.parsing import gene_vocabulary
-    from cellduality.train.common import ensure_model, load_model_and_tokenizer
+    from cellduality.train.common import apply_auto_vllm, ensure_model, load_model_and_tokenizer
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
 
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     set_seed(training_args.seed)
-    prepared = load_task_data(cd_args, training_args.output_dir, training_args.seed)
-    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args.seed)
+    apply_auto_vllm(cd_args, training_args)
+    prepared = load_task_data(cd_args, training_args)
+    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train = training_rows(
         prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed

@@ -21,14 +21,11 @@ from cellduality.train.launch_guard import check_launch_environment
 
 def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any):
     """The SFT training split, generated with the offline teacher (main process only) if missing."""
-    from accelerate import PartialState
-
     from cellduality.teacher.pipeline import GenerationConfig, load_sft_dataset, run_generation
 
     folder = Path(sft_args.sft_data or Path(training_args.output_dir) / "sft_data")
-    state = PartialState()
-    with state.main_process_first():
-        if not (folder / "dataset").exists() and state.is_main_process:
+    with training_args.main_process_first(desc="making SFT data with the offline teacher"):
+        if not (folder / "dataset").exists() and training_args.process_index == 0:
             prepared_dir = Path(training_args.output_dir) / "prepared"
             if not (prepared_dir / "meta.json").exists():
                 from cellduality.tasks import save_prepared
@@ -60,8 +57,8 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.data import load_task_data
 
     set_seed(training_args.seed)
-    prepared = load_task_data(cd_args, training_args.output_dir, training_args.seed)
-    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args.seed)
+    prepared = load_task_data(cd_args, training_args)
+    ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train = sft_examples(cd_args, sft_args, prepared, training_args)
     if cd_args.tasks:
