@@ -63,12 +63,6 @@ class CellDualityArguments:
     dual_num_samples: int = field(
         default=1, metadata={"help": "dual completions averaged per forward completion"}
     )
-    sft_data: str | None = field(
-        default=None,
-        metadata={
-            "help": "SFT entry point: folder written by `cellduality sft-data` (default: made with the offline teacher)"
-        },
-    )
 
     auto_vllm: bool = field(
         default=False, metadata={"help": "turn use_vllm on when vLLM is installed and CUDA is available"}
