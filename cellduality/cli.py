@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller, faster run")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+    from cellduality.eval.command import add_parser as add_eval
+
+    add_eval(sub)
     return parser
 
 

@@ -114,9 +114,10 @@ def load_dataset(
 
     For embedded datasets ``columns`` defaults to the entry's own; for files it must be given.
     """
+    options = {"layer": layer, "gene_symbols": gene_symbols, "allow_scaled": allow_scaled}
     if isinstance(source, str) and source in EMBEDDED:
         entry = EMBEDDED[source]
-        return prepare_anndata(
+        data = prepare_anndata(
             entry.read(),
             columns or entry.columns,
             name=name or entry.name,
@@ -124,6 +125,8 @@ def load_dataset(
             gene_symbols=gene_symbols,
             allow_scaled=entry.allow_scaled if allow_scaled is None else allow_scaled,
         )
+        data.source = {"embedded": source, **options}
+        return data
     if isinstance(source, ad.AnnData):
         adata, default_name = source, "adata"
     else:
@@ -138,7 +141,7 @@ def load_dataset(
             "name the obs columns for your tasks (for example --cell-type-col cell_type); "
             f"the columns that exist are: {', '.join(map(str, adata.obs.columns)) or '(none)'}"
         )
-    return prepare_anndata(
+    data = prepare_anndata(
         adata,
         columns,
         name=name or default_name,
@@ -146,3 +149,5 @@ def load_dataset(
         gene_symbols=gene_symbols,
         allow_scaled=bool(allow_scaled),
     )
+    data.source = {"path": None if isinstance(source, ad.AnnData) else str(Path(source).resolve()), **options}
+    return data

@@ -35,6 +35,8 @@ class CellData:
     value_type: str = LOG_NORMALISED
     notes: list[str] = field(default_factory=list)
     n_empty_dropped: int = 0
+    #: how it was loaded (source name or path, layer, gene symbol column): enough to load it again
+    source: dict[str, object] = field(default_factory=dict)
 
     @property
     def genes(self) -> list[str]:

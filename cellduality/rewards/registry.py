@@ -25,7 +25,18 @@ REWARDS: dict[str, RewardFactory] = {
 }
 
 # Rewards that read the ground-truth ``answer`` column: never allowed in a self-supervised run.
-USES_LABELS = frozenset({"oracle", "oracle_accuracy", "oracle_rwjs"})
+USES_LABELS = frozenset(
+    {
+        "oracle",
+        "oracle_accuracy",
+        "oracle_rwjs",
+        # verifier rewards (cellduality.eval.verifier_rewards) compare with observed perturbed cells
+        "verifier_pearson",
+        "verifier_rmse",
+        "verifier_spearman",
+        "verifier_pathway",
+    }
+)
 
 
 def register_reward(name: str, factory: RewardFactory) -> None:

@@ -151,6 +151,8 @@ def build_tasks(
         "columns": asdict(data.columns),
         "config": asdict(cfg),
         "split": split_info,
+        "test_fraction": test_fraction,
+        "source": data.source,
         "summary": summarise(dd),
     }
     return PreparedTasks(dd, meta)

@@ -32,10 +32,23 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
 
+    verifiers = any(name.startswith("verifier_") for name in cd_args.reward_funcs)
+    if verifiers:
+        from cellduality.eval.verifier_rewards import register_verifier_rewards
+
+        register_verifier_rewards()
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
     prepared = load_task_data(cd_args, training_args)
+    if verifiers:  # they read observed cells from a prepared folder: bind the one this run trains on
+        from cellduality.tasks import save_prepared
+
+        folder = Path(training_args.output_dir) / "prepared_for_verifiers"
+        with training_args.main_process_first(desc="saving data for the verifier rewards"):
+            if training_args.process_index == 0:
+                save_prepared(prepared, folder)
+        register_verifier_rewards(folder)
     ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train = training_rows(

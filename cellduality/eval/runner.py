@@ -1,0 +1,526 @@
+"""The benchmark evaluation: generate with each model, score every task, add baselines, write the report.
+
+``run_eval(prepared, EvalConfig(...))`` is what ``cellduality eval`` calls. Its steps, in order:
+
+1. read the split of the prepared examples (capped per task with a seeded sample when asked);
+2. per model: completions through the on-disk cache (only missing ones are generated, so a model added
+   to a comparison costs only its own generation); with ``self_verify = N`` also N sampled answers per
+   example, each checked by the model's own answer to its dual task (:mod:`cellduality.tasks.dual`),
+   keeping the best: reported as a separate row next to the plain (greedy) model;
+3. per task: the models and the baselines scored by the same code (:mod:`.scoring`), baselines fitted
+   on the real cells of the *train* examples of the same prepared folder and applied to the test cells;
+4. ``metrics.json``, ``report.md`` and PNG plots in the output folder (:mod:`.report`), plus each
+   model's parsed predictions as JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from cellduality.data.schema import TASKS, DataError
+from cellduality.eval.cache import entry_key, open_cache, path_fingerprint
+from cellduality.eval.generate import (
+    Backend,
+    BackendFactory,
+    GenerationSettings,
+    ModelSpec,
+    backend_name,
+    generate_cached,
+    load_backend,
+)
+from cellduality.eval.scoring import (
+    GenerationReference,
+    MethodScore,
+    PerturbationReference,
+    RealData,
+    TaskResult,
+    classification_labels,
+    classification_predictions,
+    generated_sentences,
+    load_real_data,
+    score_classification,
+)
+from cellduality.tasks import PreparedTasks, load_prepared
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, dual_score, forward_answer
+
+Row = dict[str, Any]
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how. Paths may be ``str`` or ``Path``.
+
+    ``max_examples`` caps the examples per task (seeded sample, the same for every model).
+    ``self_verify`` = N > 1 adds, per model, the "N samples, keep the one whose dual task the model
+    solves best" row; the samples use ``self_verify_temperature``. ``data_path`` (with ``layer`` and
+    ``gene_symbols`` as given to ``prepare``) is needed when the prepared dataset is not an embedded one.
+    """
+
+    out_dir: Path
+    models: list[ModelSpec] = field(default_factory=list)
+    split: str = "test"
+    tasks: Sequence[str] | None = None
+    max_examples: int | None = None
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    self_verify: int = 0
+    self_verify_temperature: float = 1.0
+    baselines: bool = True
+    cache_dir: Path | None = None
+    backend: str = "auto"
+    data_path: str | None = None
+    layer: str | None = None
+    gene_symbols: str | None = None
+    knn_k: int = 3
+    n_de: int = 20
+    seed: int = 0
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    """The scored tasks, the run's description (as in ``metrics.json``) and the files written.
+
+    ``info['models'][i]['generated']`` says whether that model had to generate anything (False: every
+    completion came from the cache and the model was never loaded).
+    """
+
+    tasks: dict[str, TaskResult]
+    info: dict[str, Any]
+    files: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------------------------------
+# examples
+
+
+def _cap(rows: list[Row], limit: int | None, seed: int, task: str) -> list[Row]:
+    if limit is None or len(rows) <= limit:
+        return rows
+    rng = np.random.default_rng([seed, TASKS.index(task) if task in TASKS else 99])
+    return [rows[i] for i in np.sort(rng.choice(len(rows), size=limit, replace=False))]
+
+
+def select_rows(
+    prepared: PreparedTasks, split: str, tasks: Sequence[str] | None, limit: int | None, seed: int
+) -> dict[str, list[Row]]:
+    """The examples of ``split`` per task, in the suite's task order, capped at ``limit`` per task."""
+    if split not in prepared.datasets:
+        raise DataError(f"the prepared folder has no split {split!r}; splits: {', '.join(prepared.datasets)}")
+    rows = prepared.datasets[split].to_list()
+    present = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    wanted = list(tasks) if tasks else present
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown:
+        raise DataError(f"unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
+    absent = [t for t in wanted if t not in present]
+    if absent:
+        raise DataError(
+            f"split {split!r} has no example of task(s) {absent}; tasks present: {', '.join(present) or '(none)'}"
+        )
+    return {t: _cap([r for r in rows if r["task"] == t], limit, seed, t) for t in wanted}
+
+
+# ----------------------------------------------------------------------------------------------------
+# generation
+
+
+class ModelRunner:
+    """One model's completions through the cache; the model is loaded on the first cache miss only."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: EvalConfig,
+        dataset: str,
+        factory: BackendFactory | None = None,
+    ) -> None:
+        self.spec = spec.resolved()
+        self.config = config
+        self.dataset = dataset
+        self.factory = factory or (lambda s, g: load_backend(s, g, config.backend))
+        self._backend: Backend | None = None
+        self.loaded = False
+
+    def _get_backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self.factory(self.spec, self.config.generation)
+            self.loaded = True
+        return self._backend
+
+    def identity(self, settings: GenerationSettings, kind: str) -> dict[str, Any]:
+        """What the cached completions depend on: model files, adapter, data, split, decoding."""
+        return {
+            "kind": kind,
+            "model": path_fingerprint(self.spec.path),
+            "adapter": path_fingerprint(self.spec.adapter),
+            "dataset": self.dataset,
+            "split": self.config.split,
+            "generation": settings.identity(),
+            "backend": backend_name(self.config.backend),
+        }
+
+    def complete(
+        self, prompts: Sequence[Any], keys: Sequence[str], settings: GenerationSettings, kind: str
+    ) -> list[str]:
+        cache_dir = self.config.cache_dir or Path(self.config.out_dir) / "cache"
+        # the file is named after the model's folder, not its display name: renaming keeps the cache
+        stem = Path(self.spec.adapter or self.spec.path).name or "model"
+        cache = open_cache(cache_dir, f"{stem}-{kind}", self.identity(settings, kind))
+        desc = f"{self.spec.label} ({kind})"
+        return generate_cached(
+            prompts, keys, cache, settings, self._get_backend, desc=desc, progress=self.config.progress
+        )
+
+    def forward(self, rows: Sequence[Row]) -> list[str]:
+        """The plain answer to every example (greedy unless the settings sample)."""
+        keys = [entry_key(r["id"], r["prompt"]) for r in rows]
+        return self.complete([r["prompt"] for r in rows], keys, self.config.generation, "forward")
+
+    def self_verify(
+        self, rows: Sequence[Row], n: int, vocabulary: Mapping[str, str]
+    ) -> tuple[list[str], dict[str, float]]:
+        """N sampled answers per example; keep the one whose dual the model itself solves best.
+
+        Dual answers are greedy. A sample that does not parse gets dual score 0 (no dual prompt), as in
+        the dual reward; ties keep the earliest sample, so with N = 1 this is plain sampling.
+        """
+        cfg = self.config
+        sampling = replace(cfg.generation, temperature=cfg.self_verify_temperature or 1.0)
+        prompts = [r["prompt"] for r in rows for _ in range(n)]
+        keys = [entry_key(r["id"], r["prompt"], j) for r in rows for j in range(n)]
+        samples = self.complete(prompts, keys, sampling, f"samples{n}")
+        owners: list[tuple[int, int]] = []
+        dual_prompts: list[Any] = []
+        for i, row in enumerate(rows):
+            for j in range(n):
+                answer = forward_answer(row, samples[i * n + j], vocabulary)
+                if answer is not None:
+                    owners.append((i, j))
+                    dual_prompts.append(dual_prompt(row, answer, seed=cfg.seed))
+        greedy = replace(cfg.generation, temperature=0.0)
+        dual_keys = [entry_key("dual", p) for p in dual_prompts]
+        duals = self.complete(dual_prompts, dual_keys, greedy, "dual") if dual_prompts else []
+        scores = np.zeros((len(rows), n))
+        for (i, j), completion in zip(owners, duals, strict=True):
+            scores[i, j] = dual_score(rows[i], completion, vocabulary)
+        best = scores.argmax(axis=1) if len(rows) else np.zeros(0, dtype=int)
+        chosen = [samples[i * n + int(j)] for i, j in enumerate(best)]
+        parsed = np.zeros((len(rows), n), dtype=bool)
+        for i, j in owners:
+            parsed[i, j] = True
+        stats = {
+            "dual_score_chosen": float(scores.max(axis=1).mean()) if len(rows) else float("nan"),
+            "any_sample_valid": float(parsed.any(axis=1).mean()) if len(rows) else float("nan"),
+            "changed_from_first": float((best != 0).mean()) if len(rows) else float("nan"),
+        }
+        return chosen, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# baselines (fitted on the real cells of the train examples)
+
+
+def _train_cells(train_rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+    return [r["cell_id"] for r in train_rows], [str(r.get("answer", "")) for r in train_rows]
+
+
+def classification_baselines(
+    rows: Sequence[Row], train_rows: Sequence[Row], real: RealData
+) -> tuple[list[tuple[str, list[str]]], str]:
+    """Majority / kNN / logistic-regression labels for the test cells, from their real expression."""
+    from cellduality.eval import baselines as b
+
+    if not train_rows:
+        return [], "no train examples of this task in the prepared folder: classification baselines skipped"
+    ids, labels = _train_cells(train_rows)
+    x_train, x_test = real.expression(ids), real.expression([r["cell_id"] for r in rows])
+    out = [("majority class", list(b.majority_classifier().fit(x_train, labels).predict(x_test)))]
+    out.append(("kNN on expression", list(b.KNNExpressionClassifier().fit(x_train, labels).predict(x_test))))
+    if len(set(labels)) >= 2:
+        out.append(
+            ("logistic regression", list(b.logistic_classifier().fit(x_train, labels).predict(x_test)))
+        )
+    return [(name, [str(p) for p in preds]) for name, preds in out], ""
+
+
+def class_mean_baseline(
+    rows: Sequence[Row], train_rows: Sequence[Row], real: RealData
+) -> tuple[list[list[str]], str]:
+    """Per example, the sentence of the mean training cell of its type (empty for an unseen type)."""
+    from cellduality.eval.baselines import class_mean_sentences
+
+    if not train_rows:
+        return [[] for _ in rows], "no train examples: the class-mean sentence is empty"
+    ids = [r["cell_id"] for r in train_rows]
+    labels = [str(r["condition"]) for r in train_rows]
+    n = max((int(r.get("n_genes") or 0) for r in rows), default=0) or 100
+    means = class_mean_sentences(real.expression(ids), labels, real.genes, n)
+    unseen = sorted({str(r["condition"]) for r in rows} - set(means))
+    note = f"types without train cells (empty sentence): {', '.join(unseen)}" if unseen else ""
+    return [means.get(str(r["condition"]), [])[: int(r.get("n_genes") or n)] for r in rows], note
+
+
+def perturbation_baselines(
+    ref: PerturbationReference, train_rows: Sequence[Row], real: RealData
+) -> list[MethodScore]:
+    """Control, mean perturbation and (genetic perturbations) GO graph neighbour, fitted per context."""
+    from cellduality.eval import baselines as b
+
+    control = str(real.columns.control_value)
+    kinds: list[tuple[str, type]] = [
+        ("control mean", b.ControlBaseline),
+        ("mean perturbation", b.MeanPerturbationBaseline),
+    ]
+    if real.columns.perturbation_kind == "genetic":
+        kinds.append(("GO graph neighbour", b.GONeighbourBaseline))
+    fitted: dict[tuple[str, str], Any] = {}
+    profiles: dict[str, dict[str, np.ndarray]] = {name: {} for name, _ in kinds}
+    for group in ref.groups:
+        ctx = ref.context_of[group]
+        for name, cls in kinds:
+            if (name, ctx) not in fitted:
+                train = [r for r in train_rows if str(r.get("context") or "") == ctx]
+                ids = [r["cell_id"] for r in train]
+                labels = [str(r["condition"]) for r in train]
+                ctrl = real.control_positions(ctx or None)
+                x = sp.vstack([real.expression(ids), real.x[ctrl]]) if ids else real.x[ctrl]
+                fitted[(name, ctx)] = cls(control=control).fit(x, labels + [control] * len(ctrl))
+            model = fitted[(name, ctx)]
+            # Re-anchor on the reference's control mean: the same mean computed another way differs by
+            # rounding, and a Pearson correlation of that 1e-8 "delta" is noise, not the undefined value
+            # "predict the control" must get.
+            delta = model.predict(ref.condition_of[group]) - model.control_mean_
+            profiles[name][group] = ref.control_mean[group] + delta
+    return [ref.score_profiles(name, "baseline", profiles[name]) for name, _ in kinds]
+
+
+def reproducibility(ref: PerturbationReference, seed: int = 0) -> MethodScore:
+    """Split-half reproducibility of the observed cells: what a perfect model could expect to reach."""
+    from cellduality.eval import metrics as m
+    from cellduality.eval.baselines import reproducibility_ceiling
+
+    def de_metric(pred: Any, ctrl: Any, obs: Any) -> float:
+        return m.pearson_delta_de(pred, ctrl, obs, n_de=ref.n_de)
+
+    per: dict[str, dict[str, float]] = {}
+    for g in ref.groups:
+        ctrl = ref.control_mean[g]
+        obs = ref.observed[g]
+        per[g] = {
+            "pearson_delta": reproducibility_ceiling(obs, ctrl, m.pearson_delta, seed=seed),
+            "pearson_delta_de": reproducibility_ceiling(obs, ctrl, de_metric, seed=seed),
+            "n": float(obs.shape[0]),
+        }
+    metrics = ref.summary(per, {"n": float(len(ref.rows))})
+    note = "split-half of the observed cells, Spearman-Brown corrected; nan where a group has < 2 cells"
+    return MethodScore("split-half reproducibility", "ceiling", metrics, per_condition=per, note=note)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring a task
+
+
+def score_task(
+    task: str,
+    rows: Sequence[Row],
+    train_rows: Sequence[Row],
+    outputs: Mapping[str, Sequence[str]],
+    real: RealData | None,
+    config: EvalConfig,
+) -> TaskResult:
+    """Every model's completions and every baseline, scored on the examples of one task."""
+    result = TaskResult(task, len(rows))
+    if task in CLASSIFICATION_TASKS:
+        labels = classification_labels(rows)
+        result.labels = labels
+        for name, comps in outputs.items():
+            preds = classification_predictions(rows, comps)
+            result.methods.append(score_classification(name, "model", rows, preds, labels, comps))
+        if config.baselines and real is not None and rows:
+            found, note = classification_baselines(rows, train_rows, real)
+            for name, preds in found:
+                result.methods.append(score_classification(name, "baseline", rows, preds, labels))
+            if note:
+                result.info["note"] = note
+        return result
+    if real is None:
+        raise DataError(f"task {task!r} needs the real cells: the dataset could not be read")
+    if task == "generation":
+        ref = GenerationReference(rows, real, k=config.knn_k, seed=config.seed)
+        for name, comps in outputs.items():
+            result.methods.append(
+                ref.score(name, "model", generated_sentences(rows, comps, real.vocabulary), comps)
+            )
+        if config.baselines and rows:
+            sentences, note = class_mean_baseline(rows, train_rows, real)
+            result.methods.append(ref.score("class-mean sentence", "baseline", sentences))
+            result.methods[-1].note = note
+            real_sentences = [str(r.get("answer", "")).split() for r in rows]
+            score = ref.score("real cells' own sentences", "ceiling", real_sentences)
+            score.note = "the test cells' true sentences through the inverse fit: the best a sentence can do"
+            result.methods.append(score)
+        result.reference_points = ref.reference_points
+        result.reference_labels = list(ref.conditions)
+        result.info.update(k=config.knn_k, fit_r2=float(real.fit.r2))
+        return result
+    if task == "perturbation":
+        ref = PerturbationReference(rows, real, n_de=config.n_de, seed=config.seed)
+        for name, comps in outputs.items():
+            sentences = generated_sentences(rows, comps, real.vocabulary)
+            result.methods.append(ref.score_sentences(name, "model", sentences, comps))
+        if config.baselines and rows:
+            copy = ref.score_sentences(
+                "control cell's sentence", "baseline", [list(r["cell_genes"]) for r in rows]
+            )
+            copy.note = (
+                "the prompt's control cell returned unchanged, through the same inverse fit as the models"
+            )
+            result.methods.append(copy)
+            result.methods.extend(perturbation_baselines(ref, train_rows, real))
+            result.methods.append(reproducibility(ref, config.seed))
+        result.reference_points = ref.reference_points
+        result.reference_labels = ref.reference_labels
+        result.info.update(
+            n_de=config.n_de,
+            pathway_genes=int(ref.weights.n_shared) if ref.weights is not None else 0,
+            fit_r2=float(real.fit.r2),
+            perturbations=ref.groups,
+        )
+        return result
+    raise DataError(f"no scoring for task {task!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole run
+
+
+def _unique_labels(specs: Sequence[ModelSpec]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        label = spec.resolved().label
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def _write_predictions(
+    out: Path, label: str, rows: Sequence[Row], comps: Sequence[str], vocab: Mapping[str, str]
+) -> Path:
+    path = out / "predictions" / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in label)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row, comp in zip(rows, comps, strict=True):
+            item = {
+                "id": row["id"],
+                "task": row["task"],
+                "answer": row.get("answer", ""),
+                "prediction": forward_answer(row, comp, vocab),
+                "completion": comp,
+            }
+            handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_eval(
+    prepared: PreparedTasks | str | Path,
+    config: EvalConfig,
+    *,
+    real: RealData | None = None,
+    backend_factory: BackendFactory | None = None,
+) -> EvalResult:
+    """Evaluate ``config.models`` (and the baselines) on a prepared folder; write the report.
+
+    ``real`` skips re-reading the dataset (the CLI passes it when it has just built the examples);
+    ``backend_factory(spec, settings)`` replaces :func:`.generate.load_backend` (tests count calls).
+    """
+    from cellduality.eval.report import write_report
+
+    source = str(prepared) if not isinstance(prepared, PreparedTasks) else None
+    if not isinstance(prepared, PreparedTasks):
+        prepared = load_prepared(prepared)
+    meta = prepared.meta
+    if config.self_verify == 1:
+        raise ValueError("--self-verify needs N >= 2 samples to choose from")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_task = select_rows(prepared, config.split, config.tasks, config.max_examples, config.seed)
+    train_by_task: dict[str, list[Row]] = {}
+    if config.baselines and "train" in prepared.datasets and config.split != "train":
+        train = prepared.datasets["train"].to_list()
+        train_by_task = {t: [r for r in train if r["task"] == t] for t in by_task}
+    needs_real = any(t not in CLASSIFICATION_TASKS for t in by_task) or config.baselines
+    if real is None and needs_real and any(by_task.values()):
+        real = load_real_data(meta, config.data_path, layer=config.layer, gene_symbols=config.gene_symbols)
+    from cellduality.rewards.parsing import gene_vocabulary
+
+    vocabulary = real.vocabulary if real is not None else gene_vocabulary(meta.get("genes") or [])
+    flat = [r for t in by_task for r in by_task[t]]
+    outputs: dict[str, dict[str, list[str]]] = {t: {} for t in by_task}
+    models_info = []
+    files: dict[str, Path] = {}
+    for spec, label in zip(config.models, _unique_labels(config.models), strict=True):
+        runner = ModelRunner(spec, config, str(meta.get("dataset", "")), backend_factory)
+        comps = runner.forward(flat)
+        files[f"predictions:{label}"] = _write_predictions(out, label, flat, comps, vocabulary)
+        _split_by_task(outputs, by_task, label, comps)
+        info: dict[str, Any] = {"name": label, "path": runner.spec.path, "adapter": runner.spec.adapter}
+        if config.self_verify >= 2:
+            chosen, stats = runner.self_verify(flat, config.self_verify, vocabulary)
+            sv_label = f"{label} + self-verify@{config.self_verify}"
+            _split_by_task(outputs, by_task, sv_label, chosen)
+            info["self_verify"] = stats
+        info["generated"] = runner.loaded
+        models_info.append(info)
+    tasks = {
+        t: score_task(t, by_task[t], train_by_task.get(t, []), outputs[t], real, config) for t in by_task
+    }
+    run_info = {
+        "dataset": meta.get("dataset"),
+        "prepared": source,
+        "split": config.split,
+        "split_mode": {t: (meta.get("split") or {}).get(t, {}).get("mode") for t in by_task},
+        "n_examples": {t: len(r) for t, r in by_task.items()},
+        "models": models_info,
+        "generation": {**asdict(config.generation), "backend": backend_name(config.backend)},
+        "self_verify": config.self_verify,
+        "fit": meta.get("fit"),
+        "notes": meta.get("notes", []),
+        "baselines": config.baselines,
+    }
+    files.update(write_report(tasks, run_info, out, plots=config.plots))
+    return EvalResult(tasks, run_info, files)
+
+
+def _split_by_task(
+    outputs: dict[str, dict[str, list[str]]],
+    by_task: Mapping[str, list[Row]],
+    label: str,
+    comps: Sequence[str],
+) -> None:
+    start = 0
+    for task, rows in by_task.items():
+        outputs[task][label] = list(comps[start : start + len(rows)])
+        start += len(rows)
+
+
+__all__ = [
+    "EvalConfig",
+    "EvalResult",
+    "ModelRunner",
+    "class_mean_baseline",
+    "classification_baselines",
+    "perturbation_baselines",
+    "reproducibility",
+    "run_eval",
+    "score_task",
+    "select_rows",
+]
