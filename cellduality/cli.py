@@ -100,6 +100,32 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from cellduality.data import load_dataset
+    from cellduality.modeling import build_tiny_model
+    from cellduality.tasks import TaskConfig, build_tasks, load_prepared, merge_prepared
+    from cellduality.tasks.build import META_FILE
+    from cellduality.train.common import texts_of_tasks
+
+    parts = []
+    for source in args.dataset:
+        if (Path(source) / META_FILE).exists():
+            parts.append(load_prepared(source))
+        else:
+            parts.append(build_tasks(load_dataset(source), config=TaskConfig(top_k=args.top_k)))
+    prepared = merge_prepared(parts)
+    out = build_tiny_model(
+        args.out,
+        prepared.genes,
+        texts_of_tasks(prepared),
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        seed=args.seed,
+    )
+    print(f"tiny model ({len(prepared.genes)} genes in the vocabulary) written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cellduality.demo import run_demo
 
@@ -116,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build task examples from an embedded dataset or an .h5ad file")
     _add_prepare_args(p)
     p.set_defaults(func=cmd_prepare)
+    t = sub.add_parser("tiny-model", help="build the tiny offline Llama + gene tokenizer (demo and tests)")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument(
+        "--dataset", nargs="+", default=["pbmc68k"], help="embedded names or prepared folders (vocabulary)"
+    )
+    t.add_argument("--top-k", type=int, default=100, help="genes per sentence when building from raw data")
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--num-layers", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny_model)
     d = sub.add_parser("demo", help="run the end-to-end demo on the embedded real data")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quick", action="store_true", help="a smaller, faster run")

@@ -235,3 +235,15 @@ def test_packages_import_lightly():
         "assert callable(cellduality.modeling.build_tiny_model)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_tiny_model_command(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cellduality.cli import main
+
+    out = tmp_path / "tiny"
+    assert main(["tiny-model", "--out", str(out), "--dataset", "scad_plx4720", "--top-k", "8"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("BDKRB1") != tok.unk_token_id
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
