@@ -167,6 +167,9 @@ class OfflineTeacher:
         best = max(allowed, key=lambda i: scores[i])
         label = classes.names[best]
         present = {g.casefold(): r for r, g in enumerate(sentence, start=1)}
+        if self.concise:
+            shown = [g for g in classes.markers.get(label, []) if g.casefold() in present][:3]
+            return completion(f"markers {' '.join(shown) or 'none'} so {label}", label)
         carried = [
             f"{g} (rank {present[g.casefold()]})"
             for g in classes.markers.get(label, [])
@@ -194,7 +197,7 @@ class OfflineTeacher:
         genes = [part.genes[j] for j in np.argsort(-profile, kind="stable")[:n] if profile[j] > 0]
         markers = classes.markers.get(label, [])[:4]
         if self.concise:
-            return completion(f"markers of {label}: {' '.join(markers[:3])}", " ".join(genes))
+            return completion(f"{label} markers {' '.join(markers[:3])}", " ".join(genes))
         think = (
             f"A typical {label} cell expresses {', '.join(genes[:4])} most."
             + (f" Its markers {', '.join(markers)} should rank high." if markers else "")
