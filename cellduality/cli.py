@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cellduality.eval.command import add_parser as add_eval
 
     add_eval(sub)
+    from cellduality.teacher.command import add_parser as add_sft_data
+
+    add_sft_data(sub)
     return parser
 
 

@@ -31,7 +31,8 @@ def rwjs(reference: Sequence[str], generated: Sequence[str]) -> float:
         return 0.0
     num = 0.0
     den = 0.0
-    for gene in wa.keys() | wb.keys():
+    # a fixed order (not a set) so the floating-point sum is the same in every process
+    for gene in dict.fromkeys([*wa, *wb]):
         x = wa.get(gene, 0.0)
         y = wb.get(gene, 0.0)
         num += min(x, y)

@@ -113,6 +113,10 @@ class SFTDataArguments:
     sft_limit: int | None = field(
         default=None, metadata={"help": "offline teacher: cap on forward examples per task"}
     )
+    sft_concise: bool = field(
+        default=False,
+        metadata={"help": "offline teacher: short gene-list rationales (what a tiny model can learn)"},
+    )
     merge_lora: bool = field(
         default=True,
         metadata={"help": "with use_peft: also save the LoRA merged into the base (GRPO loads it)"},

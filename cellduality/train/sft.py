@@ -38,6 +38,8 @@ def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any)
                     out=str(folder),
                     limit=sft_args.sft_limit,
                     seed=training_args.seed,
+                    offline_concise=sft_args.sft_concise,
+                    progress=training_args.process_index == 0,
                 )
             )
         return load_sft_dataset(folder)["train"]
