@@ -106,3 +106,21 @@ def test_registry() -> None:
         build_rewards(["nope"])
     with pytest.raises(RuntimeError, match="needs the policy"):
         build_rewards(["dual"])[0](prompts=None, completions=[_c("x")], task=["annotation"])
+
+
+def test_dual_reward_deterministic_generates_each_prompt_once(rows) -> None:
+    ann = next(r for r in rows if r["task"] == "annotation")
+    seen: list[int] = []
+
+    def policy(prompts):
+        seen.append(len(prompts))
+        return ["<think>.</think><answer>" + " ".join(ann["hidden_genes"]) + "</answer>" for _ in prompts]
+
+    same = _c(f"<think>t</think><answer>{ann['answer']}</answer>")
+    other = next(c for c in ann["candidates"] if c != ann["answer"])
+    completions = [same, same, same, _c(f"<think>t</think><answer>{other}</answer>")]
+    dual = DualReward(generate=policy, deterministic=True)
+    scores = dual(prompts=None, completions=completions, **_columns([ann] * 4))
+    assert seen == [2]  # two distinct forward answers -> two dual prompts, one call
+    assert scores[:3] == [pytest.approx(1.0)] * 3
+    assert dual.history[-1] == {"tasks": ["annotation"], "prompts": 4, "generated": 2}

@@ -10,6 +10,7 @@ operation: a rank that skipped it would hang the others.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ class DualReward(RowReward):
         vocabulary: Mapping[str, str] | None = None,
         num_samples: int = 1,
         seed: int = 0,
+        deterministic: bool = False,
     ) -> None:
         super().__init__(vocabulary)
         if num_samples < 1:
@@ -45,6 +47,10 @@ class DualReward(RowReward):
         self.generate = generate
         self.num_samples = num_samples
         self.seed = seed
+        # deterministic (greedy) generation answers equal prompts equally: each distinct dual prompt is
+        # generated once. In a GRPO group several completions often give the same forward answer (the
+        # same label), so this removes most of the dual generation of classification tasks.
+        self.deterministic = deterministic
         self.last_details: list[dict[str, Any]] = []
         # one entry per call: which tasks this rank saw and how many dual prompts it generated; lets a
         # multi-rank run prove that every rank called ``generate`` the same number of times
@@ -73,11 +79,7 @@ class DualReward(RowReward):
                 "prompts": len(dual_prompts),
             }
         )
-        outputs = self.generate(dual_prompts)
-        if len(outputs) != len(dual_prompts):
-            raise RuntimeError(
-                f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts"
-            )
+        outputs = self._generate(dual_prompts)
         scores: dict[int, list[float]] = defaultdict(list)
         self.last_details = []
         for owner, prompt, output in zip(owners, dual_prompts, outputs, strict=True):
@@ -98,6 +100,29 @@ class DualReward(RowReward):
         ]
         self._log(rows, result, columns)
         return result
+
+    def _generate(self, dual_prompts: list[Messages]) -> list[str]:
+        """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic."""
+        assert self.generate is not None
+        if self.deterministic:
+            keys = [json.dumps(p, sort_keys=True) for p in dual_prompts]
+            first: dict[str, Messages] = {}
+            for key, prompt in zip(keys, dual_prompts, strict=True):
+                first.setdefault(key, prompt)
+            unique = list(first)
+            answers = self.generate(list(first.values()))
+            if len(answers) != len(unique):
+                raise RuntimeError(f"generate returned {len(answers)} completions for {len(unique)} prompts")
+            by_key = dict(zip(unique, answers, strict=True))
+            self.history[-1]["generated"] = len(unique)
+            return [by_key[k] for k in keys]
+        outputs = self.generate(dual_prompts)
+        if len(outputs) != len(dual_prompts):
+            raise RuntimeError(
+                f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts"
+            )
+        self.history[-1]["generated"] = len(dual_prompts)
+        return outputs
 
     def _log(
         self, rows: list[dict[str, Any]], result: list[float | None], columns: Mapping[str, Any]

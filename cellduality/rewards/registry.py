@@ -57,6 +57,12 @@ def build_rewards(
         factory = REWARDS[name]
         kwargs: dict[str, Any] = {"vocabulary": vocabulary}
         if factory is DualReward:
-            kwargs.update({k: v for k, v in options.items() if k in ("generate", "num_samples", "seed")})
+            kwargs.update(
+                {
+                    k: v
+                    for k, v in options.items()
+                    if k in ("generate", "num_samples", "seed", "deterministic")
+                }
+            )
         out.append(factory(**kwargs))
     return out

@@ -28,6 +28,22 @@ from cellduality.tasks.dual import CLASSIFICATION_TASKS
 
 N_MARKERS = 6
 
+#: The fixed words of the rationales below, so a tiny model's tokenizer built before the SFT data
+#: exists can still spell every trace (``cellduality.train.common.texts_of_tasks`` adds it).
+RATIONALE_WORDS = (
+    "markers none so up: down: highly expressed in but not visible the change matches no signature "
+    "The cell's top genes are It carries markers of No single marker stands out, but its overall "
+    "profile is closest to Its profile matches (r = ) better than , whose are absent. So the cell is "
+    "A typical cell expresses most. Its should rank high. I list the genes with the highest mean "
+    "expression in cells. is not a class I know. genes are visible; are hidden. Among the express "
+    "most, ones not visible are so they are likeliest hidden genes, in that order. I have no signature "
+    "for ; the control cell stays as it is. In training cells, raises and lowers relative to control "
+    "cells of the same context. Applying that change to this control cell and re-ranking gives the "
+    "perturbed cell. The change from the control cell matches no known perturbation signature. The "
+    "perturbed cell differs from the control cell in a way that agrees best with the signature of "
+    "(cosine ) among the candidates."
+)
+
 
 def completion(think: str, answer: str) -> str:
     """A completion in the contract's format."""

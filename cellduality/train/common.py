@@ -20,9 +20,11 @@ def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
             texts.extend(m["content"] for m in prompt)
         texts.extend(split["answer"])
     from cellduality.tasks import templates
+    from cellduality.teacher.offline import RATIONALE_WORDS
 
     for name in ("INPAINT", "RECONSTRUCT_TYPE", "RECONSTRUCT_PERTURBATION"):
         texts.extend(getattr(templates, name))
+    texts.append(RATIONALE_WORDS)
     return texts
 
 
@@ -35,7 +37,14 @@ def ensure_model(
     from cellduality.modeling import ensure_tiny_model
 
     with training_args.main_process_first(desc="building the tiny model"):
-        ensure_tiny_model(model_path, prepared.genes, texts_of_tasks(prepared), seed=training_args.seed)
+        ensure_tiny_model(
+            model_path,
+            prepared.genes,
+            texts_of_tasks(prepared),
+            hidden_size=cd_args.tiny_hidden_size,
+            num_layers=cd_args.tiny_num_layers,
+            seed=training_args.seed,
+        )
 
 
 def apply_auto_vllm(cd_args: CellDualityArguments, training_args: Any) -> None:

@@ -47,6 +47,8 @@ class CellDualityArguments:
             "help": "build the tiny offline model at model_name_or_path if it is not there (tiny-cpu recipes)"
         },
     )
+    tiny_hidden_size: int = field(default=64, metadata={"help": "width of the tiny model when it is built"})
+    tiny_num_layers: int = field(default=2, metadata={"help": "depth of the tiny model when it is built"})
     reward_mode: str = field(
         default="self_supervised",
         metadata={

@@ -75,7 +75,8 @@ class PolicyGenerator:
         if getattr(self.trainer, "use_vllm", False):
             completion_ids = self._generate_vllm(ids)
         else:
-            completion_ids = self._generate_hf(ids)
+            # a filler-only call exists for its collectives, not its text: one token is enough
+            completion_ids = self._generate_hf(ids, self.max_new_tokens if n_real else 1)
         return self._decode(completion_ids)[:n_real]
 
     def _generate_vllm(self, ids: list[list[int]]) -> list[list[int]]:
@@ -88,7 +89,7 @@ class PolicyGenerator:
         )
         return [list(c) for c in completion_ids]
 
-    def _generate_hf(self, ids: list[list[int]]) -> list[list[int]]:
+    def _generate_hf(self, ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from trl.models.utils import unwrap_model_for_generation
 
         trainer = self.trainer
@@ -117,7 +118,7 @@ class PolicyGenerator:
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=max_new_tokens,
                     do_sample=self.do_sample,
                     temperature=self.temperature if self.do_sample else None,
                     top_p=None,

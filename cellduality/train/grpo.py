@@ -68,6 +68,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         generate=generator,
         num_samples=cd_args.dual_num_samples,
         seed=training_args.seed,
+        deterministic=not cd_args.dual_do_sample,
     )
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
         raise ValueError(
