@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cellduality-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-check test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cellduality demo --out demo_out
 
+# the full demo, then the test of what its report must show (SFT > majority, dual rewards rise, ...)
+demo-check: demo
+	CELLDUALITY_FULL_DEMO=demo_out/report HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_demo.py -k full_demo
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
@@ -34,6 +38,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sentences.py
+	$(PY) benchmarks/dual_overhead.py
+	$(PY) benchmarks/teacher_throughput.py
+	$(PY) benchmarks/eval_speed.py
 
 clean:
 	rm -rf $(VENV) demo_out

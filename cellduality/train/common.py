@@ -36,11 +36,16 @@ def ensure_model(
         return
     from cellduality.modeling import ensure_tiny_model
 
+    texts = texts_of_tasks(prepared)
+    genes = prepared.genes
+    if cd_args.tiny_seen_genes_only:
+        seen = {w.strip(",.;:").casefold() for text in texts for w in text.split()}
+        genes = [g for g in genes if g.casefold() in seen]
     with training_args.main_process_first(desc="building the tiny model"):
         ensure_tiny_model(
             model_path,
-            prepared.genes,
-            texts_of_tasks(prepared),
+            genes,
+            texts,
             hidden_size=cd_args.tiny_hidden_size,
             num_layers=cd_args.tiny_num_layers,
             seed=training_args.seed,

@@ -49,6 +49,13 @@ class CellDualityArguments:
     )
     tiny_hidden_size: int = field(default=64, metadata={"help": "width of the tiny model when it is built"})
     tiny_num_layers: int = field(default=2, metadata={"help": "depth of the tiny model when it is built"})
+    tiny_seen_genes_only: bool = field(
+        default=False,
+        metadata={
+            "help": "tiny model vocabulary: only genes that occur in the examples' sentences (a smaller, "
+            "faster output layer; genes never seen cannot be generated anyway)"
+        },
+    )
     reward_mode: str = field(
         default="self_supervised",
         metadata={

@@ -1,0 +1,84 @@
+"""The end-to-end demo: the quick run in CI, and the claims of the full run's report.
+
+``test_full_demo_report`` checks what the full demo must show (SFT beats the majority baseline on
+annotation, dual rewards rise during GRPO, every task has SFT, GRPO and baselines side by side). It
+runs the full demo (10-15 minutes on 2 cores), so it is opt-in: ``make demo-check`` sets
+``CELLDUALITY_FULL_DEMO`` to a report folder made by ``make demo`` (or to ``run`` to make one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from cellduality.demo import dual_reward_curves, trend
+
+TASKS = {"annotation", "generation", "drug_sensitivity", "perturbation"}
+
+
+def test_trend_and_curves() -> None:
+    history = [
+        {"step": 1, "dual/annotation/reward": 0.1, "loss": 0.0},
+        {"step": 2, "dual/annotation/reward": 0.2, "dual/generation/reward": 1.0},
+        {"step": 3, "dual/annotation/reward": 0.6},
+        {"train_runtime": 1.0},
+    ]
+    curves = dual_reward_curves(history)
+    assert curves == {"annotation": [(1, 0.1), (2, 0.2), (3, 0.6)], "generation": [(2, 1.0)]}
+    t = trend(curves["annotation"])
+    assert (
+        t["first"] == pytest.approx(0.1)
+        and t["last"] == pytest.approx(0.6)
+        and t["rise"] == pytest.approx(0.5)
+    )
+    assert math.isnan(trend(curves["generation"])["rise"])
+
+
+def _check_report(report: Path) -> dict:
+    text = (report / "report.md").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert (report / "dual_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {row["task"] for row in metrics["headline"]} == TASKS
+    for name, per_dataset in metrics["datasets"].items():
+        assert (report / name / "report.md").exists()
+        for task, result in per_dataset["tasks"].items():
+            methods = result["methods"]
+            assert "SFT" in methods and "dual GRPO" in methods, (name, task)
+            assert any(m["kind"] == "baseline" for m in methods.values()), (name, task)
+    for task in TASKS:
+        assert f"| {task} |" in text
+    assert set(metrics["timings_s"]) == {"1/5 prepare", "2/5 SFT", "3/5 dual GRPO", "4/5 eval", "5/5 report"}
+    return metrics
+
+
+@pytest.mark.slow
+def test_quick_demo(tmp_path) -> None:
+    from cellduality.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    metrics = _check_report(tmp_path / "demo" / "report")
+    assert metrics["mode"] == "quick"
+    assert metrics["grpo_dual_reward"]["curves"], "the dual reward must be logged during GRPO"
+
+
+def test_full_demo_report(tmp_path) -> None:
+    where = os.environ.get("CELLDUALITY_FULL_DEMO")
+    if not where:
+        pytest.skip("opt-in (10-15 minutes): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>")
+    if where == "run":
+        from cellduality.cli import main
+
+        assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+        report = tmp_path / "demo" / "report"
+    else:
+        report = Path(where)
+    metrics = _check_report(report)
+    assert metrics["mode"] == "full"
+    annotation = next(r for r in metrics["headline"] if r["task"] == "annotation")
+    assert annotation["SFT"] > annotation["baseline value"], "SFT must beat the majority class on annotation"
+    trends = metrics["grpo_dual_reward"]["trend"]
+    assert trends and sum(t["rise"] for t in trends.values()) > 0, f"dual rewards did not rise: {trends}"
