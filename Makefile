@@ -30,7 +30,7 @@ demo-check: demo
 	CELLDUALITY_FULL_DEMO=demo_out/report HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_demo.py -k full_demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cellduality sft_data tests benchmarks

@@ -69,3 +69,63 @@ def test_sft_then_dual_grpo(tmp_path) -> None:
     logs = [h for h in grpo.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert all("rewards/dual/mean" in h for h in logs)
+
+
+def test_sft_lora_merged_feeds_grpo(tmp_path) -> None:
+    """SFT with LoRA saves the adapter and the merged model; GRPO starts from the merged folder."""
+    from transformers import AutoModelForCausalLM
+
+    from cellduality.train.grpo import parse_args as grpo_args
+    from cellduality.train.grpo import run_grpo
+    from cellduality.train.sft import parse_args as sft_args
+    from cellduality.train.sft import run_sft
+
+    out = tmp_path / "sft"
+    run_sft(
+        *sft_args(
+            [
+                "--config",
+                str(SFT_RECIPE),
+                "--output_dir",
+                str(out),
+                "--model_name_or_path",
+                str(tmp_path / "model"),
+                "--sft_limit",
+                "8",
+                "--max_steps",
+                "2",
+                "--use_peft",
+                "true",
+                "--lora_r",
+                "4",
+                "--lora_alpha",
+                "8",
+                "--lora_target_modules",
+                "q_proj",
+                "v_proj",
+            ]
+        )
+    )
+    assert (out / "adapter_config.json").exists()
+    merged = out / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    grpo = run_grpo(
+        *grpo_args(
+            [
+                "--config",
+                str(GRPO_RECIPE),
+                "--output_dir",
+                str(tmp_path / "grpo"),
+                "--prepared_dir",
+                str(tmp_path / "prepared_grpo"),
+                "--model_name_or_path",
+                str(merged),
+                "--build_tiny_model",
+                "false",
+                "--max_steps",
+                "1",
+            ]
+        )
+    )
+    assert grpo.state.global_step == 1
