@@ -40,7 +40,7 @@ class DemoPlan:
     eval_examples: int  # test examples per task
 
 
-FULL = DemoPlan(16, 400, 250, 5, 128, 4, 36, 16, 120)
+FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
 QUICK = DemoPlan(12, 60, 60, 6, 128, 4, 6, 8, 24)
 
 
@@ -134,7 +134,7 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
     args = GRPOConfig(
         output_dir=str(out / "grpo"),
         max_steps=plan.grpo_steps,
-        learning_rate=2e-4,
+        learning_rate=3e-5,
         beta=0.0,
         num_generations=4,
         per_device_train_batch_size=plan.grpo_batch,
@@ -150,13 +150,21 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
     return run_grpo(cd, args, model)
 
 
+ALL_TASKS = "all tasks"
+
+
 def dual_reward_curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Per task, the dual reward logged at each GRPO step (``dual/<task>/reward``)."""
+    """Per task, the dual reward logged at each GRPO step (``dual/<task>/reward``), and over all tasks
+    (``rewards/dual/mean``, TRL's batch mean) under ``ALL_TASKS``."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
+        if "step" not in entry:
+            continue
         for key, value in entry.items():
-            if key.startswith("dual/") and key.endswith("/reward") and "step" in entry:
+            if key.startswith("dual/") and key.endswith("/reward"):
                 curves.setdefault(key.split("/")[1], []).append((int(entry["step"]), float(value)))
+            elif key == "rewards/dual/mean":
+                curves.setdefault(ALL_TASKS, []).append((int(entry["step"]), float(value)))
     return curves
 
 

@@ -517,6 +517,7 @@ def test_a_bad_key_stops_the_run_without_a_dataset(key: str, prepared_dir: Path,
 def test_offline_teacher_on_pbmc68k_feeds_the_sft_entry(
     pbmc, prepared_dir: Path, train_rows: list[dict], tmp_path: Path
 ) -> None:
+    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
     from cellduality.train.sft import sft_examples
 
     training_args = SimpleNamespace(
@@ -526,9 +527,7 @@ def test_offline_teacher_on_pbmc68k_feeds_the_sft_entry(
         main_process_first=lambda desc: nullcontext(),
     )
     prepared = load_prepared(prepared_dir)
-    train = sft_examples(
-        SimpleNamespace(tasks=None), SimpleNamespace(sft_data=None, sft_limit=None), prepared, training_args
-    )
+    train = sft_examples(CellDualityArguments(tasks=None), SFTDataArguments(), prepared, training_args)
     folder = tmp_path / "run" / "sft_data"
     summary = json.loads((folder / SUMMARY_FILE).read_text())
     assert summary["teacher"] == "offline" and summary["tokens"]["total"] == 0

@@ -256,3 +256,36 @@ def part_meta(meta: dict[str, Any], dataset: str) -> dict[str, Any]:
     if meta.get("dataset") != dataset:
         raise KeyError(f"dataset {dataset!r} is not in this prepared folder ({meta.get('dataset')})")
     return meta
+
+
+def prepare_cached(
+    name: str,
+    cache: str | Path,
+    tasks: Sequence[str] | None = None,
+    *,
+    split: str = "id",
+    config: TaskConfig | None = None,
+    build: bool = True,
+) -> PreparedTasks:
+    """An embedded dataset's examples, built into ``cache`` once and reused while the settings match.
+
+    Tasks the dataset does not support are skipped (so one task list serves several datasets). With
+    ``build=False`` nothing is built: the cache is read as it is (the other ranks of a run whose main
+    process built it).
+    """
+    from cellduality.data import load_dataset
+
+    cfg = config or TaskConfig()
+    folder = Path(cache)
+    key = {"dataset": name, "tasks": list(tasks) if tasks else None, "split": split, "config": asdict(cfg)}
+    key_file = folder / "build_key.json"
+    fresh = (folder / META_FILE).exists() and key_file.exists() and json.loads(key_file.read_text()) == key
+    if fresh or not build:
+        return load_prepared(folder)
+    data = load_dataset(name)
+    supported = data.columns.supported_tasks()
+    wanted = [t for t in tasks if t in supported] if tasks else None
+    prepared = build_tasks(data, wanted or None, split=split, config=cfg)
+    save_prepared(prepared, folder)
+    key_file.write_text(json.dumps(key))
+    return prepared

@@ -818,19 +818,24 @@ def run_teacher_batch(
     """
     client = TeacherClient(endpoints, concurrency=concurrency, retry=retry, seed=seed)
     coro_args = (client, requests, on_result, progress, description, total, collect, callback_thread)
+    return run_coroutine(_run_in_client(*coro_args), name="teacher-batch")
+
+
+def run_coroutine(coro: Any, name: str = "cellduality-async") -> Any:
+    """``asyncio.run``, also from inside a running event loop (Jupyter), where it uses a helper thread."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_run_in_client(*coro_args))
+        return asyncio.run(coro)
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(_run_in_client(*coro_args))
+            box["value"] = asyncio.run(coro)
         except BaseException as exc:
             box["error"] = exc
 
-    thread = threading.Thread(target=target, name="teacher-batch")
+    thread = threading.Thread(target=target, name=name)
     thread.start()
     thread.join()
     if "error" in box:

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from cellduality.teacher.client import (
     TeacherRequest,
     TeacherResult,
     redact_url,
+    run_coroutine,
 )
 from cellduality.teacher.filters import DEFAULT_RWJS_THRESHOLD, Verdict, judge
 from cellduality.teacher.prompts import DUAL, FORWARD, teacher_messages
@@ -223,28 +223,16 @@ def load_sources(config: GenerationConfig) -> PreparedTasks:
 
 def _build_embedded(name: str, config: GenerationConfig) -> PreparedTasks:
     """Build an embedded dataset's examples into ``OUT/prepared/<name>`` once; reuse them on resume."""
-    from cellduality.data import load_dataset
-    from cellduality.tasks.build import META_FILE, build_tasks, load_prepared, save_prepared
+    from cellduality.tasks.build import prepare_cached
     from cellduality.tasks.common import TaskConfig
 
-    cache = Path(config.out) / PREPARED_DIR / name
-    key = {"dataset": name, "top_k": config.top_k, "n_genes": config.n_genes, "split": config.split}
-    key |= {"seed": config.seed}
-    key_file = cache / "build_key.json"
-    if (cache / META_FILE).exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
-        return load_prepared(cache)
-    data = load_dataset(name)
-    supported = data.columns.supported_tasks()
-    tasks = [t for t in config.tasks if t in supported] if config.tasks else None
-    prepared = build_tasks(
-        data,
-        tasks or None,
+    return prepare_cached(
+        name,
+        Path(config.out) / PREPARED_DIR / name,
+        config.tasks,
         split=config.split,
         config=TaskConfig(top_k=config.top_k, n_genes=config.n_genes, seed=config.seed),
     )
-    save_prepared(prepared, cache)
-    key_file.write_text(json.dumps(key))
-    return prepared
 
 
 def select_rows(train: Dataset, tasks: Sequence[str] | None, limit: int | None, seed: int) -> list[int]:
@@ -786,28 +774,6 @@ async def _generate(
         return run.cap
 
 
-def _run_coroutine(coro: Any) -> Any:
-    """``asyncio.run``, also from inside a running loop (Jupyter), where it uses a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="sft-data")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def run_generation(config: GenerationConfig) -> dict[str, Any]:
     """Generate (or resume) SFT data into ``config.out``; return the summary also written to disk.
 
@@ -837,7 +803,7 @@ def run_generation(config: GenerationConfig) -> dict[str, Any]:
         cap = 1 if config.offline else config.max_attempts
         error: BaseException | None = None
         try:
-            cap = _run_coroutine(_generate(config, rows, store, prepared))
+            cap = run_coroutine(_generate(config, rows, store, prepared), name="sft-data")
         except TeacherUnavailableError as exc:
             error = exc
         summary = build_summary(rows, store, config, cap)

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from cellduality.tasks.build import (
-    META_FILE,
-    PreparedTasks,
-    build_tasks,
-    load_prepared,
-    merge_prepared,
-    save_prepared,
-)
+from cellduality.tasks.build import META_FILE, PreparedTasks, load_prepared, merge_prepared, prepare_cached
 from cellduality.tasks.common import TaskConfig
 from cellduality.train.configs import CellDualityArguments
-
-
-def _build_key(args: CellDualityArguments, source: str, seed: int) -> dict:
-    return {
-        "dataset": source,
-        "tasks": args.tasks,
-        "sentence_genes": args.sentence_genes,
-        "n_genes": args.n_genes,
-        "split": args.data_split,
-        "seed": seed,
-    }
 
 
 def load_task_data(args: CellDualityArguments, training_args: Any) -> PreparedTasks:
@@ -54,27 +35,16 @@ def _load_one(args: CellDualityArguments, source: str, cache: Path, training_arg
     """
     if (Path(source) / META_FILE).exists():
         return load_prepared(source)
-    seed = training_args.seed
-    key = _build_key(args, source, seed)
-    is_main = training_args.process_index == 0
+    config = TaskConfig(top_k=args.sentence_genes, n_genes=args.n_genes, seed=training_args.seed)
     with training_args.main_process_first(desc=f"preparing {source}"):
-        key_file = cache / "build_key.json"
-        fresh = (cache / META_FILE).exists() and key_file.exists() and json.loads(key_file.read_text()) == key
-        if not fresh and is_main:
-            from cellduality.data import load_dataset
-
-            data = load_dataset(source)
-            supported = data.columns.supported_tasks()
-            tasks = [t for t in args.tasks if t in supported] if args.tasks else None
-            prepared = build_tasks(
-                data,
-                tasks or None,
-                split=args.data_split,
-                config=TaskConfig(top_k=args.sentence_genes, n_genes=args.n_genes, seed=seed),
-            )
-            save_prepared(prepared, cache)
-            key_file.write_text(json.dumps(key))
-        return load_prepared(cache)
+        return prepare_cached(
+            source,
+            cache,
+            args.tasks,
+            split=args.data_split,
+            config=config,
+            build=training_args.process_index == 0,
+        )
 
 
 def training_rows(
