@@ -41,7 +41,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
-QUICK = DemoPlan(12, 60, 60, 6, 128, 4, 6, 8, 24)
+QUICK = DemoPlan(12, 60, 60, 12, 128, 4, 6, 8, 24)
 
 
 class Stages:
