@@ -129,3 +129,40 @@ def test_sft_lora_merged_feeds_grpo(tmp_path) -> None:
         )
     )
     assert grpo.state.global_step == 1
+
+
+def test_same_seed_same_numbers(tmp_path) -> None:
+    """The demo's promise: SFT then dual GRPO with the same seed log exactly the same numbers."""
+    from cellduality.train.grpo import parse_args as grpo_args
+    from cellduality.train.grpo import run_grpo
+    from cellduality.train.sft import parse_args as sft_args
+    from cellduality.train.sft import run_sft
+
+    def run(root: Path) -> list[dict]:
+        common = ["--model_name_or_path", str(root / "model"), "--sft_limit", "12", "--max_steps", "3"]
+        sft = run_sft(*sft_args(["--config", str(SFT_RECIPE), "--output_dir", str(root / "sft"), *common]))
+        grpo = run_grpo(
+            *grpo_args(
+                [
+                    "--config",
+                    str(GRPO_RECIPE),
+                    "--output_dir",
+                    str(root / "grpo"),
+                    "--prepared_dir",
+                    str(root / "prepared_grpo"),
+                    "--model_name_or_path",
+                    str(root / "sft"),
+                    "--build_tiny_model",
+                    "false",
+                    "--max_steps",
+                    "3",
+                ]
+            )
+        )
+        timing = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+        return [
+            {k: v for k, v in h.items() if k not in timing}
+            for h in sft.state.log_history + grpo.state.log_history
+        ]
+
+    assert run(tmp_path / "a") == run(tmp_path / "b")
