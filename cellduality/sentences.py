@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
 
-_BLOCK_CELLS = 2048
+_BLOCK_CELLS = 1024
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -76,9 +77,9 @@ def _top_genes(keys: np.ndarray, k: int | None, order: _TieOrder) -> tuple[np.nd
     """Gene indices of the k largest keys per row (largest first, -1 padded) and their counts."""
     width = keys.shape[1]
     kk = width if k is None else min(k, width)
-    if kk < width:
+    if kk < width // 2:  # a partition first pays off only when it discards most of the row
         keys = np.partition(keys, width - kk, axis=1)[:, width - kk :]
-    keys = np.sort(keys, axis=1)[:, ::-1]
+    keys = np.sort(keys, axis=1)[:, : -kk - 1 : -1]
     valid = keys > 0
     genes = order.decode(keys)
     genes[~valid] = -1
@@ -91,20 +92,43 @@ def _csr_rows(matrix: sp.csr_matrix, start: int, stop: int) -> tuple[np.ndarray,
     return matrix.data[lo:hi], matrix.indices[lo:hi], matrix.indptr[start : stop + 1] - lo
 
 
+def _pad(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """CSR rows' values as a (rows x longest row) matrix, zero-padded on the right.
+
+    Built as a CSR matrix whose column index is the position within the row, densified by scipy's
+    C++ loop: about 3x faster than a numpy scatter with computed flat indices.
+    """
+    counts = np.diff(indptr)
+    n, width = counts.size, int(counts.max())
+    itype = np.int32 if max(width, int(indptr[-1])) < 2**31 else np.int64
+    pos = np.arange(indptr[-1], dtype=itype)
+    pos -= np.repeat(indptr[:-1].astype(itype), counts)
+    return sp.csr_matrix((values, pos, indptr.astype(itype)), shape=(n, width)).toarray()
+
+
 def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
-    """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr)."""
+    """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr).
+
+    Two passes keep the expensive part small: a float32 partition finds each row's k-th largest value,
+    then only the entries at or above it (k plus any ties at the cut) get 64-bit sort keys.
+    """
     data, indices, indptr = rows
     counts = np.diff(indptr)
     n = counts.size
-    width = int(counts.max()) if n else 0
-    if width == 0:
+    if n == 0 or int(counts.max()) == 0:
         return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    # position of each stored value in a (cells x width) padded matrix, in one pass
-    flat = np.arange(indptr[-1], dtype=np.int64)
-    flat += np.repeat(np.arange(n, dtype=np.int64) * width - indptr[:-1], counts)
-    padded = np.zeros(n * width, dtype=np.uint64)
-    padded[flat] = _sort_keys(data, order.encode(indices))
-    return _top_genes(padded.reshape(n, width), k, order)
+    data = np.asarray(data, dtype=np.float32)
+    width = int(counts.max())
+    if k is not None and k < width:
+        kth = np.partition(_pad(data, indptr), width - k, axis=1)[:, width - k]
+        keep = data >= np.repeat(kth, counts)
+        keep &= data > 0
+        kept = np.flatnonzero(keep)
+        indptr = np.concatenate([[0], np.cumsum(keep)])[indptr]
+        data, indices = data[kept], indices[kept]
+        if indptr[-1] == 0:
+            return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    return _top_genes(_pad(_sort_keys(data, order.encode(indices)), indptr), k, order)
 
 
 def _block_dense(block: np.ndarray, k: int | None, order: _TieOrder):
@@ -113,8 +137,17 @@ def _block_dense(block: np.ndarray, k: int | None, order: _TieOrder):
     return _top_genes(_sort_keys(block, tie[None, :]), k, order)
 
 
-def _blocks(matrix, top_k: int | None, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(gene indices padded with -1, counts) for consecutive blocks of cells."""
+T = TypeVar("T")
+
+
+def _blocks(
+    matrix, top_k: int | None, seed: int, finish: Callable[[np.ndarray, np.ndarray], list[T]]
+) -> list[T]:
+    """Per cell, ``finish(gene indices padded with -1, counts)`` of consecutive blocks of cells.
+
+    Blocks run on a thread pool: numpy releases the GIL in its partition, sort and arithmetic, so
+    one block's numpy work overlaps another's ``finish`` (Python objects, GIL held).
+    """
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     n_cells = matrix.shape[0]
@@ -126,19 +159,21 @@ def _blocks(matrix, top_k: int | None, seed: int) -> Iterator[tuple[np.ndarray, 
             matrix = matrix.copy()
             matrix.sum_duplicates()
 
-    def block(start: int) -> tuple[np.ndarray, np.ndarray]:
+    def block(start: int) -> list[T]:
         stop = min(start + _BLOCK_CELLS, n_cells)
         if sparse:
-            return _block_sparse(_csr_rows(matrix, start, stop), top_k, order)
-        return _block_dense(np.asarray(matrix[start:stop]), top_k, order)
+            cols, counts = _block_sparse(_csr_rows(matrix, start, stop), top_k, order)
+        else:
+            cols, counts = _block_dense(np.asarray(matrix[start:stop]), top_k, order)
+        return finish(cols, counts)
 
     starts = range(0, n_cells, _BLOCK_CELLS)
     if len(starts) < 2:
-        yield from map(block, starts)
-        return
-    # numpy releases the GIL in partition/sort/arithmetic: blocks run in parallel on the cores
-    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1, 8)) as pool:
-        yield from pool.map(block, starts)
+        parts = [block(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1, 8)) as pool:
+            parts = list(pool.map(block, starts))
+    return [item for part in parts for item in part]
 
 
 def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -146,10 +181,9 @@ def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np
 
     Accepts a dense array or any scipy sparse matrix; returns one int64 array per cell.
     """
-    out: list[np.ndarray] = []
-    for cols, counts in _blocks(matrix, top_k, seed):
-        out.extend(row[:c] for row, c in zip(cols, counts, strict=True))
-    return out
+    return _blocks(
+        matrix, top_k, seed, lambda cols, counts: [r[:c] for r, c in zip(cols, counts, strict=True)]
+    )
 
 
 def cell_sentences(adata, top_k: int | None = None, seed: int = 0) -> list[list[str]]:
@@ -158,14 +192,15 @@ def cell_sentences(adata, top_k: int | None = None, seed: int = 0) -> list[list[
     ``adata`` must already be log-normalised with symbols as ``var_names`` (see ``cellduality.data``).
     """
     names = np.asarray(adata.var_names, dtype=object)
-    sentences: list[list[str]] = []
-    for cols, counts in _blocks(adata.X, top_k, seed):
-        if cols.shape[1] == 0:
-            sentences.extend([] for _ in range(cols.shape[0]))
-            continue
+
+    def to_words(cols: np.ndarray, counts: np.ndarray) -> list[list[str]]:
+        width = cols.shape[1]
+        if width == 0:
+            return [[] for _ in range(cols.shape[0])]
         words = names[np.maximum(cols, 0)].tolist()
-        sentences.extend(row[:c] for row, c in zip(words, counts.tolist(), strict=True))
-    return sentences
+        return [row if c == width else row[:c] for row, c in zip(words, counts.tolist(), strict=True)]
+
+    return _blocks(adata.X, top_k, seed, to_words)
 
 
 @dataclass(frozen=True)
