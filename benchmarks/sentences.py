@@ -1,7 +1,10 @@
 """Cell sentences: CellDuality's vectorised ``cell_sentences`` against cell2sentence's per-row loop.
 
-The reference re-implements cell2sentence 1.2's ``generate_sentences``: a Python loop over cells that
-shuffles each row's non-zeros (sklearn's ``shuffle``, the tie-break) and stably sorts them by value.
+The reference re-implements cell2sentence 1.2's ``generate_sentences`` (``cell2sentence/utils.py``): a
+Python loop over cells that shuffles each row's non-zeros (sklearn's ``shuffle``, the tie-break),
+stably sorts them by value, maps every gene to its name and joins the sentence into a string; a c2s
+user then keeps the first ``top_k`` words. A second, lighter variant of the same loop (only the top-k
+names mapped, no string) is timed too, so the ratio is not flattered by the reference's string work.
 Both run in this process on the same synthetic count matrix (20,000 cells x 20,000 genes, about
 2,000 non-zeros per cell, Poisson-like values so that ties are common) with top_k=200.
 Target: at least 30x the reference's cells/s.
@@ -43,7 +46,22 @@ def synthetic_counts(n_cells: int, n_genes: int, nnz: int, seed: int = 0) -> sp.
 def reference_sentences(
     matrix: sp.csr_matrix, genes: np.ndarray, top_k: int, seed: int = 0
 ) -> list[list[str]]:
-    """cell2sentence-style loop: per cell, shuffle the non-zeros, stable sort by value, map names."""
+    """cell2sentence 1.2's loop: shuffle, stable sort, map every gene, join; then keep top_k words."""
+    enc_map = list(genes)
+    sentences = []
+    for i in range(matrix.shape[0]):
+        cols = matrix.indices[matrix.indptr[i] : matrix.indptr[i + 1]]
+        vals = matrix.data[matrix.indptr[i] : matrix.indptr[i + 1]]
+        cols, vals = shuffle(cols, vals, random_state=seed)
+        sentence = " ".join([enc_map[x] for x in cols[np.argsort(-vals, kind="stable")]])
+        sentences.append(sentence.split(" ", top_k)[:top_k])
+    return sentences
+
+
+def reference_top_k_only(
+    matrix: sp.csr_matrix, genes: np.ndarray, top_k: int, seed: int = 0
+) -> list[list[str]]:
+    """The same loop made lighter: only the top-k names are mapped, no string is built."""
     sentences = []
     for i in range(matrix.shape[0]):
         start, stop = matrix.indptr[i], matrix.indptr[i + 1]
@@ -75,6 +93,7 @@ def main() -> None:
     # warm both up on a few cells (imports, thread pool, first large allocations), then time them
     cell_sentences(adata[:500], top_k=args.top_k, seed=0)
     reference_sentences(matrix[:500], genes, args.top_k)
+    reference_top_k_only(matrix[:500], genes, args.top_k)
 
     times = []
     for _ in range(3):  # median of 3: the first full-size run pays for page faults and thread start-up
@@ -86,6 +105,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ref = reference_sentences(matrix, genes, args.top_k)
     t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference_top_k_only(matrix, genes, args.top_k)
+    t_light = time.perf_counter() - t0
 
     # same genes at every rank up to ties: compare the multiset of values per cell
     for i in range(0, args.cells, max(1, args.cells // 50)):
@@ -94,13 +116,14 @@ def main() -> None:
         b = np.sort(row[[int(g[4:]) for g in ref[i]]])
         assert np.array_equal(a, b), f"cell {i}: different expression values selected"
 
-    ours_rate, ref_rate = args.cells / t_ours, args.cells / t_ref
+    ours_rate, ref_rate, light_rate = args.cells / t_ours, args.cells / t_ref, args.cells / t_light
     ratio = ours_rate / ref_rate
-    print(f"cellduality cell_sentences : {ours_rate:12,.0f} cells/s ({t_ours:.2f} s, median of 3 runs)")
-    print(f"cell2sentence-style loop   : {ref_rate:12,.0f} cells/s ({t_ref:.2f} s)")
-    print(
-        f"ratio                      : {ratio:12.1f}x (target >= {TARGET_RATIO:.0f}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'})"
-    )
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(f"cellduality cell_sentences    : {ours_rate:10,.0f} cells/s ({t_ours:.2f} s, median of 3 runs)")
+    print(f"cell2sentence 1.2 loop (ref.) : {ref_rate:10,.0f} cells/s ({t_ref:.2f} s)")
+    print(f"same loop, top-k names only   : {light_rate:10,.0f} cells/s ({t_light:.2f} s)")
+    print(f"ratio to the reference        : {ratio:10.1f}x (target >= {TARGET_RATIO:.0f}x: {verdict})")
+    print(f"ratio to the lighter loop     : {ours_rate / light_rate:10.1f}x")
 
 
 if __name__ == "__main__":
