@@ -5,7 +5,7 @@ evaluation of the SFT and GRPO checkpoints next to the baselines -> one report f
 
 Data: ``pbmc68k`` (annotation, conditional generation), ``scad_plx4720`` (drug sensitivity),
 ``norman_devel`` (genetic perturbation response). The model is the tiny offline Llama. ``--quick``
-shrinks every stage (a smoke run in about 3 minutes); the full demo takes about 10-15 minutes on
+shrinks every stage (a smoke run in about 2 minutes); the full demo takes about 6-8 minutes on
 2 cores. The same seed gives the same numbers.
 """
 

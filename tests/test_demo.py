@@ -2,7 +2,7 @@
 
 ``test_full_demo_report`` checks what the full demo must show (SFT beats the majority baseline on
 annotation, dual rewards rise during GRPO, every task has SFT, GRPO and baselines side by side). It
-runs the full demo (10-15 minutes on 2 cores), so it is opt-in: ``make demo-check`` sets
+runs the full demo (6-8 minutes on 2 cores), so it is opt-in: ``make demo-check`` sets
 ``CELLDUALITY_FULL_DEMO`` to a report folder made by ``make demo`` (or to ``run`` to make one).
 """
 
@@ -69,7 +69,7 @@ def test_quick_demo(tmp_path) -> None:
 def test_full_demo_report(tmp_path) -> None:
     where = os.environ.get("CELLDUALITY_FULL_DEMO")
     if not where:
-        pytest.skip("opt-in (10-15 minutes): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>")
+        pytest.skip("opt-in (6-8 minutes): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>")
     if where == "run":
         from cellduality.cli import main
 
