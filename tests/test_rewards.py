@@ -124,3 +124,30 @@ def test_dual_reward_deterministic_generates_each_prompt_once(rows) -> None:
     assert seen == [2]  # two distinct forward answers -> two dual prompts, one call
     assert scores[:3] == [pytest.approx(1.0)] * 3
     assert dual.history[-1] == {"tasks": ["annotation"], "prompts": 4, "generated": 2}
+
+
+def test_dual_reward_logs_per_task_and_dual_completions(rows) -> None:
+    """What TRL shows: per-task dual metrics (log_metric) and a dual_completion column (log_extra)."""
+    ann = next(r for r in rows if r["task"] == "annotation")
+    gen = next(r for r in rows if r["task"] == "generation")
+    metrics: dict[str, float] = {}
+    extra: dict[str, list] = {}
+    inpaint = "<think>.</think><answer>" + " ".join(ann["hidden_genes"]) + "</answer>"
+    dual = DualReward(
+        generate=lambda ps: [
+            inpaint if "hidden" in p[-1]["content"] or "missing" in p[-1]["content"] else "x" for p in ps
+        ]
+    )
+    completions = [_c(f"<think>t</think><answer>{ann['answer']}</answer>"), _c("unparseable")]
+    scores = dual(
+        prompts=None,
+        completions=[*completions, _c(f"<think>t</think><answer>{gen['answer']}</answer>")],
+        log_metric=lambda name, value: metrics.__setitem__(name, value),
+        log_extra=lambda column, values: extra.__setitem__(column, values),
+        **_columns([ann, ann, gen]),
+    )
+    assert scores == [pytest.approx(1.0), 0.0, 0.0]
+    assert metrics["dual/annotation/rwjs"] == pytest.approx(0.5)  # mean of 1.0 and 0.0
+    assert metrics["dual/generation/accuracy"] == 0.0
+    assert metrics["dual/annotation/reward"] == pytest.approx(0.5)
+    assert extra["dual_completion"] == [inpaint, "", "x"]
