@@ -381,3 +381,24 @@ def test_verifier_rewards_registered_and_scoring(norman_prepared) -> None:
     assert -1.0 < scores["verifier_pearson"][0] <= 1.0
     assert 0.0 < scores["verifier_rmse"][0] <= 1.0
     assert 0.0 <= scores["verifier_spearman"][0] <= 1.0 and 0.0 <= scores["verifier_pathway"][0] <= 1.0
+
+
+def test_eval_several_prepared_folders(tmp_path) -> None:
+    """`--prepared A B`: one report per dataset, one shared cache, an index linking them."""
+    from cellduality.cli import main
+    from cellduality.data import load_dataset as load
+    from cellduality.tasks import TaskConfig as Cfg
+    from cellduality.tasks import build_tasks as build
+    from cellduality.tasks import save_prepared as save
+
+    folders = []
+    for name in ("pbmc68k", "scad_plx4720"):
+        folders.append(save(build(load(name), config=Cfg(top_k=8, max_examples=12)), tmp_path / name))
+    out = tmp_path / "eval"
+    code = main(["eval", "--prepared", *map(str, folders), "--out", str(out), "--no-plots", "--no-progress"])
+    assert code == 0
+    index = (out / "index.md").read_text()
+    for name in ("pbmc68k", "scad_plx4720"):
+        assert (out / name / "report.md").exists() and f"[{name}/report.md]" in index
+    assert "drug_sensitivity" in index and "annotation" in index
+    assert main(["eval", "--prepared", *map(str, folders), "--data", "x.h5ad", "--out", str(out)]) == 2

@@ -39,7 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a Hugging Face folder, checkpoint or hub id; repeat to compare models (none: baselines only)",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prepared", type=Path, help="folder written by `cellduality prepare`")
+    src.add_argument(
+        "--prepared",
+        type=Path,
+        nargs="+",
+        help="folder(s) written by `cellduality prepare`; several: one report each under OUT/<name> + OUT/index.md",
+    )
     src.add_argument(
         "--dataset",
         help="embedded dataset name or .h5ad path: examples are built on the fly (see --top-k ...)",
@@ -146,13 +151,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         progress=not args.no_progress,
     )
+    if args.prepared is not None and len(args.prepared) > 1:
+        if args.data is not None:
+            console.print(
+                "cellduality eval: error: --data names one file: evaluate one --prepared folder with it"
+            )
+            return 2
+        return _eval_several(console, args.prepared, config)
     real = None
     if args.prepared is not None:
-        prepared = args.prepared
+        prepared = args.prepared[0]
     else:
         prepared, real = _build_examples(args)
     result = run_eval(prepared, config, real=real)
     _print_summary(console, result)
+    return 0
+
+
+def _eval_several(console, folders: list[Path], config) -> int:
+    """One evaluation per prepared folder into OUT/<folder name>, sharing one generation cache."""
+    from dataclasses import replace
+
+    from cellduality.eval.runner import run_eval
+
+    names = [Path(f).name for f in folders]
+    if len(set(names)) != len(names):
+        console.print(f"cellduality eval: error: prepared folders need distinct names, got {names}")
+        return 2
+    out = Path(config.out_dir)
+    shared = replace(config, cache_dir=config.cache_dir or out / "cache")
+    lines = ["# CellDuality evaluation", "", "| dataset | tasks | report |", "|---|---|---|"]
+    for folder, name in zip(folders, names, strict=True):
+        console.rule(name)
+        result = run_eval(folder, replace(shared, out_dir=out / name))
+        _print_summary(console, result)
+        lines.append(f"| {name} | {', '.join(result.tasks)} | [{name}/report.md]({name}/report.md) |")
+    (out / "index.md").write_text("\n".join(lines) + "\n")
+    console.print(f"index: {out / 'index.md'}")
     return 0
 
 
