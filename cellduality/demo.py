@@ -75,7 +75,7 @@ def _prepare(out: Path, plan: DemoPlan, seed: int, console: Console) -> list[Pat
     return folders
 
 
-def _common_train_args(plan: DemoPlan, seed: int) -> dict[str, Any]:
+def _common_train_args(seed: int) -> dict[str, Any]:
     return {
         "use_cpu": True,
         "bf16": False,
@@ -112,7 +112,7 @@ def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
         max_length=512,
         logging_steps=10,
         save_strategy="no",
-        **_common_train_args(plan, seed),
+        **_common_train_args(seed),
     )
     model = ModelConfig(model_name_or_path=str(out / "model"), dtype="float32")
     return run_sft(cd, data, args, model)
@@ -144,7 +144,7 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
         logging_steps=1,
         save_strategy="no",
         log_completions=False,
-        **_common_train_args(plan, seed),
+        **_common_train_args(seed),
     )
     model = ModelConfig(model_name_or_path=str(out / "sft"), dtype="float32")
     return run_grpo(cd, args, model)
@@ -207,21 +207,18 @@ def plot_dual_rewards(curves: dict[str, list[tuple[int, float]]], path: Path) ->
 
 def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
     from cellduality.eval.generate import GenerationSettings, ModelSpec
-    from cellduality.eval.runner import EvalConfig, run_eval
+    from cellduality.eval.runner import EvalConfig, run_eval_many
 
-    results = {}
-    for folder in folders:
-        config = EvalConfig(
-            out_dir=out / "report" / folder.name,
-            models=[ModelSpec(str(out / "sft"), name="SFT"), ModelSpec(str(out / "grpo"), name="dual GRPO")],
-            max_examples=plan.eval_examples,
-            generation=GenerationSettings(max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed),
-            cache_dir=out / "eval_cache",
-            backend="hf",
-            seed=seed,
-        )
-        results[folder.name] = run_eval(folder, config)
-    return results
+    config = EvalConfig(
+        out_dir=out / "report",
+        models=[ModelSpec(str(out / "sft"), name="SFT"), ModelSpec(str(out / "grpo"), name="dual GRPO")],
+        max_examples=plan.eval_examples,
+        generation=GenerationSettings(max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed),
+        cache_dir=out / "eval_cache",
+        backend="hf",
+        seed=seed,
+    )
+    return run_eval_many(folders, config)
 
 
 # task -> (metric, reference baseline): the simplest honest baseline in the same representation

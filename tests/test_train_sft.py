@@ -11,11 +11,33 @@ SFT_RECIPE = REPO / "recipes" / "tiny-cpu" / "sft.yaml"
 GRPO_RECIPE = REPO / "recipes" / "tiny-cpu" / "grpo_dual.yaml"
 
 
+def _grpo_from(root: Path, model: Path, steps: int):
+    """Dual GRPO (tiny recipe) for ``steps`` steps, starting from the checkpoint ``model``."""
+    from cellduality.train.grpo import parse_args, run_grpo
+
+    return run_grpo(
+        *parse_args(
+            [
+                "--config",
+                str(GRPO_RECIPE),
+                "--output_dir",
+                str(root / "grpo"),
+                "--prepared_dir",
+                str(root / "prepared_grpo"),
+                "--model_name_or_path",
+                str(model),
+                "--build_tiny_model",
+                "false",
+                "--max_steps",
+                str(steps),
+            ]
+        )
+    )
+
+
 def test_sft_then_dual_grpo(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from cellduality.train.grpo import parse_args as grpo_args
-    from cellduality.train.grpo import run_grpo
     from cellduality.train.sft import parse_args as sft_args
     from cellduality.train.sft import run_sft
 
@@ -48,24 +70,7 @@ def test_sft_then_dual_grpo(tmp_path) -> None:
     assert meta["stage"] == "sft" and meta["examples"] > 0
     assert AutoModelForCausalLM.from_pretrained(sft_out) is not None
 
-    grpo = run_grpo(
-        *grpo_args(
-            [
-                "--config",
-                str(GRPO_RECIPE),
-                "--output_dir",
-                str(tmp_path / "grpo"),
-                "--prepared_dir",
-                str(tmp_path / "prepared_grpo"),
-                "--model_name_or_path",
-                str(sft_out),
-                "--build_tiny_model",
-                "false",
-                "--max_steps",
-                "2",
-            ]
-        )
-    )
+    grpo = _grpo_from(tmp_path, sft_out, steps=2)
     logs = [h for h in grpo.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert all("rewards/dual/mean" in h for h in logs)
@@ -75,8 +80,6 @@ def test_sft_lora_merged_feeds_grpo(tmp_path) -> None:
     """SFT with LoRA saves the adapter and the merged model; GRPO starts from the merged folder."""
     from transformers import AutoModelForCausalLM
 
-    from cellduality.train.grpo import parse_args as grpo_args
-    from cellduality.train.grpo import run_grpo
     from cellduality.train.sft import parse_args as sft_args
     from cellduality.train.sft import run_sft
 
@@ -110,55 +113,19 @@ def test_sft_lora_merged_feeds_grpo(tmp_path) -> None:
     merged = out / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in name for name, _ in model.named_parameters())
-    grpo = run_grpo(
-        *grpo_args(
-            [
-                "--config",
-                str(GRPO_RECIPE),
-                "--output_dir",
-                str(tmp_path / "grpo"),
-                "--prepared_dir",
-                str(tmp_path / "prepared_grpo"),
-                "--model_name_or_path",
-                str(merged),
-                "--build_tiny_model",
-                "false",
-                "--max_steps",
-                "1",
-            ]
-        )
-    )
+    grpo = _grpo_from(tmp_path, merged, steps=1)
     assert grpo.state.global_step == 1
 
 
 def test_same_seed_same_numbers(tmp_path) -> None:
     """The demo's promise: SFT then dual GRPO with the same seed log exactly the same numbers."""
-    from cellduality.train.grpo import parse_args as grpo_args
-    from cellduality.train.grpo import run_grpo
     from cellduality.train.sft import parse_args as sft_args
     from cellduality.train.sft import run_sft
 
     def run(root: Path) -> list[dict]:
         common = ["--model_name_or_path", str(root / "model"), "--sft_limit", "12", "--max_steps", "3"]
         sft = run_sft(*sft_args(["--config", str(SFT_RECIPE), "--output_dir", str(root / "sft"), *common]))
-        grpo = run_grpo(
-            *grpo_args(
-                [
-                    "--config",
-                    str(GRPO_RECIPE),
-                    "--output_dir",
-                    str(root / "grpo"),
-                    "--prepared_dir",
-                    str(root / "prepared_grpo"),
-                    "--model_name_or_path",
-                    str(root / "sft"),
-                    "--build_tiny_model",
-                    "false",
-                    "--max_steps",
-                    "3",
-                ]
-            )
-        )
+        grpo = _grpo_from(root, root / "sft", steps=3)
         timing = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
         return [
             {k: v for k, v in h.items() if k not in timing}

@@ -169,25 +169,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_several(console, folders: list[Path], config) -> int:
-    """One evaluation per prepared folder into OUT/<folder name>, sharing one generation cache."""
-    from dataclasses import replace
+    """One evaluation per prepared folder into OUT/<folder name>, and OUT/index.md linking them."""
+    from cellduality.eval.runner import run_eval_many
 
-    from cellduality.eval.runner import run_eval
-
-    names = [Path(f).name for f in folders]
-    if len(set(names)) != len(names):
-        console.print(f"cellduality eval: error: prepared folders need distinct names, got {names}")
-        return 2
-    out = Path(config.out_dir)
-    shared = replace(config, cache_dir=config.cache_dir or out / "cache")
+    results = run_eval_many(folders, config)
     lines = ["# CellDuality evaluation", "", "| dataset | tasks | report |", "|---|---|---|"]
-    for folder, name in zip(folders, names, strict=True):
+    for name, result in results.items():
         console.rule(name)
-        result = run_eval(folder, replace(shared, out_dir=out / name))
         _print_summary(console, result)
         lines.append(f"| {name} | {', '.join(result.tasks)} | [{name}/report.md]({name}/report.md) |")
-    (out / "index.md").write_text("\n".join(lines) + "\n")
-    console.print(f"index: {out / 'index.md'}")
+    index = Path(config.out_dir) / "index.md"
+    index.write_text("\n".join(lines) + "\n")
+    console.print(f"index: {index}")
     return 0
 
 

@@ -524,3 +524,20 @@ __all__ = [
     "score_task",
     "select_rows",
 ]
+
+
+def run_eval_many(folders: Sequence[str | Path], config: EvalConfig) -> dict[str, EvalResult]:
+    """One evaluation per prepared folder, into ``config.out_dir/<folder name>``.
+
+    The folders share one generation cache (``config.cache_dir``, default ``out_dir/cache``), so a
+    model is loaded and its completions kept in one place whatever the number of datasets.
+    """
+    names = [Path(f).name for f in folders]
+    if len(set(names)) != len(names):
+        raise DataError(f"prepared folders need distinct names, got {names}")
+    out = Path(config.out_dir)
+    shared = replace(config, cache_dir=config.cache_dir or out / "cache")
+    return {
+        name: run_eval(folder, replace(shared, out_dir=out / name))
+        for folder, name in zip(folders, names, strict=True)
+    }
