@@ -103,10 +103,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from cellduality.data import load_dataset
     from cellduality.modeling import build_tiny_model
+    from cellduality.modeling.tiny import is_tiny_model_dir, refuse_unless_empty
     from cellduality.tasks import TaskConfig, build_tasks, load_prepared, merge_prepared
     from cellduality.tasks.build import META_FILE
     from cellduality.train.common import texts_of_tasks
 
+    if not is_tiny_model_dir(args.out):  # a tiny model may be rebuilt; anything else is never overwritten
+        refuse_unless_empty(Path(args.out))
     parts = []
     for source in args.dataset:
         if (Path(source) / META_FILE).exists():
@@ -169,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cellduality.data import DataError
+    from cellduality.modeling.tiny import TinyModelRefused
 
     try:
         return int(args.func(args) or 0)
-    except DataError as exc:
+    except (DataError, TinyModelRefused) as exc:
         print(f"cellduality {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -220,10 +220,43 @@ def test_ensure_tiny_model_builds_only_when_missing(tmp_path):
     stamp = (target / MARKER_FILE).stat().st_mtime_ns
     ensure_tiny_model(target, ["OTHER"], ())
     assert (target / MARKER_FILE).stat().st_mtime_ns == stamp  # complete: not rebuilt
-    (target / "model.safetensors").unlink()  # an interrupted build
-    ensure_tiny_model(target, GENES[:3], ["a b"])
-    assert is_tiny_model_dir(target)
     assert [p.name for p in target.parent.iterdir()] == ["tiny"]  # no temporary directories left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert is_tiny_model_dir(ensure_tiny_model(empty, GENES[:3], ["a b"]))  # an empty folder is fine
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content", ["checkpoint", "user files", "incomplete tiny model"])
+def test_ensure_tiny_model_never_deletes_what_is_there(tmp_path, content):
+    """A folder holding anything but a complete tiny model is refused and left byte for byte as it was."""
+    from cellduality.modeling.tiny import TinyModelRefused, ensure_tiny_model
+
+    target = tmp_path / "model"
+    if content == "incomplete tiny model":
+        ensure_tiny_model(target, GENES[:3], ["a b"])
+        (target / "model.safetensors").unlink()
+    else:
+        target.mkdir()
+        if content == "checkpoint":
+            (target / "config.json").write_text("{}")
+            (target / "model.safetensors").write_bytes(b"trained weights")
+        (target / "notes.txt").write_text("my results")
+        (target / "sub").mkdir()
+        (target / "sub" / "data.csv").write_text("1,2\n")
+    before = _snapshot(target)
+    with pytest.raises(TinyModelRefused, match="nothing there is deleted"):
+        ensure_tiny_model(target, GENES[:3], ["a b"])
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # our temporary build is gone too
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(TinyModelRefused, match="is a file"):
+        ensure_tiny_model(a_file, GENES[:3], ["a b"])
+    assert a_file.read_text() == "x"
 
 
 def test_packages_import_lightly():
@@ -247,3 +280,16 @@ def test_tiny_model_command(tmp_path) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("BDKRB1") != tok.unk_token_id
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
+
+
+def test_tiny_model_command_refuses_a_folder_with_files(tmp_path, capsys) -> None:
+    from cellduality.cli import main
+
+    out = tmp_path / "checkpoint"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"trained")
+    assert main(["tiny-model", "--out", str(out), "--dataset", "scad_plx4720", "--top-k", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to build the tiny model" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"trained"

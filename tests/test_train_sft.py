@@ -133,3 +133,37 @@ def test_same_seed_same_numbers(tmp_path) -> None:
         ]
 
     assert run(tmp_path / "a") == run(tmp_path / "b")
+
+
+def test_readme_path_keeps_the_sft_checkpoint(tmp_path, monkeypatch) -> None:
+    """The README's step-by-step commands in order: the GRPO recipe (``build_tiny_model: true``) pointed
+    at the SFT checkpoint trains from it and leaves every file of it byte for byte as it was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cellduality.train.grpo import parse_args as grpo_args
+    from cellduality.train.grpo import run_grpo
+    from cellduality.train.sft import parse_args as sft_args
+    from cellduality.train.sft import run_sft
+
+    monkeypatch.chdir(tmp_path)  # the recipes' relative outputs/ paths land here, as for a user
+    run_sft(*sft_args(["--config", str(SFT_RECIPE), "--sft_limit", "12", "--max_steps", "2"]))
+    sft = tmp_path / "outputs" / "tiny-cpu" / "sft"
+    before = {p.relative_to(sft): p.read_bytes() for p in sorted(sft.rglob("*")) if p.is_file()}
+    assert Path("model.safetensors") in before and Path("cellduality_run.json") in before
+    grpo = run_grpo(
+        *grpo_args(["--config", str(GRPO_RECIPE), "--model_name_or_path", str(sft), "--max_steps", "1"])
+    )
+    after = {p.relative_to(sft): p.read_bytes() for p in sorted(sft.rglob("*")) if p.is_file()}
+    assert after == before  # nothing deleted, nothing rewritten
+    assert grpo.state.global_step == 1
+
+    # GRPO started from the trained weights, not from a fresh tiny model: after its one step it is
+    # nearer the SFT checkpoint than the SFT checkpoint is to the untrained model it came from
+    def weights(folder: Path) -> torch.Tensor:
+        state = load_file(str(folder / "model.safetensors"))
+        return torch.cat([state[k].flatten() for k in sorted(state)])
+
+    start, end = weights(sft), weights(tmp_path / "outputs/tiny-cpu/grpo_dual")
+    fresh = weights(tmp_path / "outputs/tiny-cpu/model")
+    assert torch.linalg.norm(end - start) < torch.linalg.norm(start - fresh)

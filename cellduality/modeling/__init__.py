@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "TinyModelRefused",
     "build_tiny_model",
     "build_tokenizer",
     "ensure_tiny_model",
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 _TOKENIZER = {"CHAT_TEMPLATE", "build_tokenizer", "split_pieces", "vocabulary_from", "words_from"}
-_TINY = {"build_tiny_model", "ensure_tiny_model", "is_tiny_model_dir", "tiny_config"}
+_TINY = {"TinyModelRefused", "build_tiny_model", "ensure_tiny_model", "is_tiny_model_dir", "tiny_config"}
 
 
 def __getattr__(name: str) -> Any:

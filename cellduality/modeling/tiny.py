@@ -173,6 +173,15 @@ def is_tiny_model_dir(path: str | os.PathLike[str]) -> bool:
     return all((p / name).is_file() for name in (*REQUIRED_FILES, MARKER_FILE))
 
 
+class TinyModelRefused(ValueError):
+    """``ensure_tiny_model`` was pointed at a folder that holds something other than a tiny model."""
+
+
+def _holds_a_model(path: Path) -> bool:
+    """Whether ``path`` looks like a saved Hugging Face model (a trained checkpoint, a download)."""
+    return (path / "config.json").is_file()
+
+
 def ensure_tiny_model(
     path: str | os.PathLike[str],
     genes: Iterable[str],
@@ -184,24 +193,46 @@ def ensure_tiny_model(
     This is what the tiny-cpu recipes rely on so they run right after installation. The model is built
     in a temporary sibling directory and renamed into place, so several processes (the ranks of one
     ``accelerate launch``) may call this at once: one rename wins, the others discard their copy, and
-    nobody ever reads a half-written directory. An existing but incomplete directory (an interrupted
-    build) is replaced. ``kwargs`` go to :func:`build_tiny_model`.
+    nobody ever reads a half-written directory.
+
+    Nothing that was there before is ever deleted: ``path`` must not exist, be an empty folder, or
+    already hold a complete tiny model. Anything else (a trained checkpoint, a user's files, a folder
+    left by some other program) raises :class:`TinyModelRefused` naming the folder, and the folder is
+    left exactly as it was. Only the temporary directory this call created is removed.
+    ``kwargs`` go to :func:`build_tiny_model`.
     """
     target = Path(path)
     if is_tiny_model_dir(target):
         return target
+    refuse_unless_empty(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         build_tiny_model(tmp, genes, texts, **kwargs)
-        if target.exists() and not is_tiny_model_dir(target):
-            shutil.rmtree(target, ignore_errors=True)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # empty: nothing to lose (rmdir refuses a folder that filled meanwhile)
         try:
             tmp.rename(target)
         except OSError:
-            if not is_tiny_model_dir(target):  # not a lost race: a real failure
+            if not is_tiny_model_dir(target):  # not a lost race: a real failure, or someone's files
+                refuse_unless_empty(target)
                 raise
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary build, never the target
     return target
+
+
+def refuse_unless_empty(target: Path) -> None:
+    """Raise :class:`TinyModelRefused` unless ``target`` is missing or an empty folder."""
+    if target.is_file():
+        raise TinyModelRefused(
+            f"cannot build the tiny model at {target}: it is a file; give build_tiny_model a folder path"
+        )
+    if target.is_dir() and any(target.iterdir()):
+        what = "a model that is not the tiny offline model" if _holds_a_model(target) else "other files"
+        raise TinyModelRefused(
+            f"refusing to build the tiny model in {target}: the folder already holds {what}, and "
+            "nothing there is deleted; point model_name_or_path at an empty or new folder, or turn "
+            "build_tiny_model off to use the model that is there"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from cellduality.tasks.build import PreparedTasks
 from cellduality.train.configs import CellDualityArguments
 
 RUN_META = "cellduality_run.json"
+
+logger = logging.getLogger(__name__)
 
 
 def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
@@ -31,10 +34,25 @@ def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
 def ensure_model(
     cd_args: CellDualityArguments, model_path: str, prepared: PreparedTasks, training_args: Any
 ) -> None:
-    """Build the tiny offline model at ``model_path`` when the recipe asks for it and it is missing."""
+    """Build the tiny offline model at ``model_path`` when the recipe asks for it and it is missing.
+
+    A folder that already holds a model (the SFT checkpoint the README's GRPO step starts from, with the
+    recipe's ``build_tiny_model: true`` still in force) is used as it is: nothing is built and nothing is
+    deleted. A folder with other files is refused by ``ensure_tiny_model``, untouched.
+    """
     if not cd_args.build_tiny_model:
         return
-    from cellduality.modeling import ensure_tiny_model
+    from cellduality.modeling import ensure_tiny_model, is_tiny_model_dir
+
+    folder = Path(model_path)
+    if (folder / "config.json").is_file() and not is_tiny_model_dir(folder):
+        if training_args.process_index == 0:
+            logger.info(
+                "build_tiny_model: %s already holds a model; training starts from it (nothing is built "
+                "or deleted)",
+                folder,
+            )
+        return
 
     texts = texts_of_tasks(prepared)
     genes = prepared.genes

@@ -127,7 +127,14 @@ def parse_args(argv: Sequence[str] | None = None):
 def main(argv: Sequence[str] | None = None) -> int:
     check_launch_environment()
     cd_args, training_args, model_args = parse_args(argv)
-    run_grpo(cd_args, training_args, model_args)
+    from cellduality.data.schema import DataError
+    from cellduality.modeling.tiny import TinyModelRefused
+
+    try:
+        run_grpo(cd_args, training_args, model_args)
+    except (DataError, TinyModelRefused) as exc:  # a user's mistake: one line, not a traceback
+        print(f"cellduality.train.grpo: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
