@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cellduality.teacher.command import add_parser as add_sft_data
 
     add_sft_data(sub)
+    from cellduality.eval.dual_check_command import add_parser as add_dual_check
+
+    add_dual_check(sub)
     return parser
 
 

@@ -38,10 +38,12 @@ class DemoPlan:
     grpo_steps: int
     grpo_batch: int  # completions per step (prompts x num_generations)
     eval_examples: int  # test examples per task
+    check_rows: int = 60  # test examples per task for the dual check
+    check_group: int = 4  # sampled forward answers per prompt in the dual check (GRPO's G)
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
-QUICK = DemoPlan(12, 60, 60, 12, 128, 4, 6, 8, 24)
+QUICK = DemoPlan(12, 60, 60, 12, 128, 4, 6, 8, 24, check_rows=12, check_group=2)
 
 
 class Stages:
@@ -221,6 +223,24 @@ def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict
     return run_eval_many(folders, config)
 
 
+def _dual_check(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
+    """The dual reward's own validation on the SFT and the GRPO checkpoints (``cellduality dual-check``)."""
+    from cellduality.eval.dual_check import DualCheckConfig, run_dual_check
+
+    config = DualCheckConfig(
+        max_rows=plan.check_rows,
+        group_size=plan.check_group,
+        max_new_tokens=2 * plan.top_k + 8,
+        seed=seed,
+    )
+    return {
+        name: run_dual_check(
+            str(out / folder), folders, config, out_dir=out / "report" / "dual_check" / folder
+        )
+        for name, folder in (("SFT", "sft"), ("dual GRPO", "grpo"))
+    }
+
+
 # task -> (metric, reference baseline): the simplest honest baseline in the same representation
 HEADLINE = {
     "annotation": ("accuracy", "majority class"),
@@ -257,6 +277,12 @@ def _fmt(value: Any) -> str:
     return "—" if value is None or value != value else f"{value:.3f}"
 
 
+def _check_imports():
+    from cellduality.eval.dual_check import markdown_table, to_json
+
+    return markdown_table, to_json
+
+
 def _write_report(
     out: Path,
     results: dict[str, Any],
@@ -265,7 +291,9 @@ def _write_report(
     plan: DemoPlan,
     quick: bool,
     seed: int,
+    checks: dict[str, Any] | None = None,
 ) -> Path:
+    markdown_table, to_json = _check_imports()
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     plot_dual_rewards(curves, report / "dual_rewards.png")
@@ -278,6 +306,7 @@ def _write_report(
         "timings_s": timings,
         "headline": headline,
         "grpo_dual_reward": {"curves": curves, "trend": trends},
+        "dual_check": {name: to_json(c) for name, c in (checks or {}).items()},
         "datasets": {name: json.loads((report / name / "metrics.json").read_text()) for name in results},
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
@@ -313,7 +342,23 @@ def _write_report(
     ]
     for task, t in sorted(trends.items()):
         lines.append(f"| {task} | {_fmt(t['first'])} | {_fmt(t['last'])} | {t['rise']:+.3f} |")
-    lines += ["", "![dual reward over GRPO steps](dual_rewards.png)", "", "## Full tables per dataset", ""]
+    lines += ["", "![dual reward over GRPO steps](dual_rewards.png)", ""]
+    if checks:
+        lines += [
+            "## Does the dual reward tell right from wrong? (`cellduality dual-check`)",
+            "",
+            "For each test example, the dual reward the checkpoint gives a *right* forward answer (the true "
+            "label, a real cell of the prompted condition) and a *wrong* one (another candidate, a real cell "
+            "of another condition, the unchanged control cell); then, as GRPO sees it, G sampled answers per "
+            "prompt. A dual whose gap's 95% interval does not lie above 0 teaches GRPO nothing.",
+            "",
+        ]
+        failing = sorted({f"{c.dataset}/{c.task}" for c in checks.get("SFT", []) if not c.carries_signal})
+        if failing:
+            lines += [f"**Flagged: no dual signal on the SFT checkpoint for {', '.join(failing)}.**", ""]
+        for name, c in checks.items():
+            lines += [*markdown_table(c, title=f"{name} checkpoint"), ""]
+    lines += ["## Full tables per dataset", ""]
     for name in results:
         lines.append(f"- [{name}]({name}/report.md): every metric, every baseline, plots")
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
@@ -332,17 +377,19 @@ def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(console)
-    with stages.stage("1/5 prepare", "cell sentences and task examples from embedded real data"):
+    with stages.stage("1/6 prepare", "cell sentences and task examples from embedded real data"):
         folders = _prepare(out, plan, seed, console)
-    with stages.stage("2/5 SFT", "offline-teacher traces (forward + dual) -> supervised fine-tuning"):
+    with stages.stage("2/6 SFT", "offline-teacher traces (forward + dual) -> supervised fine-tuning"):
         _sft(out, folders, plan, seed)
-    with stages.stage("3/5 dual GRPO", "self-supervised rewards from the dual tasks, no labels"):
+    with stages.stage("3/6 dual GRPO", "self-supervised rewards from the dual tasks, no labels"):
         grpo = _grpo(out, folders, plan, seed)
-    with stages.stage("4/5 eval", "SFT and dual GRPO against baselines on held-out cells"):
+    with stages.stage("4/6 eval", "SFT and dual GRPO against baselines on held-out cells"):
         results = _evaluate(out, folders, plan, seed)
-    with stages.stage("5/5 report", "tables and plots"):
+    with stages.stage("5/6 dual check", "does each dual reward score right answers above wrong ones?"):
+        checks = _dual_check(out, folders, plan, seed)
+    with stages.stage("6/6 report", "tables and plots"):
         curves = dual_reward_curves(grpo.state.log_history)
-        report = _write_report(out, results, curves, stages.timings, plan, quick, seed)
+        report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks)
     table = Table(title="CellDuality demo: headline (held-out cells)")
     for col in ("task", "metric", "SFT", "dual GRPO", "baseline"):
         table.add_column(col)

@@ -52,7 +52,13 @@ def _check_report(report: Path) -> dict:
             assert any(m["kind"] == "baseline" for m in methods.values()), (name, task)
     for task in TASKS:
         assert f"| {task} |" in text
-    assert set(metrics["timings_s"]) == {"1/5 prepare", "2/5 SFT", "3/5 dual GRPO", "4/5 eval"}
+    assert set(metrics["timings_s"]) == {
+        "1/6 prepare",
+        "2/6 SFT",
+        "3/6 dual GRPO",
+        "4/6 eval",
+        "5/6 dual check",
+    }
     return metrics
 
 

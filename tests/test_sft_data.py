@@ -337,6 +337,8 @@ def test_llm_teacher_with_faults_every_example_ends_kept_or_rejected(
     expected = expected_outcomes(train_rows, script)
     assert retried["complete"] and retried["totals"]["kept"] == sum(expected.values())
     train = load_sft_dataset(out)["train"]
+    assert set(train["kind"]) >= {"counterfactual"}  # made from the train split, whatever the teacher did
+    train = train.filter(lambda ex: ex["kind"] != "counterfactual")
     assert sorted(train["id"]) == sorted(i for i, kept in expected.items() if kept)
     assert set(train.column_names) >= {"id", "task", "kind", "prompt", "completion", "teacher"}
     by_id = {r["id"]: r for r in train_rows}
@@ -536,13 +538,27 @@ def test_offline_teacher_on_pbmc68k_feeds_the_sft_entry(
     for task in ("annotation", "generation"):
         for kind in (FORWARD, DUAL):
             assert kinds[task, kind] > 0, kinds
-    assert len(train) == summary["totals"]["kept"] == summary["dataset"]["rows"]
-    assert set(train["teacher"]) == {"offline"}
+    n_cf = summary["dataset"]["counterfactual"]
+    assert n_cf > 0 and len(train) == summary["totals"]["kept"] + n_cf == summary["dataset"]["rows"]
+    assert set(train["teacher"]) == {"offline", "counterfactual"}
     vocab = gene_vocabulary(prepared.genes)
     by_id = {r["id"]: r for r in train_rows}
+    answers = {r["answer"]: r["condition"] for r in train_rows if r["task"] == "generation"}
     for ex in train:
         text = ex["completion"][0]["content"]
         assert parse_completion(text).well_formed
+        if ex["kind"] == "counterfactual":
+            # the dual asked with a wrong forward answer, answered from the training data
+            row = by_id[ex["id"].split("/counterfactual/")[0]]
+            prompt = ex["prompt"][-1]["content"]
+            if ex["task"] == "annotation":
+                named = [c for c in row["candidates"] if f" {c} cell" in prompt]
+                assert named and row["answer"] not in named
+                assert len(parse_genes(text, vocab)) > 0
+            else:  # a real training cell of another type, named by its true type
+                shown = next(a for a in answers if a in prompt)
+                assert parse_label(text, row["candidates"]) == answers[shown] != row["condition"]
+            continue
         row = by_id[ex["id"].rsplit("/", 1)[0]]  # only train rows: the test split is never used
         if (ex["task"], ex["kind"]) in (("annotation", FORWARD), ("generation", DUAL)):
             truth = row["answer"] if ex["kind"] == FORWARD else row["condition"]

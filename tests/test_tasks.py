@@ -70,7 +70,8 @@ def test_generation_dual(pbmc_tasks) -> None:
     generated = forward_answer(row, f"<think>t</think><answer>{row['answer']}</answer>")
     assert generated == row["answer"]
     prompt = dual_prompt(row, generated)[1]["content"]
-    assert generated in prompt and row["condition"] not in prompt.split("Choose")[0]
+    question = prompt.split("Choose")[0].split("Candidates")[0]  # the part before the candidate list
+    assert generated in prompt and row["condition"] not in question
     assert dual_score(row, f"<think>t</think><answer>{row['condition']}</answer>") == 1.0
     other = next(c for c in row["candidates"] if c != row["condition"])
     assert dual_score(row, f"<think>t</think><answer>{other}</answer>") == 0.0

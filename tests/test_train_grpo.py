@@ -63,8 +63,20 @@ def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert any(k.startswith("dual/") for h in logs for k in h), "per-task dual metrics must be logged"
     assert all("rewards/dual/mean" in h for h in logs)
-    # no label reached the trainer in self-supervised mode
-    assert "answer" not in trainer.train_dataset.column_names
+    # no label reached the trainer in self-supervised mode: not the answer, not the original cell id,
+    # and the trainer holds no prepared dataset (train or test answers) on any attribute
+    assert not {"answer", "cell_id"} & set(trainer.train_dataset.column_names)
+    from datasets import Dataset, DatasetDict
+
+    from cellduality.tasks.build import PreparedTasks
+
+    held = [
+        name
+        for name, value in vars(trainer).items()
+        if isinstance(value, (PreparedTasks, DatasetDict))
+        or (isinstance(value, Dataset) and "answer" in value.column_names)
+    ]
+    assert not held, f"the trainer carries labelled data on {held}"
     out = tmp / "run"
     meta = json.loads((out / "cellduality_run.json").read_text())
     assert meta["reward_mode"] == "self_supervised" and meta["prepared"]["genes"]

@@ -12,8 +12,9 @@ pre-tokenizer so the behaviour survives ``save_pretrained`` / ``from_pretrained`
 * a word is a run of characters that are neither whitespace nor punctuation, with dots allowed
   *inside* (``RP11-34P13.7``, ``3.5``) but not at the end (``HBB.`` -> ``HBB`` + ``.``); ``-``, ``/``
   and ``_`` are word characters, because gene symbols use them;
-* punctuation (``,;:!?()[]{}"'`.<>``) is one piece per character, so ``KLF1,`` and ``type:`` give the
-  known word plus the mark;
+* punctuation (``,;:!?()[]{}"'`.<>+``) is one piece per character, so ``KLF1,`` and ``type:`` give the
+  known word plus the mark, and a combination ``FOXL2+HOXB9`` (or ``CD14+``) is made of known genes
+  and ``+``: a perturbation name never seen in training still tokenizes without ``<unk>``;
 * a word or mark keeps the single space in front of it (``" KLF1"``), like GPT-2's ``Ġ`` tokens; every
   other whitespace character is a piece of its own.
 
@@ -52,7 +53,7 @@ ROLE_TOKENS: dict[str, str] = {
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS.values())
 #: Completion-format tags (see ``cellduality.rewards.parsing``): plain words, never skipped on decode.
 TAG_TOKENS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
-PUNCTUATION = ",;:!?()[]{}\"'`.<>"
+PUNCTUATION = ",;:!?()[]{}\"'`.<>+"
 #: Whitespace pieces every vocabulary holds (a run of spaces is one piece per space).
 WHITESPACE_TOKENS: tuple[str, ...] = (" ", "\n", "\t", "\r")
 

@@ -24,7 +24,7 @@ from cellduality.data.schema import TASKS, DataError
 from cellduality.data.splits import Split, split_cells
 from cellduality.sentences import cell_sentences, fit_rank_expression
 from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows
-from cellduality.tasks.common import TaskConfig
+from cellduality.tasks.common import TaskConfig, presence_scores
 from cellduality.tasks.generative import generation_rows, perturbation_rows
 
 META_FILE = "meta.json"
@@ -78,6 +78,19 @@ def split_key(task: str, data: CellData) -> tuple[str | None, str | None]:
     return c.perturbation, str(c.control_value)
 
 
+def candidate_pool(task: str, data: CellData, train_cells: np.ndarray) -> list[str] | np.ndarray | None:
+    """What a task's candidate lists are drawn from: the *training* split only.
+
+    Cell-type tasks: the training cells' types. Perturbation: the training cells themselves (their
+    perturbations, per context). Drug sensitivity: both responses, always (``None``).
+    """
+    if task in ("annotation", "generation"):
+        return sorted(data.adata.obs[data.columns.cell_type].astype(str).iloc[train_cells].unique())
+    if task == "perturbation":
+        return train_cells
+    return None
+
+
 def _subsample(cells: np.ndarray, limit: int | None, seed: int, task: str, split: str) -> np.ndarray:
     if limit is None or cells.size <= limit:
         return cells
@@ -110,6 +123,12 @@ def build_tasks(
     obs = data.adata.obs
     sentences = cell_sentences(data.adata, top_k=max(cfg.top_k, cfg.answer_genes), seed=cfg.seed)
     fit = fit_rank_expression(data.adata, seed=cfg.seed)
+    if cfg.hidden_rule not in ("informative", "random"):
+        raise DataError(f"hidden_rule must be 'informative' or 'random', got {cfg.hidden_rule!r}")
+    # label-free: only the sentences are read (see presence_scores)
+    gene_scores = (
+        presence_scores([s[: cfg.top_k] for s in sentences]) if cfg.hidden_rule == "informative" else None
+    )
     parts: dict[str, list[Dataset]] = {"train": [], "test": []}
     split_info: dict[str, dict[str, Any]] = {}
     for task in tasks:
@@ -124,14 +143,16 @@ def build_tasks(
             control_value=control,
         )
         split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
+        pool = candidate_pool(task, data, s.train)
         for name, cells in (("train", s.train), ("test", s.test)):
+            extra = {"pool": pool, "gene_scores": gene_scores}
             if task == "perturbation":
-                rows = perturbation_rows(obs, sentences, cells, data.columns, data.name, name, cfg)
+                rows = perturbation_rows(obs, sentences, cells, data.columns, data.name, name, cfg, **extra)
                 keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
                 rows = [rows[k] for k in keep]
             else:
                 cells = _subsample(cells, cfg.max_examples, cfg.seed, task, name)
-                rows = BUILDERS[task](obs, sentences, cells, data.columns, data.name, name, cfg)
+                rows = BUILDERS[task](obs, sentences, cells, data.columns, data.name, name, cfg, **extra)
             parts[name].append(Dataset.from_list(rows, features=FEATURES))
     dd = DatasetDict(
         {
@@ -151,6 +172,13 @@ def build_tasks(
         "columns": asdict(data.columns),
         "config": asdict(cfg),
         "split": split_info,
+        "hidden_genes": {
+            "rule": cfg.hidden_rule,
+            "fraction": cfg.hidden_fraction,
+            "most_informative": sorted(gene_scores, key=lambda g: -gene_scores[g])[:20]
+            if gene_scores
+            else [],
+        },
         "test_fraction": test_fraction,
         "source": data.source,
         "summary": summarise(dd),

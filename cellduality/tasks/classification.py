@@ -7,7 +7,7 @@ the visible ones and the *predicted* label) needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from cellduality.tasks.common import (
     join_candidates,
     join_genes,
     messages,
+    opaque_id,
     pick,
     record,
     shuffled,
@@ -40,18 +41,26 @@ def annotation_rows(
     dataset: str,
     split: str,
     cfg: TaskConfig,
+    *,
+    pool: Sequence[str] | None = None,
+    gene_scores: Mapping[str, float] | None = None,
 ) -> list[dict]:
-    """One annotation example per cell in ``cells`` (positions into ``obs``/``sentences``)."""
+    """One annotation example per cell in ``cells`` (positions into ``obs``/``sentences``).
+
+    ``pool``: the candidate labels (the training split's; default all labels of ``cells``); a cell
+    whose own label is missing from it gets it added, so every question is answerable. ``gene_scores``:
+    which genes the in-painting dual hides (:func:`cellduality.tasks.common.hide_genes`).
+    """
     labels = obs[columns.cell_type].astype(str)
-    candidates = sorted(labels.unique())
+    candidates = sorted(pool) if pool is not None else sorted(labels.iloc[cells].unique())
     rows = []
     for i in cells:
         cell_id = str(obs.index[i])
-        rid = f"{dataset}/annotation/{split}/{cell_id}"
-        rng = example_rng(cfg.seed, rid)
+        rng = example_rng(cfg.seed, f"{dataset}/annotation/{split}/{cell_id}")
         sentence = sentences[i][: cfg.top_k]
-        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction)
-        cands = shuffled(rng, candidates)
+        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
+        own = labels.iloc[i]
+        cands = shuffled(rng, candidates if own in candidates else sorted([*candidates, own]))
         ctx = context_text(obs.iloc[i], columns.context)
         prompt = pick(rng, ANNOTATION).format(
             cell=join_genes(sentence),
@@ -60,7 +69,7 @@ def annotation_rows(
         )
         rows.append(
             record(
-                id=rid,
+                id=opaque_id(cfg.seed, dataset, "annotation", split, cell_id),
                 task="annotation",
                 prompt=messages(prompt),
                 answer=labels.iloc[i],
@@ -101,17 +110,22 @@ def drug_sensitivity_rows(
     dataset: str,
     split: str,
     cfg: TaskConfig,
+    *,
+    pool: Sequence[str] | None = None,
+    gene_scores: Mapping[str, float] | None = None,
 ) -> list[dict]:
-    """One drug-sensitivity example per cell: cell + drug -> sensitive / resistant."""
+    """One drug-sensitivity example per cell: cell + drug -> sensitive / resistant.
+
+    ``pool`` is accepted for a uniform builder signature; the candidates are always both responses.
+    """
     labels = response_labels(obs, columns)
     drugs = obs[columns.drug].astype(str)
     rows = []
     for i in cells:
         cell_id = str(obs.index[i])
-        rid = f"{dataset}/drug_sensitivity/{split}/{cell_id}"
-        rng = example_rng(cfg.seed, rid)
+        rng = example_rng(cfg.seed, f"{dataset}/drug_sensitivity/{split}/{cell_id}")
         sentence = sentences[i][: cfg.top_k]
-        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction)
+        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
         cands = shuffled(rng, [SENSITIVE, RESISTANT])
         ctx_values = [str(obs.iloc[i][c]) for c in columns.context]
         prompt = pick(rng, DRUG_SENSITIVITY).format(
@@ -122,7 +136,7 @@ def drug_sensitivity_rows(
         )
         rows.append(
             record(
-                id=rid,
+                id=opaque_id(cfg.seed, dataset, "drug_sensitivity", split, cell_id),
                 task="drug_sensitivity",
                 prompt=messages(prompt),
                 answer=labels.iloc[i],

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,14 @@ class TaskConfig:
     ``top_k``). ``hidden_fraction``: share of an input sentence hidden for the in-painting dual.
     ``max_candidates``: cap on the perturbation dual's candidate list (the true one always included).
     ``max_examples``: cap per task and split (seeded sample), ``None`` for all cells.
+    ``hidden_rule``: ``informative`` hides a sentence's genes that vary most across cells
+    (:func:`presence_scores`), ``random`` a random subset.
     """
 
     top_k: int = 100
     n_genes: int | None = None
     hidden_fraction: float = 0.25
+    hidden_rule: str = "informative"
     max_candidates: int = 8
     max_examples: int | None = None
     seed: int = 0
@@ -54,6 +58,33 @@ class TaskConfig:
 def example_rng(seed: int, key: str) -> np.random.Generator:
     """A generator seeded by the run seed and a stable hash of the example id."""
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+def opaque_id(seed: int, dataset: str, task: str, split: str, cell_id: str) -> str:
+    """The stored id of an example: ``dataset/task/split/<digest>``.
+
+    The digest hides the original cell id, which can encode a label (SCAD's ids contain ``br`` /
+    ``par``, naming resistant / sensitive cells), and every id reaches the reward functions as a column.
+    It is a stable hash of the seed and the cell, so the same preparation gives the same ids.
+    """
+    digest = hashlib.blake2b(f"{seed}/{dataset}/{task}/{split}/{cell_id}".encode(), digest_size=6)
+    return f"{dataset}/{task}/{split}/{digest.hexdigest()}"
+
+
+def presence_scores(sentences: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How much a gene's presence in a cell sentence varies across cells: ``p * (1 - p)``.
+
+    ``p`` is the share of sentences that hold the gene. A gene in (nearly) every sentence, a
+    housekeeping gene, scores ~0: it is predictable without knowing anything about the cell. A gene in
+    about half of them scores highest: it is what tells cells apart. Label-free (only sentences are
+    read) and the same for any value type (counts, log-normalised, z-scored).
+    """
+    counts: dict[str, int] = {}
+    for sentence in sentences:
+        for gene in dict.fromkeys(sentence):
+            counts[gene] = counts.get(gene, 0) + 1
+    n = max(1, len(sentences))
+    return {g: (c / n) * (1 - c / n) for g, c in counts.items()}
 
 
 def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -77,17 +108,29 @@ def messages(user: str) -> list[dict[str, str]]:
 
 
 def hide_genes(
-    rng: np.random.Generator, sentence: Sequence[str], fraction: float
+    rng: np.random.Generator,
+    sentence: Sequence[str],
+    fraction: float,
+    scores: Mapping[str, float] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Split a sentence into visible genes (order kept) and hidden genes (rank order).
 
+    With ``scores`` (:func:`presence_scores`), the hidden genes are the sentence's most informative
+    ones (ties broken by ``rng``): genes that differ between cells, which a label can predict and the
+    housekeeping genes left visible cannot. Without, a random subset (the original design, kept for
+    comparison: its in-painting dual barely depends on the label, see docs/contracts.md).
     At least one gene is hidden and one stays visible whenever the sentence has two genes.
     """
     n = len(sentence)
     if n < 2:
         return list(sentence), []
     n_hidden = min(n - 1, max(1, round(n * fraction)))
-    hidden_pos = set(rng.choice(n, size=n_hidden, replace=False).tolist())
+    if scores is None:
+        hidden_pos = set(rng.choice(n, size=n_hidden, replace=False).tolist())
+    else:
+        jitter = rng.random(n)
+        order = sorted(range(n), key=lambda i: (-scores.get(sentence[i], 0.0), jitter[i]))
+        hidden_pos = set(order[:n_hidden])
     visible = [g for i, g in enumerate(sentence) if i not in hidden_pos]
     hidden = [g for i, g in enumerate(sentence) if i in hidden_pos]
     return visible, hidden

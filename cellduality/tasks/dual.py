@@ -37,7 +37,7 @@ def forward_answer(
     return None
 
 
-def _label_words(row: Mapping[str, Any], label: str) -> str:
+def label_words(row: Mapping[str, Any], label: str) -> str:
     if row.get("task") == "drug_sensitivity":
         return f"{row.get('condition_text') or row.get('condition')}-{label}"
     return label
@@ -50,7 +50,7 @@ def dual_prompt(row: Mapping[str, Any], answer: str, seed: int = 0) -> list[dict
     if task in CLASSIFICATION_TASKS:
         hidden = row.get("hidden_genes") or []
         text = pick(rng, INPAINT).format(
-            label=_label_words(row, answer), cell=join_genes(row.get("visible_genes") or []), n=len(hidden)
+            label=label_words(row, answer), cell=join_genes(row.get("visible_genes") or []), n=len(hidden)
         )
         return messages(text)
     if task == "generation":

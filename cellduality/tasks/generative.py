@@ -7,12 +7,23 @@ response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
 
 from cellduality.data.schema import Columns, DataError
 from cellduality.tasks.classification import context_text
-from cellduality.tasks.common import TaskConfig, example_rng, join_genes, messages, pick, record, shuffled
+from cellduality.tasks.common import (
+    TaskConfig,
+    example_rng,
+    join_genes,
+    messages,
+    opaque_id,
+    pick,
+    record,
+    shuffled,
+)
 from cellduality.tasks.templates import GENERATION, PERTURBATION
 
 
@@ -24,24 +35,29 @@ def generation_rows(
     dataset: str,
     split: str,
     cfg: TaskConfig,
+    *,
+    pool: Sequence[str] | None = None,
+    gene_scores: Mapping[str, float] | None = None,
 ) -> list[dict]:
-    """One example per cell: its type -> its sentence (the sentence is the oracle reference)."""
+    """One example per cell: its type -> its sentence (the sentence is the oracle reference).
+
+    ``pool``: the dual's candidate types (the training split's; the row's own type is added if absent).
+    """
     labels = obs[columns.cell_type].astype(str)
-    candidates = sorted(labels.unique())
+    candidates = sorted(pool) if pool is not None else sorted(labels.iloc[cells].unique())
     n = cfg.answer_genes
     rows = []
     for i in cells:
         cell_id = str(obs.index[i])
-        rid = f"{dataset}/generation/{split}/{cell_id}"
-        rng = example_rng(cfg.seed, rid)
+        rng = example_rng(cfg.seed, f"{dataset}/generation/{split}/{cell_id}")
         label = labels.iloc[i]
         rows.append(
             record(
-                id=rid,
+                id=opaque_id(cfg.seed, dataset, "generation", split, cell_id),
                 task="generation",
                 prompt=messages(pick(rng, GENERATION).format(condition=label, n=n)),
                 answer=join_genes(sentences[i][:n]),
-                candidates=shuffled(rng, candidates),
+                candidates=shuffled(rng, candidates if label in candidates else sorted([*candidates, label])),
                 condition=label,
                 condition_text=label,
                 n_genes=n,
@@ -78,11 +94,16 @@ def perturbation_rows(
     dataset: str,
     split: str,
     cfg: TaskConfig,
+    *,
+    pool: Sequence[int] | None = None,
+    gene_scores: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """One example per perturbed cell in ``cells``: a control cell of the same context + perturbation.
 
     Single-cell perturbation data are unpaired, so each perturbed cell is paired with a seeded random
     control cell from the same split and context (cell line, donor); its sentence is the reference.
+    ``pool``: positions of the training split's cells; the dual's distractor perturbations are drawn
+    from their perturbations only, so a held-out (OOD) perturbation never appears in a training prompt.
     """
     conditions = obs[columns.perturbation].astype(str).to_numpy()
     is_control = conditions == str(columns.control_value)
@@ -101,8 +122,10 @@ def perturbation_rows(
     any_controls = np.flatnonzero(is_control & in_split)
     if any_controls.size == 0:
         raise DataError(f"the {split} split has no control cell to condition on")
+    in_pool = np.zeros(len(obs), dtype=bool)
+    in_pool[np.asarray(pool if pool is not None else cells, dtype=int)] = True
     perturbations_by_context: dict[object, list[str]] = {
-        ctx: sorted(set(conditions[(contexts == ctx) & ~is_control])) for ctx in np.unique(contexts)
+        ctx: sorted(set(conditions[(contexts == ctx) & ~is_control & in_pool])) for ctx in np.unique(contexts)
     }
     n = cfg.answer_genes
     rows = []
@@ -110,11 +133,10 @@ def perturbation_rows(
         if is_control[i]:
             continue
         cell_id = str(obs.index[i])
-        rid = f"{dataset}/perturbation/{split}/{cell_id}"
-        rng = example_rng(cfg.seed, rid)
-        pool = controls_by_context[contexts[i]]
-        pool = pool if pool.size else any_controls
-        control = int(pool[int(rng.integers(pool.size))])
+        rng = example_rng(cfg.seed, f"{dataset}/perturbation/{split}/{cell_id}")
+        ctrl_pool = controls_by_context[contexts[i]]
+        ctrl_pool = ctrl_pool if ctrl_pool.size else any_controls
+        control = int(ctrl_pool[int(rng.integers(ctrl_pool.size))])
         condition = conditions[i]
         direction = str(obs.iloc[i][columns.direction]) if columns.direction else None
         dose = str(obs.iloc[i][columns.dose]) if columns.dose else None
@@ -132,7 +154,7 @@ def perturbation_rows(
         )
         rows.append(
             record(
-                id=rid,
+                id=opaque_id(cfg.seed, dataset, "perturbation", split, cell_id),
                 task="perturbation",
                 prompt=messages(prompt),
                 answer=join_genes(sentences[i][:n]),

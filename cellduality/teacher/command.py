@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="forward examples per task (seeded choice; default: all)")
     p.add_argument("--seed", type=int, default=0, help="example choice, teacher mixture, retry jitter")
     p.add_argument("--no-duals", action="store_true", help="forward examples only")
+    p.add_argument(
+        "--counterfactuals",
+        type=int,
+        default=1,
+        help="counterfactual dual examples per forward example (a wrong forward answer, answered right; "
+        "they make the policy read its forward answer): 0 turns them off",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--offline-concise",
@@ -224,6 +231,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_attempts=args.max_attempts,
         rwjs_threshold=DEFAULT_RWJS_THRESHOLD if args.rwjs_threshold is None else args.rwjs_threshold,
         duals=not args.no_duals,
+        counterfactuals=args.counterfactuals,
         retry=RetryPolicy(max_tries=args.max_tries),
         top_k=args.top_k,
         n_genes=args.n_genes,

@@ -42,6 +42,7 @@ RATIONALE_WORDS = (
     "perturbed cell. The change from the control cell matches no known perturbation signature. The "
     "perturbed cell differs from the control cell in a way that agrees best with the signature of "
     "(cosine ) among the candidates."
+    " the cell matches is unchanged from the control"
 )
 
 

@@ -119,6 +119,9 @@ class GenerationConfig:
     ``abort_after_failures``: stop the run after this many failed attempts in a row (default
     ``max(20, 2 * concurrency)``): an endpoint that is down must not be asked 10,000 times.
     ``offline_concise``: the offline teacher's short, formulaic rationales (for tiny models).
+    ``counterfactuals``: counterfactual dual examples per forward example (the dual asked with a wrong
+    forward answer, answered from the training data: :mod:`cellduality.teacher.counterfactual`); they
+    teach the policy to read the forward answer, without which the dual reward carries no signal.
     """
 
     data: str | Sequence[str]
@@ -139,6 +142,7 @@ class GenerationConfig:
     sync_interval_s: float = 1.0
     abort_after_failures: int | None = None
     offline_concise: bool = False
+    counterfactuals: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -172,6 +176,7 @@ class GenerationConfig:
             "max_attempts": self.max_attempts,
             "rwjs_threshold": self.rwjs_threshold,
             "duals": self.duals,
+            "counterfactuals": self.counterfactuals,
             "offline_concise": self.offline_concise,
             "concurrency": self.concurrency,
             "build": {"top_k": self.top_k, "n_genes": self.n_genes, "split": self.split},
@@ -774,6 +779,31 @@ async def _generate(
         return run.cap
 
 
+def _with_counterfactuals(
+    dataset: Dataset, rows: list[dict[str, Any]], prepared: Any, config: GenerationConfig
+) -> Dataset:
+    """``dataset`` plus the counterfactual dual examples of ``rows`` (targets from the train split)."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict, concatenate_datasets
+
+    from cellduality.tasks.build import PreparedTasks
+    from cellduality.teacher.counterfactual import counterfactual_examples
+    from cellduality.teacher.offline import OfflineTeacher
+
+    train = prepared.datasets["train"]
+    wanted = sorted({str(r["task"]) for r in rows})
+    train = train.select(np.flatnonzero(np.isin(np.asarray(train["task"]), wanted)))
+    teacher = OfflineTeacher(
+        PreparedTasks(DatasetDict({"train": train}), prepared.meta), concise=config.offline_concise
+    )
+    extra = counterfactual_examples(
+        rows, train.to_list(), teacher, prepared.meta, config.seed, config.counterfactuals
+    )
+    if not extra:
+        return dataset
+    return concatenate_datasets([dataset, Dataset.from_list(extra, features=_sft_features())])
+
+
 def run_generation(config: GenerationConfig) -> dict[str, Any]:
     """Generate (or resume) SFT data into ``config.out``; return the summary also written to disk.
 
@@ -809,6 +839,8 @@ def run_generation(config: GenerationConfig) -> dict[str, Any]:
         summary = build_summary(rows, store, config, cap)
         if error is None:
             dataset = build_dataset(rows, store, config.seed)
+            if config.duals and config.counterfactuals > 0 and rows:
+                dataset = _with_counterfactuals(dataset, rows, prepared, config)
             _save_dataset(dataset, out)
             kinds = Counter(dataset["kind"]) if len(dataset) else Counter()
             summary["dataset"] = {
@@ -816,6 +848,7 @@ def run_generation(config: GenerationConfig) -> dict[str, Any]:
                 "rows": len(dataset),
                 "forward": kinds.get(FORWARD, 0),
                 "dual": kinds.get(DUAL, 0),
+                "counterfactual": kinds.get("counterfactual", 0),
             }
         else:
             summary["dataset"] = None

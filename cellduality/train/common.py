@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cellduality.tasks.build import PreparedTasks
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, label_words
 from cellduality.train.configs import CellDualityArguments
 
 RUN_META = "cellduality_run.json"
@@ -15,13 +16,39 @@ RUN_META = "cellduality_run.json"
 logger = logging.getLogger(__name__)
 
 
-def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
-    """Every prompt and answer text, to harvest the tiny tokenizer's vocabulary from."""
+def texts_of_tasks(prepared: PreparedTasks, splits: tuple[str, ...] = ("train",)) -> list[str]:
+    """Every text of the training rows, to harvest the tiny tokenizer's vocabulary from.
+
+    Prompts, answers, candidate lists, conditions and contexts of the rows of ``splits`` (the training
+    split: a held-out perturbation's name never enters the vocabulary through a test row), and every
+    dual template. Gene symbols come from the dataset's gene list (``prepared.genes``), and ``+`` is a
+    piece of its own, so test prompts (held-out combinations included) tokenize without ``<unk>``.
+    """
     texts: list[str] = []
-    for split in prepared.datasets.values():
+    # every count a prompt can state ("name the 4 hidden genes"): sentence lengths, not labels
+    longest = max(
+        (
+            max([int(n) for n in ds["n_genes"]] + [len(g) for g in ds["cell_genes"]], default=0)
+            for ds in prepared.datasets.values()
+        ),
+        default=0,
+    )
+    texts.append(" ".join(str(i) for i in range(longest + 1)))
+    for name in splits:
+        if name not in prepared.datasets:
+            continue
+        split = prepared.datasets[name]
         for prompt in split["prompt"]:
             texts.extend(m["content"] for m in prompt)
         texts.extend(split["answer"])
+        for candidates in split["candidates"]:
+            texts.append(", ".join(candidates))
+        texts.extend(split["condition"])
+        texts.extend(split["condition_text"])
+        texts.extend(split["context"])
+        for row in split.select_columns(["task", "candidates", "condition", "condition_text"]):
+            if row["task"] in CLASSIFICATION_TASKS:  # the label words of in-painting prompts
+                texts.extend(label_words(row, c) for c in row["candidates"])
     from cellduality.tasks import templates
     from cellduality.teacher.offline import RATIONALE_WORDS
 
@@ -29,6 +56,22 @@ def texts_of_tasks(prepared: PreparedTasks) -> list[str]:
         texts.extend(getattr(templates, name))
     texts.append(RATIONALE_WORDS)
     return texts
+
+
+def input_genes(prepared: PreparedTasks) -> set[str]:
+    """Case-folded gene symbols that occur in any split's input cell sentences (never in answers).
+
+    What ``tiny_seen_genes_only`` keeps: a test cell's input genes must be tokens, but the test answers
+    (the reference cells) are not read.
+    """
+    seen: set[str] = set()
+    for split in prepared.datasets.values():
+        for genes in split["cell_genes"]:
+            seen.update(g.casefold() for g in genes)
+        for prompt in split["prompt"]:
+            for m in prompt:
+                seen.update(w.strip(",.;:").casefold() for w in m["content"].split())
+    return seen
 
 
 def ensure_model(
@@ -57,7 +100,7 @@ def ensure_model(
     texts = texts_of_tasks(prepared)
     genes = prepared.genes
     if cd_args.tiny_seen_genes_only:
-        seen = {w.strip(",.;:").casefold() for text in texts for w in text.split()}
+        seen = {w.strip(",.;:").casefold() for text in texts for w in text.split()} | input_genes(prepared)
         genes = [g for g in genes if g.casefold() in seen]
     with training_args.main_process_first(desc="building the tiny model"):
         ensure_tiny_model(
@@ -103,11 +146,15 @@ def load_model_and_tokenizer(model_args: Any, training_args: Any):
     return model, tokenizer
 
 
-def write_run_meta(output_dir: str, prepared: PreparedTasks, extra: dict[str, Any]) -> None:
-    """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage."""
+def write_run_meta(output_dir: str, prepared: PreparedTasks | dict[str, Any], extra: dict[str, Any]) -> None:
+    """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage.
+
+    ``prepared`` is the prepared tasks or just their ``meta`` (what the GRPO trainer keeps).
+    """
+    meta = prepared.meta if isinstance(prepared, PreparedTasks) else prepared
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_META).write_text(json.dumps({"prepared": prepared.meta, **extra}, indent=1, default=str))
+    (out / RUN_META).write_text(json.dumps({"prepared": meta, **extra}, indent=1, default=str))
 
 
 def last_checkpoint(output_dir: str) -> str | None:

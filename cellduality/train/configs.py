@@ -126,6 +126,13 @@ class SFTDataArguments:
         default=False,
         metadata={"help": "offline teacher: short gene-list rationales (what a tiny model can learn)"},
     )
+    sft_counterfactuals: int = field(
+        default=1,
+        metadata={
+            "help": "counterfactual dual examples per forward example when SFT data are made here "
+            "(cellduality.teacher.counterfactual); 0 turns them off"
+        },
+    )
     merge_lora: bool = field(
         default=True,
         metadata={"help": "with use_peft: also save the LoRA merged into the base (GRPO loads it)"},

@@ -6,12 +6,17 @@ every dual prompt of the batch in one batched generation with the trainer's curr
 - Hugging Face path: ``model.generate`` inside TRL's ``unwrap_model_for_generation`` (gathers ZeRO-3
   shards, turns gradient checkpointing off so the KV cache works), under ``torch.no_grad`` and in eval
   mode (no dropout), then back to train mode. Dual tokens never reach the loss.
-- vLLM path (``use_vllm``): the trainer's own ``vllm_generation.generate``, a collective call.
+- vLLM path (``use_vllm``): the trainer's vLLM engine, with the *dual's own* sampling parameters
+  (``dual_do_sample`` / ``dual_temperature`` / ``dual_max_new_tokens``), never the forward rollout's.
+  TRL's ``vllm_generation.generate`` always uses the trainer's temperature and completion length, so
+  it is not called: colocate mode calls the engine (``vllm_generation.llm.generate``) with one
+  ``SamplingParams`` per prompt (a filler gets ``max_tokens=1``); server mode gathers every rank's
+  prompts, the main process calls the client (``vllm_generation.vllm_client.generate``) with explicit
+  parameters, and the result is broadcast and sliced by each rank's real count (no padding needed).
 
 Rank symmetry: a rank with no dual prompt still generates (one filler prompt) so that collective
-operations inside generation (ZeRO-3 gathers, vLLM's gather) happen the same number of times on
-every rank. For vLLM, whose server mode slices results by equal per-rank counts, the prompt list is
-padded to a fixed length per call (``fixed_batch``).
+operations inside generation (ZeRO-3 gathers, vLLM's tensor-parallel gather) happen the same number
+of times on every rank; in server mode each rank calls the gather and the broadcast exactly once.
 """
 
 from __future__ import annotations
@@ -73,21 +78,81 @@ class PolicyGenerator:
         batch += [_FILLER] * (target - n_real)
         ids = self._encode(batch)
         if getattr(self.trainer, "use_vllm", False):
-            completion_ids = self._generate_vllm(ids)
+            completion_ids = self._generate_vllm(ids, n_real)
         else:
             # a filler-only call exists for its collectives, not its text: one token is enough
             completion_ids = self._generate_hf(ids, self.max_new_tokens if n_real else 1)
         return self._decode(completion_ids)[:n_real]
 
-    def _generate_vllm(self, ids: list[list[int]]) -> list[list[int]]:
+    def sampling(self, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """The dual's sampling parameters in vLLM's terms (greedy unless ``do_sample``)."""
+        return {
+            "n": 1,
+            "temperature": self.temperature if self.do_sample else 0.0,
+            "top_p": 1.0,
+            "top_k": 0,  # no truncation (vLLM and TRL's client: 0 disables top-k)
+            "max_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        }
+
+    def _generate_vllm(self, ids: list[list[int]], n_real: int) -> list[list[int]]:
         trainer = self.trainer
+        vg = trainer.vllm_generation
         if trainer.state.global_step != getattr(trainer, "_last_loaded_step", None):
-            trainer.vllm_generation.sync_weights()
+            vg.sync_weights()
             trainer._last_loaded_step = trainer.state.global_step
-        _, completion_ids, _, _ = trainer.vllm_generation.generate(
-            prompts=ids, images=None, num_generations=1
+        if vg.mode == "server":
+            return self._generate_vllm_server(vg, ids[:n_real])
+        return self._generate_vllm_colocate(vg, ids, n_real)
+
+    def _generate_vllm_colocate(self, vg: Any, ids: list[list[int]], n_real: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(**self.sampling(None if k < n_real else 1)) for k in range(len(ids))]
+        prompts, orig = ids, len(ids)
+        tp = int(getattr(vg, "tensor_parallel_size", 1) or 1)
+        if tp > 1:  # every rank of a tensor-parallel group generates the group's prompts together
+            gathered: list[Any] = [None] * tp
+            torch.distributed.all_gather_object(
+                gathered, (ids, [p.max_tokens for p in params]), group=vg.tp_group
+            )
+            prompts = [x for sub, _ in gathered for x in sub]
+            params = [SamplingParams(**self.sampling(m)) for _, caps in gathered for m in caps]
+        if getattr(vg, "enable_sleep_mode", False):
+            vg.llm.wake_up(tags=["kv_cache"])
+        outputs = vg.llm.generate(
+            [{"prompt_token_ids": x} for x in prompts], sampling_params=params, use_tqdm=False
         )
-        return [list(c) for c in completion_ids]
+        if getattr(vg, "enable_sleep_mode", False):
+            vg.llm.sleep(level=2)
+            vg._llm_weights_sleeping = True
+        completions = [list(o.outputs[0].token_ids) for o in outputs]
+        if tp > 1:
+            rank = torch.distributed.get_rank(group=vg.tp_group)
+            offsets = [0]
+            for sub, _ in gathered:
+                offsets.append(offsets[-1] + len(sub))
+            completions = completions[offsets[rank] : offsets[rank + 1]]
+        assert len(completions) == orig
+        return completions
+
+    def _generate_vllm_server(self, vg: Any, ids: list[list[int]]) -> list[list[int]]:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        accelerator = self.trainer.accelerator
+        counts = gather_object([len(ids)])
+        everything = gather_object(ids)
+        payload: list[Any] = [None]
+        if accelerator.is_main_process:
+            params = self.sampling()
+            params.pop("n")
+            if everything:
+                out = vg.vllm_client.generate(prompts=everything, n=1, **params)
+                payload = [out["completion_ids"]]
+            else:
+                payload = [[]]
+        broadcast_object_list(payload, from_process=0)
+        start = sum(counts[: accelerator.process_index])
+        return [list(c) for c in payload[0][start : start + len(ids)]]
 
     def _generate_hf(self, ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from trl.models.utils import unwrap_model_for_generation

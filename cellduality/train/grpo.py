@@ -19,6 +19,9 @@ from typing import Any
 
 from cellduality.train.launch_guard import check_launch_environment
 
+#: columns a self-supervised run removes from its training rows before the trainer sees them
+LABEL_COLUMNS = ("answer", "cell_id")
+
 
 def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     """The configured ``GRPOTrainer`` (dual reward wired to the trainer's own generation)."""
@@ -55,7 +58,8 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed
     )
     if cd_args.reward_mode == "self_supervised":
-        train = train.remove_columns(["answer"])
+        # no label reaches a reward: not the answer, not the original cell id (it can encode one)
+        train = train.remove_columns([c for c in LABEL_COLUMNS if c in train.column_names])
     generator = PolicyGenerator(
         tokenizer,
         max_new_tokens=cd_args.dual_max_new_tokens,
@@ -83,11 +87,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         peft_config=get_peft_config(model_args),
     )
     generator.trainer = trainer
-    if trainer.use_vllm:
-        # vLLM's server mode slices results by equal per-rank counts: pad every call to the same size
-        per_call = training_args.per_device_train_batch_size * training_args.steps_per_generation
-        generator.fixed_batch = per_call * cd_args.dual_num_samples
-    trainer.cellduality_prepared = prepared
+    # the run metadata only (genes, fit, split): the trainer never holds train or test answers
+    trainer.cellduality_meta = prepared.meta
+    del prepared
     trainer.cellduality_dual = next((r for r in rewards if isinstance(r, DualReward)), None)
     return trainer
 
@@ -109,7 +111,7 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         trainer.processing_class.save_pretrained(training_args.output_dir)
         write_run_meta(
             training_args.output_dir,
-            trainer.cellduality_prepared,
+            trainer.cellduality_meta,
             {"stage": "grpo", "reward_mode": cd_args.reward_mode, "reward_funcs": list(cd_args.reward_funcs)},
         )
     return trainer

@@ -39,6 +39,7 @@ def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any)
                     limit=sft_args.sft_limit,
                     seed=training_args.seed,
                     offline_concise=sft_args.sft_concise,
+                    counterfactuals=sft_args.sft_counterfactuals,
                     progress=training_args.process_index == 0,
                 )
             )
