@@ -20,7 +20,7 @@ from sklearn.metrics import f1_score
 
 from cellduality.eval import metrics as m
 from cellduality.eval.knowledge import load_progeny
-from cellduality.rewards.rwjs import rwjs
+from cellduality.rwjs import rwjs
 
 # ------------------------------------------------------------------------------------------ classification
 

@@ -283,7 +283,7 @@ def test_tiny_model_end_to_end_cache_reuse_and_self_verify(pbmc_prepared, tmp_pa
 
 def test_self_verify_keeps_the_answer_whose_dual_the_model_solves(pbmc_prepared, tmp_path) -> None:
     """Greedy answers are wrong; of two samples the second is right, and only its dual is solved."""
-    from cellduality.rewards.parsing import gene_vocabulary
+    from cellduality.parsing import gene_vocabulary
     from cellduality.tasks import forward_answer
 
     path, prepared = pbmc_prepared

@@ -23,7 +23,7 @@ from cellduality.modeling.tokenizer import (
     vocabulary_from,
     words_from,
 )
-from cellduality.rewards.parsing import gene_vocabulary, parse_completion, parse_genes, parse_label
+from cellduality.parsing import gene_vocabulary, parse_completion, parse_genes, parse_label
 
 GENES = ["HLA-DRB1", "RP11-34P13.7", "MT-CO1", "KLF1", "HBB", "GATA1", "CD3E", "AC092620.1", "TRBV20/OR9-2"]
 LABELS = ["CD4-positive, alpha-beta T cell", "erythroid cell", "natural killer cell"]

@@ -7,14 +7,14 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cellduality.rewards import build_rewards
-from cellduality.rewards.parsing import (
+from cellduality.parsing import (
     clean_genes,
     gene_vocabulary,
     parse_completion,
     parse_genes,
     parse_label,
 )
+from cellduality.rewards import build_rewards
 
 
 def test_well_formed() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cellduality.parsing import gene_vocabulary
 from cellduality.rewards import REWARDS, USES_LABELS, DualReward, build_rewards
-from cellduality.rewards.parsing import gene_vocabulary
 from cellduality.tasks import TaskConfig, build_tasks
 
 

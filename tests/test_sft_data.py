@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cellduality.rewards.parsing import gene_vocabulary, parse_completion, parse_genes, parse_label
+from cellduality.parsing import gene_vocabulary, parse_completion, parse_genes, parse_label
 from cellduality.tasks import TaskConfig, build_tasks, dual_prompt, load_prepared, save_prepared
 from cellduality.teacher import MissingAPIKeyError, RetryPolicy, TeacherEndpoint
 from cellduality.teacher.command import add_parser, config_from_args, endpoints_from_args, main

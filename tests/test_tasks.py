@@ -8,7 +8,7 @@ import pytest
 
 from cellduality.cli import main
 from cellduality.data import DataError, load_dataset
-from cellduality.rewards.parsing import parse_label
+from cellduality.parsing import parse_label
 from cellduality.tasks import RECORD_COLUMNS, TaskConfig, build_tasks, dual_prompt, dual_score, load_prepared
 from cellduality.tasks.dual import forward_answer
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from cellduality.parsing import gene_vocabulary
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.oracle import Oracle
-from cellduality.rewards.parsing import gene_vocabulary
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
 
 Messages = list[dict[str, str]]

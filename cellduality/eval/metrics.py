@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from cellduality.rewards.parsing import parse_completion
+from cellduality.parsing import parse_completion
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -440,7 +440,7 @@ def knn_accuracy(
 
 
 # ----------------------------------------------------------------------------------------------------
-# RWJS to the nearest real cell (vectorised form of cellduality.rewards.rwjs.rwjs)
+# RWJS to the nearest real cell (vectorised form of cellduality.rwjs.rwjs)
 
 
 def _rank_weights(
@@ -472,7 +472,7 @@ def rwjs_nearest(
 ) -> np.ndarray:
     """Per generated sentence: the largest RWJS against the real sentences of the prompted class.
 
-    RWJS (``cellduality.rewards.rwjs.rwjs(real, generated)``) compares ranked gene lists; taking the
+    RWJS (``cellduality.rwjs.rwjs(real, generated)``) compares ranked gene lists; taking the
     nearest real cell rewards generating *a* plausible cell of the class rather than the class average.
     The value equals ``max(rwjs(r, g) for r in real cells of the class)``, computed in vectorised chunks
     (a Python double loop is far too slow for thousands of cells): with ``w = 1/rank``,

@@ -460,7 +460,7 @@ def run_eval(
     needs_real = any(t not in CLASSIFICATION_TASKS for t in by_task) or config.baselines
     if real is None and needs_real and any(by_task.values()):
         real = load_real_data(meta, config.data_path, layer=config.layer, gene_symbols=config.gene_symbols)
-    from cellduality.rewards.parsing import gene_vocabulary
+    from cellduality.parsing import gene_vocabulary
 
     vocabulary = real.vocabulary if real is not None else gene_vocabulary(meta.get("genes") or [])
     flat = [r for t in by_task for r in by_task[t]]

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from cellduality.data.schema import Columns, DataError
 from cellduality.eval import metrics as m
-from cellduality.rewards.parsing import gene_vocabulary, parse_genes, parse_label
+from cellduality.parsing import gene_vocabulary, parse_genes, parse_label
 from cellduality.sentences import RankExpressionFit, sentences_to_matrix
 
 if TYPE_CHECKING:  # the data layer imports scanpy: only load_real_data needs it at run time

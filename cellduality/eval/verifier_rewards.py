@@ -175,7 +175,7 @@ class VerifierReward(RowReward):
         truth = self.truth.get(str(row.get("condition", "")), str(row.get("context") or ""))
         if truth is None:
             return None  # no observed cell of this perturbation: nothing to verify against
-        from cellduality.rewards.parsing import gene_vocabulary, parse_genes
+        from cellduality.parsing import gene_vocabulary, parse_genes
 
         vocabulary = self.vocabulary
         if vocabulary is None:

@@ -51,7 +51,7 @@ ROLE_TOKENS: dict[str, str] = {
 }
 #: Special tokens, in id order: ``<pad>`` is 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, then the roles.
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS.values())
-#: Completion-format tags (see ``cellduality.rewards.parsing``): plain words, never skipped on decode.
+#: Completion-format tags (see ``cellduality.parsing``): plain words, never skipped on decode.
 TAG_TOKENS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 PUNCTUATION = ",;:!?()[]{}\"'`.<>+"
 #: Whitespace pieces every vocabulary holds (a run of spaces is one piece per space).

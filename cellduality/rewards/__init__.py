@@ -1,7 +1,8 @@
 """Rewards: completion parsing, RWJS, format, dual (self-supervised), oracle (ground truth), registry.
 
-Names are resolved lazily (PEP 562): ``cellduality.tasks`` imports the parsing helpers from here, and
-the reward classes import ``cellduality.tasks``, so an eager import would be circular.
+Parsing and RWJS live below both ``tasks`` and ``rewards`` (:mod:`cellduality.parsing`,
+:mod:`cellduality.rwjs`); the reward classes import ``cellduality.tasks`` and are resolved lazily (PEP 562),
+so ``import cellduality.rewards`` stays light.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-# rwjs and parsing import nothing from cellduality: safe (and needed) eagerly, so that the function
+# rwjs and parsing import nothing from cellduality: safe eagerly, and the function
 # ``rwjs`` shadows the submodule of the same name.
-from cellduality.rewards.parsing import parse_completion as parse_completion
-from cellduality.rewards.parsing import parse_genes as parse_genes
-from cellduality.rewards.parsing import parse_label as parse_label
-from cellduality.rewards.rwjs import rwjs as rwjs
+from cellduality.parsing import parse_completion as parse_completion
+from cellduality.parsing import parse_genes as parse_genes
+from cellduality.parsing import parse_label as parse_label
+from cellduality.rwjs import rwjs as rwjs
 
 _EXPORTS = {
     "REWARDS": "registry",

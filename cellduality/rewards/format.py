@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cellduality.parsing import parse_completion
 from cellduality.rewards.base import RowReward
-from cellduality.rewards.parsing import parse_completion
 
 
 class FormatReward(RowReward):

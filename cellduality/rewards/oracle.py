@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cellduality.parsing import match_label, parse_genes, parse_label
 from cellduality.rewards.base import RowReward
-from cellduality.rewards.parsing import match_label, parse_genes, parse_label
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, rwjs_casefold
 
 

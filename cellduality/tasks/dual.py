@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cellduality.rewards.parsing import clean_genes, match_label, parse_completion, parse_genes, parse_label
-from cellduality.rewards.rwjs import rwjs
+from cellduality.parsing import clean_genes, match_label, parse_completion, parse_genes, parse_label
+from cellduality.rwjs import rwjs
 from cellduality.tasks.common import example_rng, join_candidates, join_genes, messages, pick
 from cellduality.tasks.templates import INPAINT, RECONSTRUCT_PERTURBATION, RECONSTRUCT_TYPE
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cellduality.rewards.parsing import match_label, parse_completion, parse_genes, parse_label
+from cellduality.parsing import match_label, parse_completion, parse_genes, parse_label
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, dual_score, rwjs_casefold
 from cellduality.teacher.prompts import DUAL, FORWARD
 

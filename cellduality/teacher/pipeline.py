@@ -747,7 +747,7 @@ def _check_resume(out: Path, settings: dict[str, Any]) -> None:
 async def _generate(
     config: GenerationConfig, rows: list[dict[str, Any]], store: AttemptStore, prepared: Any
 ) -> int:
-    from cellduality.rewards.parsing import gene_vocabulary
+    from cellduality.parsing import gene_vocabulary
     from cellduality.tasks.build import part_meta
 
     vocabularies = {

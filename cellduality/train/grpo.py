@@ -28,8 +28,8 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from transformers import set_seed
     from trl import GRPOTrainer, get_peft_config
 
+    from cellduality.parsing import gene_vocabulary
     from cellduality.rewards import DualReward, build_rewards
-    from cellduality.rewards.parsing import gene_vocabulary
     from cellduality.train.common import apply_auto_vllm, ensure_model, load_model_and_tokenizer
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
