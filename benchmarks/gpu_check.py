@@ -8,6 +8,12 @@ Prints step time, tokens/s and peak GPU memory; paste them into docs/recipes.md.
 
     python benchmarks/gpu_check.py [--steps 5] [--layers 28] [--out /tmp/cellduality_gpu_check]
     python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU: checks the script runs
+    python benchmarks/gpu_check.py --vllm           # also a vLLM colocate dual-GRPO run (vLLM installed)
+
+With ``--vllm`` a second GRPO run uses vLLM in colocate mode for the rollouts and for the dual
+generation, with the dual's own sampling settings (temperature 0.7, 32 tokens, not the rollout's 1.0 /
+64): the printed ``vllm_colocate`` block holds its step time and the sampling parameters the dual calls
+were made with.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--out", type=Path, default=Path("/tmp/cellduality_gpu_check"))
+    parser.add_argument("--vllm", action="store_true", help="also a vLLM colocate dual-GRPO run")
     parser.add_argument("--cpu-smoke", action="store_true")
     args = parser.parse_args()
 
@@ -168,8 +175,68 @@ def main() -> None:
         else None,
         "dual_prompts_per_call": [h["prompts"] for h in trainer.cellduality_dual.history],
     }
+    if args.vllm:
+        result["vllm_colocate"] = vllm_step(args, sft_dir, dtype, device)
     print(json.dumps(result, indent=1))
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+
+
+def vllm_step(args: argparse.Namespace, sft_dir: Path, dtype: str, device: list[str]) -> dict:
+    """A few dual-GRPO steps with vLLM colocate generation (rollouts and duals), timed."""
+    from cellduality.train.grpo import parse_args as grpo_args
+    from cellduality.train.grpo import run_grpo
+
+    start = time.perf_counter()
+    trainer = run_grpo(
+        *grpo_args(
+            [
+                "--config",
+                str(REPO / "recipes/tiny-cpu/grpo_dual.yaml"),
+                "--model_name_or_path",
+                str(sft_dir),
+                "--build_tiny_model",
+                "false",
+                "--dtype",
+                dtype,
+                "--output_dir",
+                str(args.out / "grpo_vllm"),
+                "--prepared_dir",
+                str(args.out / "prepared"),
+                "--max_steps",
+                str(args.steps),
+                "--num_generations",
+                "8",
+                "--per_device_train_batch_size",
+                "8",
+                "--max_completion_length",
+                "64",
+                "--use_vllm",
+                "true",
+                "--vllm_mode",
+                "colocate",
+                "--vllm_gpu_memory_utilization",
+                "0.35",
+                "--dual_do_sample",
+                "true",
+                "--dual_temperature",
+                "0.7",
+                "--dual_max_new_tokens",
+                "32",
+                "--save_strategy",
+                "no",
+                *device,
+            ]
+        )
+    )
+    logs = [h for h in trainer.state.log_history if "step_time" in h]
+    generator = trainer.cellduality_dual.generate
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "median_step_time_s": round(statistics.median(h["step_time"] for h in logs[1:] or logs), 3),
+        "dual_calls": generator.calls,
+        "dual_sampling": generator.sampling(),
+        "dual_reward_mean": [h.get("rewards/dual/mean") for h in logs],
+    }
 
 
 if __name__ == "__main__":

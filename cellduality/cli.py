@@ -136,6 +136,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from cellduality.ablation import ABLATION, TINY, AblationConfig, run_ablation
+
+    if not args.seeds:
+        raise SystemExit("cellduality ablation: error: give at least one --seeds value")
+    run_ablation(AblationConfig(out=args.out, seeds=tuple(args.seeds), plan=TINY if args.tiny else ABLATION))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellduality",
@@ -160,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller, faster run")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+    a = sub.add_parser(
+        "ablation",
+        help="SFT vs dual GRPO vs oracle GRPO over seeds on the embedded data (resumes when run again)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--out", type=Path, default=Path("ablation_out"), help="run folder (reused to resume)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed")
+    a.add_argument("--tiny", action="store_true", help="a tiny budget (minutes): checks the pipeline only")
+    a.set_defaults(func=cmd_ablation)
     from cellduality.eval.command import add_parser as add_eval
 
     add_eval(sub)

@@ -62,7 +62,10 @@ class Stages:
         self.console.print(f"[green]{name} done in {self.timings[name]:.0f} s")
 
 
-def _prepare(out: Path, plan: DemoPlan, seed: int, console: Console) -> list[Path]:
+def _prepare(
+    out: Path, plan: DemoPlan, seed: int, console: Console, splits: dict[str, str] | None = None
+) -> list[Path]:
+    """The embedded datasets' examples; ``splits`` names the datasets to split OOD (default: all ID)."""
     from cellduality.data import load_dataset
     from cellduality.reporting import print_prepared
     from cellduality.tasks import TaskConfig, build_tasks, save_prepared
@@ -70,7 +73,7 @@ def _prepare(out: Path, plan: DemoPlan, seed: int, console: Console) -> list[Pat
     folders = []
     for name in DEMO_DATASETS:
         cfg = TaskConfig(top_k=plan.top_k, max_examples=plan.max_examples, seed=seed)
-        prepared = build_tasks(load_dataset(name), config=cfg)
+        prepared = build_tasks(load_dataset(name), config=cfg, split=(splits or {}).get(name, "id"))
         folder = save_prepared(prepared, out / "prepared" / name)
         print_prepared(prepared, folder, console)
         folders.append(folder)
@@ -120,7 +123,9 @@ def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
     return run_sft(cd, data, args, model)
 
 
-def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
+def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str = "dual", name: str = "grpo"):
+    """GRPO from ``out/sft`` into ``out/<name>``: self-supervised dual rewards, or (``mode='oracle'``) the
+    ground-truth rewards of the ablation, with every other setting the same."""
     from trl import GRPOConfig, ModelConfig
 
     from cellduality.train.configs import CellDualityArguments
@@ -128,13 +133,13 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
 
     cd = CellDualityArguments(
         dataset=[str(f) for f in folders],
-        reward_mode="self_supervised",
-        reward_funcs=["format", "dual"],
+        reward_mode="self_supervised" if mode == "dual" else "oracle",
+        reward_funcs=["format", "dual"] if mode == "dual" else ["format", "oracle"],
         dual_max_new_tokens=2 * plan.top_k + 8,
         prepared_dir=str(out / "train_prepared"),
     )
     args = GRPOConfig(
-        output_dir=str(out / "grpo"),
+        output_dir=str(out / name),
         max_steps=plan.grpo_steps,
         learning_rate=3e-5,
         beta=0.0,
@@ -208,12 +213,19 @@ def plot_dual_rewards(curves: dict[str, list[tuple[int, float]]], path: Path) ->
 
 
 def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
+    return _evaluate_models(out, folders, plan, seed, [("SFT", "sft"), ("dual GRPO", "grpo")])
+
+
+def _evaluate_models(
+    out: Path, folders: list[Path], plan: DemoPlan, seed: int, models: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """Evaluate the checkpoints ``out/<folder>`` (as ``name``) next to the baselines."""
     from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval_many
 
     config = EvalConfig(
         out_dir=out / "report",
-        models=[ModelSpec(str(out / "sft"), name="SFT"), ModelSpec(str(out / "grpo"), name="dual GRPO")],
+        models=[ModelSpec(str(out / folder), name=name) for name, folder in models],
         max_examples=plan.eval_examples,
         generation=GenerationSettings(max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed),
         cache_dir=out / "eval_cache",

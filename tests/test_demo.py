@@ -52,6 +52,14 @@ def _check_report(report: Path) -> dict:
             assert any(m["kind"] == "baseline" for m in methods.values()), (name, task)
     for task in TASKS:
         assert f"| {task} |" in text
+    # the dual reward's validation for both checkpoints, every task, flagged where it fails
+    assert set(metrics["dual_check"]) == {"SFT", "dual GRPO"}
+    for checks in metrics["dual_check"].values():
+        assert {c["task"] for c in checks} == TASKS
+        assert all(c["verdict"] for c in checks)
+    assert "cellduality dual-check" in text
+    if any(not c["carries_signal"] for c in metrics["dual_check"]["SFT"]):
+        assert "Flagged: no dual signal" in text
     assert set(metrics["timings_s"]) == {
         "1/6 prepare",
         "2/6 SFT",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cellduality.parsing import gene_vocabulary
@@ -151,3 +152,33 @@ def test_dual_reward_logs_per_task_and_dual_completions(rows) -> None:
     assert metrics["dual/generation/accuracy"] == 0.0
     assert metrics["dual/annotation/reward"] == pytest.approx(0.5)
     assert extra["dual_completion"] == [inpaint, "", "x"]
+
+
+def test_dual_reward_diagnostics_entropy_and_zero_variance(rows, caplog) -> None:
+    """Label-free diagnostics: predicted-label entropy per task (with a collapse warning) and the share
+    of groups (completions of one prompt) whose dual reward does not vary."""
+    ann = [r for r in rows if r["task"] == "annotation"][:2]
+    metrics: dict[str, float] = {}
+    inpaint = "<think>.</think><answer>" + " ".join(ann[0]["hidden_genes"]) + "</answer>"
+    dual = DualReward(generate=lambda ps: [inpaint for _ in ps])
+    labels = [ann[0]["candidates"][0], ann[0]["candidates"][1]]
+    # group 1: two different labels -> two rewards equal (same in-painting), group 2: same label twice
+    batch = [ann[0], ann[0], ann[1], ann[1]]
+    prompts = [r["prompt"] for r in batch]
+    completions = [_c(f"<think>t</think><answer>{lab}</answer>") for lab in [*labels, labels[0], labels[0]]]
+    dual(prompts=prompts, completions=completions, log_metric=metrics.__setitem__, **_columns(batch))
+    assert metrics["dual/annotation/label_entropy"] == pytest.approx(
+        -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))
+    )
+    assert 0.0 <= metrics["dual/annotation/zero_std_groups"] <= 1.0
+    same = [_c(f"<think>t</think><answer>{labels[0]}</answer>")] * 8
+    with caplog.at_level("WARNING"):
+        dual(
+            prompts=[ann[0]["prompt"]] * 8,
+            completions=same,
+            log_metric=metrics.__setitem__,
+            **_columns([ann[0]] * 8),
+        )
+    assert metrics["dual/annotation/label_entropy"] == 0.0
+    assert metrics["dual/annotation/zero_std_groups"] == 1.0  # one group, all rewards equal
+    assert "collapsed to one class" in caplog.text

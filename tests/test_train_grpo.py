@@ -146,3 +146,16 @@ def test_oracle_mode_with_lora(tmp_path) -> None:
     assert all("rewards/oracle/mean" in h for h in logs)
     assert "answer" in trainer.train_dataset.column_names
     assert (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_compact_progress_keeps_full_logs(dual_run) -> None:
+    """The bar shows a few figures; every full log entry is in the run folder's train_log.jsonl."""
+    from cellduality.train.progress import CompactProgress, summary
+
+    tmp, trainer = dual_run
+    assert any(isinstance(c, CompactProgress) for c in trainer.callback_handler.callbacks)
+    lines = [json.loads(x) for x in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert len(steps) >= 2 and all("rewards/dual/mean" in x for x in steps)
+    short = summary(steps[0])
+    assert "step_time" in short and len(short) < 12 and any(k.startswith("dual:") for k in short)

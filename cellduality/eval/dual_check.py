@@ -410,6 +410,24 @@ def to_json(checks: Sequence[TaskCheck]) -> list[dict[str, Any]]:
     return [{**asdict(c), "carries_signal": c.carries_signal} for c in checks]
 
 
+def from_json(items: Sequence[dict[str, Any]]) -> list[TaskCheck]:
+    """``TaskCheck`` objects back from :func:`to_json` dicts (for reports built from saved runs)."""
+    out = []
+    for item in items:
+        grpo = item.get("grpo")
+        out.append(
+            TaskCheck(
+                dataset=item["dataset"],
+                task=item["task"],
+                split=item["split"],
+                gaps=[Gap(**g) for g in item["gaps"]],
+                grpo=GroupView(**grpo) if grpo else None,
+                verdict=item["verdict"],
+            )
+        )
+    return out
+
+
 def write_dual_check(
     checks: Sequence[TaskCheck], out_dir: str | Path, *, model: str, config: DualCheckConfig
 ) -> Path:

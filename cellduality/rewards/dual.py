@@ -11,9 +11,12 @@ operation: a rank that skipped it would hang the others.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from cellduality.rewards.base import RowReward, log_per_task, rows_from_columns
 from cellduality.tasks.dual import (
@@ -23,6 +26,8 @@ from cellduality.tasks.dual import (
     dual_score,
     forward_answer,
 )
+
+logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
@@ -55,6 +60,7 @@ class DualReward(RowReward):
         # one entry per call: which tasks this rank saw and how many dual prompts it generated; lets a
         # multi-rank run prove that every rank called ``generate`` the same number of times
         self.history: list[dict[str, Any]] = []
+        self._collapsed: set[str] = set()
 
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
         if self.generate is None:
@@ -99,7 +105,59 @@ class DualReward(RowReward):
             for i in range(len(completions))
         ]
         self._log(rows, result, columns)
+        self._diagnose(rows, answers, result, prompts, columns.get("log_metric"))
         return result
+
+    def _diagnose(
+        self,
+        rows: list[dict[str, Any]],
+        answers: list[str | None],
+        result: list[float | None],
+        prompts: Sequence[Any] | None,
+        log_metric: Callable[[str, float], None] | None,
+    ) -> None:
+        """Label-free diagnostics a person needs to trust a run: per task, the entropy (bits) of the
+        predicted-label distribution (``dual/<task>/label_entropy``, a warning when it collapses to one
+        class) and the share of GRPO groups whose dual reward has zero variance
+        (``dual/<task>/zero_std_groups``: those groups give no gradient)."""
+        if log_metric is None:
+            return
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            if row.get("task"):
+                by_task[str(row["task"])].append(i)
+        for task, idx in sorted(by_task.items()):
+            if task in CLASSIFICATION_TASKS:
+                labels = [answers[i] for i in idx if answers[i] is not None]
+                if labels:
+                    counts = np.unique(labels, return_counts=True)[1] / len(labels)
+                    entropy = float(-(counts * np.log2(counts)).sum())
+                    log_metric(f"{self.name}/{task}/label_entropy", entropy)
+                    n_candidates = len(rows[idx[0]].get("candidates") or [])
+                    if entropy == 0.0 and len(labels) >= 8 and n_candidates > 1:
+                        self._warn_collapse(task, labels[0])
+            if prompts is not None:
+                groups: dict[str, list[float]] = defaultdict(list)
+                for i in idx:
+                    groups[json.dumps(prompts[i], sort_keys=True, default=str)].append(
+                        float(result[i] or 0.0)
+                    )
+                sizes = [v for v in groups.values() if len(v) > 1]
+                if sizes:
+                    zero = sum(1 for v in sizes if max(v) - min(v) <= 1e-12) / len(sizes)
+                    log_metric(f"{self.name}/{task}/zero_std_groups", zero)
+
+    def _warn_collapse(self, task: str, label: str) -> None:
+        if task in self._collapsed:
+            return
+        self._collapsed.add(task)
+        logger.warning(
+            "%s: every forward answer in this batch is %r: the predicted labels collapsed to one class "
+            "(watch dual/%s/label_entropy)",
+            task,
+            label,
+            task,
+        )
 
     def _generate(self, dual_prompts: list[Messages]) -> list[str]:
         """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic."""

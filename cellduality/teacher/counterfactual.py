@@ -55,8 +55,11 @@ def counterfactual_examples(
     out: list[dict[str, Any]] = []
     for row in rows:
         rng = example_rng(seed, f"counterfactual/{row['id']}")
-        for k in range(per_row):
-            made = _one(row, rng, teacher, by_condition, meta)
+        # perturbation: the unchanged control cell is always one of them (named `control`), because copying
+        # the control cell is the failure its dual must catch; then ``per_row`` cells of other perturbations
+        kinds = ["control", *["other"] * per_row] if row["task"] == "perturbation" else ["other"] * per_row
+        for k, kind in enumerate(kinds):
+            made = _one(row, rng, teacher, by_condition, meta, kind)
             if made is None:
                 continue
             answer, text = made
@@ -81,6 +84,7 @@ def _one(
     teacher: OfflineTeacher,
     by_condition: Mapping[tuple[str, str, str, str], list[str]],
     meta: Mapping[str, Any],
+    kind: str = "other",
 ) -> tuple[str, str] | None:
     """(forward answer the dual prompt is built from, the completion) or ``None`` when none fits."""
     task = str(row["task"])
@@ -95,10 +99,10 @@ def _one(
         return label, teacher.answer(row, dual_answer=label)
     dataset, context = str(row["dataset"]), str(row.get("context", ""))
     options: list[tuple[str, str]] = []  # (cell sentence, its true condition)
-    if task == "perturbation":
+    if task == "perturbation" and kind == "control":
         n = int(row.get("n_genes") or 0) or None
         options.append((" ".join(list(row["cell_genes"])[:n]), _control_value(meta, dataset)))
-    others = [c for c in candidates if c != row["condition"]]
+    others = [c for c in candidates if c != row["condition"]] if kind == "other" else []
     for cond in others:
         cells = by_condition.get((dataset, task, context, cond))
         if cells:

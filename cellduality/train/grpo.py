@@ -87,6 +87,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         peft_config=get_peft_config(model_args),
     )
     generator.trainer = trainer
+    from cellduality.train.progress import use_compact_progress
+
+    use_compact_progress(trainer, training_args.output_dir)
     # the run metadata only (genes, fit, split): the trainer never holds train or test answers
     trainer.cellduality_meta = prepared.meta
     del prepared

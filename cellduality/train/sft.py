@@ -74,6 +74,9 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    from cellduality.train.progress import use_compact_progress
+
+    use_compact_progress(trainer, training_args.output_dir)
     resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

@@ -1,0 +1,313 @@
+"""``cellduality ablation``: the paper's table in miniature, SFT vs dual GRPO vs oracle GRPO over seeds.
+
+Per seed, on the embedded data (norman_devel split out of distribution: held-out perturbations), one SFT
+checkpoint, then two GRPO runs from it with the same steps, data and settings: self-supervised dual
+rewards (no labels) and the oracle's ground-truth rewards. All three are evaluated on held-out cells
+next to the baselines, and the dual reward is validated on the SFT and the dual GRPO checkpoints
+(``cellduality dual-check``). The report gives, per task, the mean and 95% interval across seeds, and
+the share of the SFT -> oracle gap that dual GRPO closes (undefined where the oracle does not beat SFT).
+
+Every stage writes a ``.done`` marker after its outputs, so running the same command again resumes
+where it stopped: finished stages are read back, never redone, and nothing a stage did not write is
+touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from cellduality.demo import DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
+
+ABLATION = DemoPlan(12, 160, 120, 8, 128, 4, 30, 16, 60, check_rows=40, check_group=4)
+TINY = DemoPlan(8, 24, 16, 2, 32, 2, 2, 8, 8, check_rows=4, check_group=2)
+SPLITS = {"norman_devel": "ood"}
+ARMS = ("SFT", "dual GRPO", "oracle GRPO")
+DONE = ".done"
+
+# task -> (metric, friendly name); higher is better for each
+HEADLINE = {
+    "annotation": ("accuracy", "accuracy"),
+    "drug_sensitivity": ("accuracy", "accuracy"),
+    "generation": ("knn_accuracy", "kNN@3 accuracy"),
+    "perturbation": ("pearson_delta_de", "Pearson delta (top-20 DE)"),
+}
+
+
+@dataclass
+class AblationConfig:
+    out: Path
+    seeds: Sequence[int] = (0, 1, 2)
+    plan: DemoPlan = ABLATION
+
+
+def _stage(folder: Path, what: str, run: Callable[[], Any], console: Console, label: str) -> Any:
+    """Run ``run`` unless ``folder/.done`` says it finished before; the marker holds its result."""
+    marker = folder / DONE
+    if marker.exists():
+        console.print(f"[dim]{label}: {what} done before, reusing {folder}")
+        return json.loads(marker.read_text())
+    console.rule(f"[bold]{label}[/bold]: {what}")
+    start = time.perf_counter()
+    result = run()
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"seconds": round(time.perf_counter() - start, 1), "result": result}
+    marker.write_text(json.dumps(payload, default=str))
+    console.print(f"[green]{label}: {what} done in {payload['seconds']:.0f} s")
+    return payload
+
+
+def reward_curves(log_history: list[dict[str, Any]], name: str) -> dict[str, list[tuple[int, float]]]:
+    """Per task, the reward ``name`` logged at each step (``dual/<task>/reward``, ``oracle/<task>/mean``)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_history:
+        if "step" not in entry:
+            continue
+        for key, value in entry.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == name and parts[2] in ("reward", "mean"):
+                curves.setdefault(parts[1], []).append((int(entry["step"]), float(value)))
+    return curves
+
+
+def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    """SFT, dual GRPO, oracle GRPO, evaluation and dual check for one seed (resumable stage by stage)."""
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"seed {seed}"
+    folders_file = out / "prepared" / "folders.json"
+
+    def prepare() -> list[str]:
+        folders = [str(f) for f in _prepare(out, plan, seed, console, SPLITS)]
+        folders_file.write_text(json.dumps(folders))
+        return folders
+
+    folders = [Path(f) for f in _stage(out / "prepared", "prepare", prepare, console, label)["result"]]
+    _stage(out / "sft", "SFT", lambda: _sft(out, folders, plan, seed) and None, console, label)
+    curves = {}
+    for arm, mode, name in (("dual GRPO", "dual", "grpo"), ("oracle GRPO", "oracle", "grpo_oracle")):
+
+        def train(mode: str = mode, name: str = name) -> dict[str, Any]:
+            trainer = _grpo(out, folders, plan, seed, mode=mode, name=name)
+            return reward_curves(trainer.state.log_history, "dual" if mode == "dual" else "oracle")
+
+        curves[arm] = _stage(out / name, arm, train, console, label)["result"]
+
+    def evaluate() -> dict[str, Any]:
+        results = _evaluate_models(
+            out, folders, plan, seed, [("SFT", "sft"), ("dual GRPO", "grpo"), ("oracle GRPO", "grpo_oracle")]
+        )
+        return {name: json.loads((out / "report" / name / "metrics.json").read_text()) for name in results}
+
+    metrics = _stage(out / "report", "evaluation", evaluate, console, label)["result"]
+
+    def check() -> dict[str, Any]:
+        from cellduality.eval.dual_check import to_json
+
+        return {name: to_json(c) for name, c in _dual_check(out, folders, plan, seed).items()}
+
+    checks = _stage(out / "report" / "dual_check", "dual check", check, console, label)["result"]
+    return {"seed": seed, "metrics": metrics, "curves": curves, "dual_check": checks}
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of ``values`` (NaN-free); a single value has no interval."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if x.size < 2 or np.allclose(x, x[0]):
+        return (mean, mean, mean)
+    low, high = stats.t.interval(0.95, x.size - 1, loc=mean, scale=stats.sem(x))
+    return (mean, float(low), float(high))
+
+
+def gap_closed(sft: float, dual: float, oracle: float) -> float | None:
+    """(dual - SFT) / (oracle - SFT): the share of the oracle's gain that dual GRPO reaches; ``None``
+    (undefined) when the oracle does not beat SFT."""
+    if any(v is None or math.isnan(v) for v in (sft, dual, oracle)) or oracle <= sft:
+        return None
+    return (dual - sft) / (oracle - sft)
+
+
+def _method(metrics: dict[str, Any], task: str, name: str, metric: str) -> float | None:
+    task_metrics = metrics.get("tasks", {}).get(task)
+    if not task_metrics:
+        return None
+    value = task_metrics.get("methods", {}).get(name, {}).get("metrics", {}).get(metric)
+    return None if value is None else float(value)
+
+
+def summarise(seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dataset and task: each arm's mean and interval, baselines, and the gap closed."""
+    rows = []
+    first = seeds[0]["metrics"]
+    for dataset, metrics in first.items():
+        for task in metrics.get("tasks", {}):
+            metric, friendly = HEADLINE.get(task, ("accuracy", "accuracy"))
+            arms = {arm: [_method(s["metrics"][dataset], task, arm, metric) for s in seeds] for arm in ARMS}
+            closed = [
+                gap_closed(a, b, c)
+                for a, b, c in zip(arms["SFT"], arms["dual GRPO"], arms["oracle GRPO"], strict=True)
+            ]
+            baselines = {
+                name: m["metrics"].get(metric)
+                for name, m in metrics["tasks"][task]["methods"].items()
+                if m.get("kind") == "baseline" and m["metrics"].get(metric) is not None
+            }
+            defined = [c for c in closed if c is not None]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "task": task,
+                    "metric": friendly,
+                    **{arm: interval([v for v in arms[arm] if v is not None]) for arm in ARMS},
+                    "per_seed": arms,
+                    "gap_closed": interval(defined) if defined else None,
+                    "gap_closed_defined": f"{len(defined)}/{len(closed)} seeds",
+                    "baselines": baselines,
+                }
+            )
+    return rows
+
+
+def _fmt(triple: Sequence[float] | None) -> str:
+    if not triple or math.isnan(triple[0]):
+        return "—"
+    mean, low, high = triple
+    return f"{mean:.3f}" if low == high else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def plot_curves(seeds: list[dict[str, Any]], path: Path) -> None:
+    """Dual and oracle reward per task over GRPO steps: mean across seeds and a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for s in seeds for arm in s["curves"].values() for t in arm})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        for arm, style in (("dual GRPO", "-"), ("oracle GRPO", "--")):
+            series = [dict(s["curves"].get(arm, {}).get(task, [])) for s in seeds]
+            steps = sorted(set().union(*[set(c) for c in series])) if series else []
+            if not steps:
+                continue
+            values = np.array([[c.get(st, np.nan) for st in steps] for c in series], dtype=float)
+            mean = np.nanmean(values, axis=0)
+            ax.plot(
+                steps, mean, style, label=f"{arm} ({'dual' if arm.startswith('dual') else 'oracle'} reward)"
+            )
+            ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("reward (mean over seeds, band = min-max)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_arms(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per task, SFT / dual / oracle means with their 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(3.2 * max(1, len(rows)), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=False):
+        means = [row[a][0] for a in ARMS]
+        errs = [
+            [max(0.0, row[a][0] - row[a][1]) for a in ARMS],
+            [max(0.0, row[a][2] - row[a][0]) for a in ARMS],
+        ]
+        ax.bar(range(3), means, yerr=errs, color=["#999999", "#1f77b4", "#ff7f0e"], capsize=3)
+        ax.set_xticks(range(3), ["SFT", "dual", "oracle"])
+        ax.set_title(f"{row['task']}\n{row['metric']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, seeds: list[dict[str, Any]], config: AblationConfig) -> Path:
+    from cellduality.eval.dual_check import markdown_table
+
+    rows = summarise(seeds)
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    plot_curves(seeds, report / "reward_curves.png")
+    plot_arms(rows, report / "arms.png")
+    payload = {"seeds": list(config.seeds), "plan": asdict(config.plan), "rows": rows, "runs": seeds}
+    (report / "ablation.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    lines = [
+        "# CellDuality ablation: SFT vs dual GRPO vs oracle GRPO",
+        "",
+        f"Seeds {', '.join(map(str, config.seeds))}; per seed one SFT checkpoint, then dual GRPO (self-supervised, "
+        "no labels) and oracle GRPO (ground-truth rewards) from it with the same steps, data and settings "
+        f"({config.plan.grpo_steps} steps). Held-out test cells; norman_devel is split out of distribution "
+        "(held-out perturbations). Mean [95% t-interval across seeds]; higher is better for every metric.",
+        "",
+        "| dataset | task | metric | SFT | dual GRPO | oracle GRPO | gap closed by dual | best baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        best = max(r["baselines"].items(), key=lambda kv: kv[1], default=None)
+        closed = _fmt(r["gap_closed"]) if r["gap_closed"] else "undefined"
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['metric']} | {_fmt(r['SFT'])} | {_fmt(r['dual GRPO'])} | "
+            f"{_fmt(r['oracle GRPO'])} | {closed} ({r['gap_closed_defined']}) | "
+            + (f"{best[0]} {best[1]:.3f}" if best else "—")
+            + " |"
+        )
+    lines += [
+        "",
+        "*Gap closed* = (dual − SFT) / (oracle − SFT) per seed, over the seeds where the oracle beats SFT "
+        "(undefined where it never does).",
+        "",
+        "![SFT, dual and oracle per task](arms.png)",
+        "",
+        "## Rewards during GRPO",
+        "",
+        "![dual and oracle rewards per task](reward_curves.png)",
+        "",
+        f"## Dual check before and after GRPO (seed {seeds[0]['seed']})",
+        "",
+    ]
+    for name, checks in seeds[0]["dual_check"].items():
+        from cellduality.eval.dual_check import from_json
+
+        lines += [*markdown_table(from_json(checks), title=f"{name} checkpoint"), ""]
+    (report / "report.md").write_text("\n".join(lines) + "\n")
+    return report
+
+
+def run_ablation(config: AblationConfig) -> Path:
+    """Every seed (resuming finished stages), then the report; returns the report folder."""
+    import torch
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    console = Console()
+    out = Path(config.out)
+    seeds = []
+    for k, seed in enumerate(config.seeds, start=1):
+        console.rule(f"[bold]ablation run {k}/{len(config.seeds)}: seed {seed}")
+        seeds.append(run_seed(out / f"seed{seed}", seed, config.plan, console))
+    report = write_report(out, seeds, config)
+    console.print(f"[bold green]saved to {report / 'report.md'}")
+    return report
+
+
+def tiny_config(out: Path, seeds: Sequence[int] = (0, 1)) -> AblationConfig:
+    """A few-minute budget for tests: the same code path, tiny sizes."""
+    return AblationConfig(out=out, seeds=tuple(seeds), plan=replace(TINY))

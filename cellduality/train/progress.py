@@ -1,0 +1,61 @@
+"""What a person watches during training: one progress bar with the few figures that matter.
+
+TRL prints its whole metrics dictionary (40 keys under GRPO) at every logging step. This callback
+replaces transformers' ``ProgressCallback``: the bar (steps, time left) carries the loss or the reward
+of each task and the step time as its postfix, and every full log entry goes to
+``<output_dir>/train_log.jsonl`` (one JSON object a line, appended as it happens, so a crash loses
+nothing) and to ``report_to`` as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_callback import ProgressCallback
+
+#: postfix keys, in order: the reward of each task and the figures that say whether training works
+_KEEP = ("loss", "reward", "step_time", "kl")
+
+
+def summary(logs: dict[str, Any]) -> dict[str, str]:
+    """The few figures of a log entry: per-task dual / oracle rewards, reward, loss, step time, KL."""
+    out: dict[str, str] = {}
+    for key, value in logs.items():
+        if not isinstance(value, (int, float)):
+            continue
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] in ("dual", "oracle") and parts[2] in ("reward", "mean"):
+            out[f"{parts[0]}:{parts[1][:5]}"] = f"{value:.3f}"
+    for key in _KEEP:
+        if isinstance(logs.get(key), (int, float)):
+            out[key] = f"{logs[key]:.3g}"
+    return out
+
+
+class CompactProgress(ProgressCallback):
+    """``ProgressCallback`` with a short postfix instead of printing every log dictionary."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        super().__init__()
+        self.log_file = Path(output_dir) / "train_log.jsonl"
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+        if self.training_bar is not None:
+            self.training_bar.set_postfix(summary(logs), refresh=True)
+        elif "train_runtime" in logs:
+            print(f"training done in {logs['train_runtime']:.0f} s")
+
+
+def use_compact_progress(trainer: Any, output_dir: str | Path) -> None:
+    """Swap the trainer's progress display for :class:`CompactProgress` (when it shows one at all)."""
+    if trainer.args.disable_tqdm:
+        return
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress(output_dir))

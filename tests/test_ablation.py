@@ -1,0 +1,50 @@
+"""``cellduality ablation`` on a tiny budget: three arms per seed, the report, and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cellduality.ablation import gap_closed, interval
+
+
+def test_gap_closed_and_interval() -> None:
+    assert gap_closed(0.5, 0.6, 0.7) == pytest.approx(0.5)
+    assert gap_closed(0.5, 0.6, 0.5) is None  # the oracle does not beat SFT: undefined
+    assert gap_closed(0.5, 0.4, 0.7) == pytest.approx(-0.5)
+    mean, low, high = interval([0.1, 0.2, 0.3])
+    assert low < mean < high and mean == pytest.approx(0.2)
+    assert interval([0.4]) == (0.4, 0.4, 0.4)
+    assert all(math.isnan(v) for v in interval([]))
+
+
+@pytest.mark.slow
+def test_tiny_ablation_resumes(tmp_path) -> None:
+    from cellduality.ablation import run_ablation, tiny_config
+
+    config = tiny_config(tmp_path / "abl", seeds=(0, 1))
+    report = run_ablation(config)
+    payload = json.loads((report / "ablation.json").read_text())
+    rows = {(r["dataset"], r["task"]): r for r in payload["rows"]}
+    assert {t for _, t in rows} == {"annotation", "generation", "drug_sensitivity", "perturbation"}
+    for row in rows.values():
+        for arm in ("SFT", "dual GRPO", "oracle GRPO"):
+            assert len(row["per_seed"][arm]) == 2  # one value per seed and arm
+        assert row["gap_closed"] is None or len(row["gap_closed"]) == 3
+    # norman_devel is split out of distribution: no test perturbation was trained on
+    meta = json.loads((tmp_path / "abl" / "seed0" / "prepared" / "norman_devel" / "meta.json").read_text())
+    assert meta["split"]["perturbation"]["mode"] == "ood" and meta["split"]["perturbation"]["holdout"]
+    run = payload["runs"][0]
+    assert set(run["dual_check"]) == {"SFT", "dual GRPO"}
+    assert run["curves"]["dual GRPO"] and run["curves"]["oracle GRPO"]
+    text = (report / "report.md").read_text()
+    assert "gap closed" in text and "| perturbation |" in text
+    for png in ("arms.png", "reward_curves.png"):
+        assert (report / png).read_bytes()[:4] == b"\x89PNG"
+    # run again: every stage is read back from its marker, nothing is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")}
+    run_ablation(config)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
+    assert json.loads((report / "ablation.json").read_text())["rows"] == payload["rows"]
