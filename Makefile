@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cellduality-installed
 
-.PHONY: setup demo demo-check test lint bench clean
+.PHONY: setup demo demo-check ablation test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	else \
 	  echo "No CUDA GPU: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed,track]"
 	@if $(PY) -m pip list 2>/dev/null | grep -qiE '^(nvidia-|triton)' && ! nvidia-smi >/dev/null 2>&1; then \
 	  echo "ERROR: CUDA wheels were pulled on a machine without a GPU"; exit 1; fi
 	touch $(STAMP)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 # the full demo, then the test of what its report must show (SFT > majority, dual rewards rise, ...)
 demo-check: demo
 	CELLDUALITY_FULL_DEMO=demo_out/report HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_demo.py -k full_demo
+
+# SFT vs dual GRPO vs oracle GRPO over three seeds (resumes when run again); report in ablation_out/report
+ablation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cellduality ablation --out ablation_out
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests

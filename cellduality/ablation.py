@@ -27,7 +27,7 @@ from rich.console import Console
 
 from cellduality.demo import DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
 
-ABLATION = DemoPlan(12, 160, 120, 8, 128, 4, 30, 16, 60, check_rows=40, check_group=4)
+ABLATION = DemoPlan(12, 120, 80, 8, 128, 4, 24, 16, 48, check_rows=32, check_group=4)
 TINY = DemoPlan(8, 24, 16, 2, 32, 2, 2, 8, 8, check_rows=4, check_group=2)
 SPLITS = {"norman_devel": "ood"}
 ARMS = ("SFT", "dual GRPO", "oracle GRPO")

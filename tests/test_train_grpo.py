@@ -159,3 +159,18 @@ def test_compact_progress_keeps_full_logs(dual_run) -> None:
     assert len(steps) >= 2 and all("rewards/dual/mean" in x for x in steps)
     short = summary(steps[0])
     assert "step_time" in short and len(short) < 12 and any(k.startswith("dual:") for k in short)
+
+
+def test_report_to_trackio_offline(tmp_path, monkeypatch) -> None:
+    """``report_to: trackio`` logs the run's metrics to a local database: no network, no account."""
+    import sqlite3
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    pytest.importorskip("trackio", reason="the `track` extra is not installed (make test installs it)")
+    from cellduality.train.grpo import run_grpo
+
+    run_grpo(*_args(tmp_path, "--max_steps", "1", "--report_to", "trackio", "--run_name", "offline-run"))
+    db = tmp_path / "trackio" / "huggingface.db"
+    rows = sqlite3.connect(db).execute("select run_name, metrics from metrics").fetchall()
+    assert rows and {name for name, _ in rows} == {"offline-run"}
+    assert any("train/rewards/dual/mean" in json.loads(m) for _, m in rows)
