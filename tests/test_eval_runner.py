@@ -219,7 +219,7 @@ def test_perturbation_metrics_and_baselines_on_norman(norman_prepared, tmp_path)
     per = methods["oracle"]["per_condition"]
     assert len(per) == m["oracle"]["n_perturbations"] and all("pearson_delta" in v for v in per.values())
     assert (out / "plots" / "pearson_delta_per_perturbation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "### Pearson Δ (all genes) per perturbation" in (out / "report.md").read_text()
+    assert "### Pearson Δ (all genes) ↑ per perturbation (all " in (out / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- tiny model

@@ -257,7 +257,7 @@ def reward_figure(
         if values.size:
             window = max(1, values.size // 6)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1 :], smooth, color="tab:blue", linewidth=1.6, marker="o", markersize=2.5)
+            ax.plot(steps[window - 1 :], smooth, color="tab:blue", linewidth=1.6)
         ax.set_title(f"{name} ({values.size} steps)", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("GRPO step", fontsize=8)
