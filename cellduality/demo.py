@@ -22,6 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cellduality.eval.headline import HEADLINE_METRICS, headline_markdown, headline_rows
+
 DEMO_DATASETS = ("pbmc68k", "scad_plx4720", "norman_devel")
 
 
@@ -187,29 +189,10 @@ def trend(points: list[tuple[int, float]]) -> dict[str, float]:
 
 
 def plot_dual_rewards(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Dual reward per task over GRPO steps (points and a running mean)."""
-    import matplotlib
+    """Dual reward per task over GRPO steps, one panel per task on shared axes (none hides another)."""
+    from cellduality.eval.plots import plot_reward_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for task, points in sorted(curves.items()):
-        steps = np.array([s for s, _ in points])
-        values = np.array([v for _, v in points])
-        window = max(1, len(values) // 6)
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        (line,) = ax.plot(steps[window - 1 :], smooth, label=task)
-        ax.scatter(steps, values, s=8, alpha=0.35, color=line.get_color())
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("dual reward (batch mean)")
-    ax.set_title("Self-supervised dual reward during GRPO (running mean)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_reward_curves(curves, path)
 
 
 def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
@@ -253,36 +236,15 @@ def _dual_check(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> di
     }
 
 
-# task -> (metric, reference baseline): the simplest honest baseline in the same representation
-HEADLINE = {
-    "annotation": ("accuracy", "majority class"),
-    "drug_sensitivity": ("accuracy", "majority class"),
-    "generation": ("knn_accuracy", "class-mean sentence"),
-    "perturbation": ("pearson_delta_de", "control cell's sentence"),
-}
+# task -> headline metrics (friendly names, accuracy with macro-F1, Pearson Δ on DE and on all genes);
+# each row shows the simplest and the strongest baseline and says when a baseline wins
+HEADLINE = HEADLINE_METRICS
+MODELS = ("SFT", "dual GRPO")
 
 
 def _headline(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One line per task: its headline metric for SFT, dual GRPO and the reference baseline."""
-    rows = []
-    for dataset, result in results.items():
-        for task, task_result in result.tasks.items():
-            metric, baseline = HEADLINE.get(task, ("accuracy", ""))
-            values: dict[str, Any] = {}
-            for score in task_result.methods:
-                values[score.name] = score.metrics.get(metric)
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "task": task,
-                    "metric": metric,
-                    "SFT": values.get("SFT"),
-                    "dual GRPO": values.get("dual GRPO"),
-                    "baseline": baseline,
-                    "baseline value": values.get(baseline),
-                }
-            )
-    return rows
+    """Per task and headline metric: SFT, dual GRPO, the simplest and the strongest baseline, a verdict."""
+    return headline_rows(results)
 
 
 def _fmt(value: Any) -> str:
@@ -345,14 +307,12 @@ def _write_report(
         "",
         "## Headline",
         "",
-        "| dataset | task | metric | SFT | dual GRPO | baseline | baseline value |",
-        "|---|---|---|---|---|---|---|",
+        "↑: higher is better. *Simplest baseline*: the floor (majority class, class-mean sentence, the "
+        "control cell unchanged); *strongest baseline*: the best of all baselines on that metric, the bar "
+        "a model has to clear.",
+        "",
+        *headline_markdown(headline, MODELS),
     ]
-    for r in headline:
-        lines.append(
-            f"| {r['dataset']} | {r['task']} | {r['metric']} | {_fmt(r['SFT'])} | {_fmt(r['dual GRPO'])} | "
-            f"{r['baseline']} | {_fmt(r['baseline value'])} |"
-        )
     lines += [
         "",
         "## Dual reward during GRPO",
@@ -418,15 +378,16 @@ def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -
         curves = dual_reward_curves(grpo.state.log_history)
         report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks)
     table = Table(title="CellDuality demo: headline (held-out cells)")
-    for col in ("task", "metric", "SFT", "dual GRPO", "baseline"):
+    for col in ("task", "metric", *MODELS, "simplest baseline", "strongest baseline", "verdict"):
         table.add_column(col)
     for r in _headline(results):
         table.add_row(
             r["task"],
             r["metric"],
-            _fmt(r["SFT"]),
-            _fmt(r["dual GRPO"]),
+            *[_fmt(r.get(m)) for m in MODELS],
             f"{r['baseline']} {_fmt(r['baseline value'])}",
+            f"{r['strongest baseline']} {_fmt(r['strongest value'])}",
+            r["verdict"],
         )
     console.print(table)
     console.print(f"[bold green]Report: {report / 'report.md'}")

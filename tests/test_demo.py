@@ -98,3 +98,35 @@ def test_full_demo_report(tmp_path) -> None:
     trends = metrics["grpo_dual_reward"]["trend"]
     assert trends[ALL_TASKS]["rise"] > 0, f"the dual reward did not rise over GRPO: {trends}"
     assert max(t["rise"] for task, t in trends.items() if task != ALL_TASKS) > 0
+
+
+def test_headline_rows_show_both_baselines_and_a_verdict() -> None:
+    """The demo's headline on hand-made results: friendly names, accuracy with macro-F1, simplest and
+    strongest baseline, and the words "a simple baseline wins" when one does."""
+    from types import SimpleNamespace
+
+    from cellduality.demo import _headline
+    from cellduality.eval.headline import headline_markdown
+    from cellduality.eval.scoring import MethodScore, TaskResult
+
+    def row(name: str, kind: str, acc: float, f1: float) -> MethodScore:
+        return MethodScore(name, kind, {"accuracy": acc, "macro_f1": f1})
+
+    ann = TaskResult(
+        "annotation",
+        10,
+        [
+            row("SFT", "model", 0.66, 0.13),
+            row("dual GRPO", "model", 0.68, 0.14),
+            row("majority class", "baseline", 0.30, 0.05),
+            row("logistic regression", "baseline", 0.92, 0.80),
+        ],
+    )
+    rows = _headline({"pbmc68k": SimpleNamespace(tasks={"annotation": ann})})
+    assert [r["metric"] for r in rows] == ["accuracy ↑", "macro-F1 ↑"]
+    first = rows[0]
+    assert first["SFT"] == 0.66 and first["baseline"] == "majority class" and first["baseline value"] == 0.30
+    assert first["strongest baseline"] == "logistic regression"
+    assert first["verdict"] == "a simple baseline wins: logistic regression (0.920 vs dual GRPO 0.680)"
+    text = "\n".join(headline_markdown(rows, ["SFT", "dual GRPO"]))
+    assert "| pbmc68k | annotation | macro-F1 ↑ | 0.130 | 0.140 | majority class 0.050 |" in text

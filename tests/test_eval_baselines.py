@@ -138,7 +138,10 @@ def test_go_bp_package_data() -> None:
 def test_spearman_brown_and_ceiling_synthetic() -> None:
     assert b.spearman_brown(0.5) == pytest.approx(2 / 3)  # 2 * 0.5 / (1 + 0.5)
     assert b.spearman_brown(0.0) == 0.0
-    assert math.isnan(b.spearman_brown(-1.0))
+    # negative split-half r: left uncorrected (2r/(1+r) would give -3 for -0.6, below -1)
+    assert b.spearman_brown(-0.6) == pytest.approx(-0.6) and b.spearman_brown(-1.0) == -1.0
+    assert math.isnan(b.spearman_brown(float("nan")))
+    assert all(-1.0 <= b.spearman_brown(r) <= 1.0 for r in np.linspace(-1, 1, 41))
     rng = np.random.default_rng(0)
     ctrl = rng.normal(size=(2000, 200))
     effect = rng.normal(scale=2.0, size=200)
@@ -147,6 +150,11 @@ def test_spearman_brown_and_ceiling_synthetic() -> None:
     assert b.reproducibility_ceiling(strong, ctrl) > 0.98
     assert abs(b.reproducibility_ceiling(null, ctrl)) < 0.3
     assert math.isnan(b.reproducibility_ceiling(strong[:1], ctrl))
+    # halves that anti-correlate (one half up, the other down) stay within [-1, 1]
+    flip = np.vstack([ctrl[:3] + effect, ctrl[3:6] - effect])
+    for seed in range(5):
+        value = b.split_half_reproducibility(flip, ctrl[6:], n_splits=1, seed=seed)
+        assert -1.0 <= value <= 1.0
 
 
 @pytest.fixture(scope="module")

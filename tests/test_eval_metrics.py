@@ -45,6 +45,28 @@ def test_macro_f1_by_hand_and_against_sklearn() -> None:
     assert m.macro_f1(t, p, labels) == pytest.approx(expected)
 
 
+def test_macro_f1_counts_only_the_classes_in_the_test_labels() -> None:
+    """Candidates absent from the test labels must not cap macro-F1 (an OOD split could never reach 1)."""
+    candidates = ["a", "b", "c", "d", "e"]  # the prompt offers five; the test set holds two
+    y_true = ["a", "a", "b", "b"]
+    perfect = m.classification_metrics(y_true, list(y_true), labels=candidates)
+    assert perfect["macro_f1"] == pytest.approx(1.0) and perfect["accuracy"] == 1.0
+    # over all five candidates the same perfect answers would score 2/5: the bias being fixed
+    assert m.macro_f1(y_true, list(y_true), candidates) == pytest.approx(0.4)
+    rng = np.random.default_rng(1)
+    t = rng.choice(candidates[:3], 300).tolist()
+    p = [
+        None if r < 0.1 else str(v) for r, v in zip(rng.random(300), rng.choice(candidates, 300), strict=True)
+    ]
+    got = m.classification_metrics(t, p, labels=candidates)["macro_f1"]
+    present = sorted(set(t))
+    assert got == pytest.approx(
+        f1_score(t, [v or "none" for v in p], labels=present, average="macro", zero_division=0)
+    )
+    # predicting an absent class is still a miss for the true class
+    assert m.macro_f1(["a", "b"], ["a", "e"]) < 1.0
+
+
 def test_confusion_keeps_absent_classes_and_counts_invalid() -> None:
     got = m.confusion(["a", "a", "b", "b"], ["a", None, "b", "zz"], labels=["a", "b", "c"])
     # columns a, b, c, invalid; class c never occurs but keeps its row and column

@@ -115,15 +115,18 @@ def test_report_files_tables_and_plots(tmp_path) -> None:
     # one table per task, models and baselines side by side, directions shown
     assert "## Cell type annotation (cell -> type)" in report
     assert "| method | type | accuracy ↑ | macro-F1 ↑ | valid output ↑ | format ↑ | n |" in report
-    assert "| my model | model | 0.500 | 0.400 | 0.750 | 0.250 | 4 |" in report
+    # the best model or baseline of each scored column is bold (a tie bolds both)
+    assert "| my model | model | **0.500** | **0.400** | 0.750 | 0.250 | 4 |" in report
     assert "| mute model | model | 0.000 | 0.000 | 0.000 | 0.000 | 4 |" in report
-    assert "| majority class | baseline | 0.500 | 0.333 | 1.000 | — | 4 |" in report
+    assert "| majority class | baseline | **0.500** | 0.333 | 1.000 | — | 4 |" in report
     assert (
         "kNN@3 accuracy ↑" in report
         and "| mute model | model | 0.000 | — | 0.000 | 0.000 | — | — |" in report
     )
+    # this ceiling (0.8) bounds the model (0.4), so it may keep the word
     assert "Pearson Δ top-20 DE ↑" in report and "| split-half reproducibility | ceiling |" in report
     assert "| KLF1 (cell type: k562) | 3 | 0.400 | 0.800 |" in report
+    assert "### Pearson Δ (all genes) ↑ per perturbation (all 2)" in report
     assert "LoRA `/models/lora`" in report and "R² = 0.910" in report and "raw counts: normalised" in report
     # plots: valid PNGs, embedded in the report
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -169,3 +172,176 @@ def test_render_markdown_is_plain_text() -> None:
     text = render_markdown({"annotation": classification()}, INFO, {})
     assert text.startswith("# CellDuality evaluation")
     assert "nan" not in text.lower().replace("nanmean", "")
+
+
+# ------------------------------------------------------------------------------ ceilings and headlines
+
+
+def _row(name: str, kind: str, **metrics: float) -> MethodScore:
+    return MethodScore(name, kind, dict(metrics))
+
+
+def test_a_ceiling_in_the_report_bounds_every_row_it_is_compared_with(tmp_path) -> None:
+    """Property: whatever the report labels a ceiling scores at least as well as every other row, on
+    every metric of the table, in its direction (↑ or ↓); otherwise it is shown as a reference."""
+    from cellduality.eval.metric_info import metric_info
+    from cellduality.eval.report import TASK_METRICS
+
+    rng = np.random.default_rng(0)
+    keys = TASK_METRICS["perturbation"]
+    relabelled = 0
+    for trial in range(40):
+        rows = [
+            _row(f"{kind} {i}", kind, **{k: float(rng.uniform(-1, 1)) for k in keys})
+            for i, kind in enumerate(["model", "model", "baseline", "baseline", "ceiling", "ceiling"])
+        ]
+        if trial % 2:  # half the trials: a ceiling that really is the best on every column
+            best = {
+                k: (max if metric_info(k).higher_is_better is not False else min)(r.metrics[k] for r in rows)
+                for k in keys
+            }
+            rows[4].metrics = dict(best)
+        result = TaskResult("perturbation", 4, rows, info={"n_de": 20})
+        payload = metrics_payload({"perturbation": result}, {"dataset": "toy"})
+        text = render_markdown({"perturbation": result}, {"dataset": "toy"}, {})
+        methods = payload["tasks"]["perturbation"]["methods"]
+        ceilings = [n for n, item in methods.items() if item["kind"] == "ceiling"]
+        for name in ceilings:
+            bound = methods[name]["metrics"]
+            for other, item in methods.items():
+                if other == name:
+                    continue
+                for k in keys:
+                    info = metric_info(k)
+                    if info.higher_is_better is None:
+                        continue
+                    value = item["metrics"][k]
+                    assert not info.better(value, bound[k]), (name, other, k)
+            assert f"| {name} | ceiling |" in text
+        for r in rows:
+            if r.kind == "reference" and r.name.startswith("ceiling"):
+                relabelled += 1
+                assert "not an upper bound" in r.note and f"| {r.name} | reference |" in text
+        if trial % 2:
+            assert "ceiling 4" in ceilings
+    assert relabelled >= 40  # random ceilings are nearly always beaten somewhere: they were relabelled
+
+
+def _perturbation_with_baselines() -> TaskResult:
+    """Numbers like the demo report's: SFT beats the control copy on DE genes, the mean perturbation
+    baseline beats SFT on all genes."""
+    rows = [
+        _row("SFT", "model", pearson_delta=0.023, pearson_delta_de=0.214),
+        _row("dual GRPO", "model", pearson_delta=0.020, pearson_delta_de=0.200),
+        _row("control cell's sentence", "baseline", pearson_delta=0.010, pearson_delta_de=0.050),
+        _row("control mean", "baseline", pearson_delta=NAN, pearson_delta_de=NAN),
+        _row("mean perturbation", "baseline", pearson_delta=0.138, pearson_delta_de=0.150),
+        _row("split-half reproducibility", "reference", pearson_delta=0.9, pearson_delta_de=0.162),
+    ]
+    return TaskResult("perturbation", 10, rows, info={"n_de": 20})
+
+
+def test_headline_shows_strongest_and_simplest_baseline_and_says_when_a_baseline_wins() -> None:
+    from cellduality.eval.headline import headline_markdown, task_headline
+
+    rows = {r["metric_key"]: r for r in task_headline(_perturbation_with_baselines(), "norman")}
+    assert list(rows) == ["pearson_delta_de", "pearson_delta"]  # the all-genes figure next to the DE one
+    de, all_genes = rows["pearson_delta_de"], rows["pearson_delta"]
+    assert de["metric"] == "Pearson Δ top-20 DE ↑" and all_genes["metric"] == "Pearson Δ all genes ↑"
+    assert de["baseline"] == "control cell's sentence" and de["strongest baseline"] == "mean perturbation"
+    assert de["verdict"] == "SFT beats every baseline"
+    assert all_genes["strongest baseline"] == "mean perturbation" and all_genes["strongest value"] == 0.138
+    assert all_genes["verdict"].startswith("a simple baseline wins: mean perturbation")
+    assert all_genes["SFT"] == 0.023 and all_genes["baseline value"] == 0.010
+    lines = headline_markdown(list(rows.values()), ["SFT", "dual GRPO"])
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert "| mean perturbation 0.138 | a simple baseline wins" in lines[3]
+    # a reference row is never the "strongest baseline", and the report says who wins under the table
+    text = render_markdown({"perturbation": _perturbation_with_baselines()}, {"dataset": "toy"}, {})
+    assert "**a simple baseline wins: mean perturbation (0.138 vs SFT 0.023)**" in text
+    assert "| mean perturbation | baseline | **0.138** |" in text
+
+
+def test_friendly_names_and_directions_come_from_the_registry() -> None:
+    from cellduality.eval.headline import task_headline
+    from cellduality.eval.metric_info import METRICS, describe_directions, metric_label
+    from cellduality.eval.report import COLUMNS
+
+    assert metric_label("knn_accuracy", k=3) == "kNN@3 accuracy"
+    assert METRICS["scfid"].higher_is_better is False and METRICS["scfid"].better(1.0, 2.0)
+    assert METRICS["accuracy"].better(0.9, NAN) and not METRICS["accuracy"].better(NAN, 0.1)
+    assert "scFID: lower is better, best 0" in describe_directions(["scfid"])
+    headers = {key: title for cols in COLUMNS.values() for key, title in cols}
+    assert headers["rmse_de"].endswith("↓") and headers["macro_f1"].endswith("↑")
+    gen = task_headline(generation())
+    assert [r["metric"] for r in gen] == ["kNN@3 accuracy ↑"]
+    ann = task_headline(classification())
+    assert [r["metric"] for r in ann] == ["accuracy ↑", "macro-F1 ↑"]  # side by side
+    assert ann[0]["verdict"].startswith("tie") and ann[1]["verdict"] == "my model beats every baseline"
+    payload = metrics_payload({"generation": generation()}, {"dataset": "toy"})
+    info = {m["key"]: m for m in payload["metric_info"]}
+    assert info["knn_accuracy"]["higher_is_better"] is True and info["scfid"]["best"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def test_pca_counts_identical_cells_and_names_its_colours() -> None:
+    from cellduality.eval.plots import coloured_groups, pca_figure, stack_identical
+
+    where, counts = stack_identical(np.array([[0, 0], [1, 1], [0, 0], [0, 0]], dtype=float))
+    assert sorted(counts.tolist()) == [1, 3] and where.shape == (2, 2)
+    # 120 generated cells on 8 positions, 52 groups: the title says so, and a legend names the colours
+    rng = np.random.default_rng(0)
+    groups = [f"P{i}" for i in range(52)]
+    ref_labels = [g for g in groups for _ in range(3)]
+    centres = rng.normal(size=(8, 2))
+    labels = [groups[i % 8] for i in range(120)]
+    model = MethodScore("SFT", "model", {}, points=centres[np.arange(120) % 8], point_labels=labels)
+    result = TaskResult(
+        "perturbation",
+        120,
+        [model],
+        reference_points=rng.normal(size=(len(ref_labels), 2)),
+        reference_labels=ref_labels,
+    )
+    fig = pca_figure(result, max_legend=10)
+    ax = fig.axes[0]
+    assert "120 generated cells at 8 distinct positions" in ax.get_title()
+    assert "marker area ∝ count" in ax.get_title() and "10 largest of 52 groups" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "real cells" in legend and any(t.startswith("other (42 groups)") for t in legend)
+    assert len(coloured_groups(ref_labels, 10)) == 10
+    assert sum(int(t.get_text()[1:]) for t in ax.texts if t.get_text().startswith("×")) == 120
+
+
+def test_per_perturbation_bars_show_every_group_or_say_how_many() -> None:
+    from cellduality.eval.plots import pearson_delta_figure
+
+    groups = [f"G{i}" for i in range(52)]
+    per = {g: {"pearson_delta": 0.1} for g in groups}
+    result = TaskResult(
+        "perturbation",
+        52,
+        [MethodScore("SFT", "model", {}, per_condition=per)],
+        info={"perturbations": groups},
+    )
+    ax = pearson_delta_figure(result).axes[0]
+    assert len(ax.get_yticklabels()) == 52 and "all 52 perturbations" in ax.get_title()
+    ax = pearson_delta_figure(result, limit=40).axes[0]
+    assert len(ax.get_yticklabels()) == 40 and "first 40 of 52" in ax.get_title()
+
+
+def test_reward_curves_get_one_panel_each() -> None:
+    from cellduality.eval.plots import reward_figure
+
+    same = [(s, 0.5) for s in range(1, 13)]  # two identical curves: in one axes one would hide the other
+    fig = reward_figure({"annotation": same, "generation": same, "all tasks": same})
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 3
+    assert sorted(ax.get_title().split(" (")[0] for ax in visible) == [
+        "all tasks",
+        "annotation",
+        "generation",
+    ]
+    assert all(len(ax.lines) == 1 for ax in visible)

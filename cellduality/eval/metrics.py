@@ -160,11 +160,15 @@ def accuracy(y_true: Sequence[str], y_pred: Sequence[str | None]) -> float:
 def macro_f1(
     y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str] | None = None
 ) -> float:
-    """Macro-averaged F1 over ``labels`` (default: the labels present in ``y_true``).
+    """Macro-averaged F1 over the classes present in ``y_true`` (or over ``labels`` when given).
 
-    Macro-F1 weighs rare cell types like common ones, which accuracy does not. ``None`` predictions are
-    misses for the true class (they lower its recall) and never count as a predicted class. A class in
-    ``labels`` that never occurs and is never predicted scores 0 (``zero_division=0``). Empty -> ``nan``.
+    Macro-F1 weighs rare cell types like common ones, which accuracy does not. The default averages over
+    the classes the test set holds, as scikit-learn's ``f1_score(labels=...)`` is meant to be used: a
+    candidate label that never occurs in the test labels would add an F1 of 0 that no model can avoid
+    (on an out-of-distribution split the score could then never reach 1). Predicting an absent class is
+    still a miss for the true class (it lowers that class's recall). ``None`` predictions are misses too
+    and never count as a predicted class. Pass ``labels`` only to average over a fixed label set on
+    purpose. Empty -> ``nan``.
     """
     from sklearn.metrics import f1_score
 
@@ -237,11 +241,15 @@ def classification_metrics(
     labels: Sequence[str] | None = None,
     completions: Sequence[Any] | None = None,
 ) -> dict[str, float]:
-    """Accuracy, macro-F1, valid-output rate and (given the raw ``completions``) format rate."""
+    """Accuracy, macro-F1, valid-output rate and (given the raw ``completions``) format rate.
+
+    ``labels`` (every label a prompt may offer) defines what a *valid* answer is; macro-F1 is averaged
+    over the classes present in ``y_true`` only (see :func:`macro_f1`), whatever ``labels`` holds.
+    """
     use = list(labels) if labels is not None else sorted({str(t) for t in y_true})
     out = {
         "accuracy": accuracy(y_true, y_pred),
-        "macro_f1": macro_f1(y_true, y_pred, use),
+        "macro_f1": macro_f1(y_true, y_pred),
         "valid_output_rate": valid_output_rate(y_pred, use),
         "n": float(len(y_true)),
     }

@@ -2,21 +2,27 @@
 
 The Markdown report is written for someone who never saw the code: each task gets one table with the
 models and the baselines side by side, every column says which direction is better, and a short legend
-under the table says what the numbers mean and what "—" (not measurable) stands for. Plots use
-matplotlib's ``Figure`` directly (Agg canvas, no pyplot state), so writing a report never opens a window
-and is safe from threads and servers.
+under the table says what the numbers mean and what "—" (not measurable) stands for. Column names and
+directions come from the metric registry (:mod:`cellduality.eval.metric_info`); the best model or
+baseline value of each column is in bold, and a line under each table says whether a model or a simple
+baseline is strongest (:mod:`cellduality.eval.headline`). A row is only called a *ceiling* if it bounds
+every row it is compared with (:func:`~cellduality.eval.metric_info.honest_kinds`); real cells scored
+like a method are a *reference*. Plots live in :mod:`cellduality.eval.plots`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cellduality.eval.headline import task_headline
+from cellduality.eval.metric_info import best_row, honest_kinds, metric_info, registry_table
+from cellduality.eval.plots import plot_confusions, plot_pca, plot_pearson_delta, write_plots
 
 if TYPE_CHECKING:
     from cellduality.eval.scoring import TaskResult
@@ -28,35 +34,43 @@ TASK_TITLES = {
     "perturbation": "Perturbation response (control cell + perturbation -> cell)",
 }
 
-_RATES = [("valid_output_rate", "valid output ↑"), ("format_rate", "format ↑")]
-COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "annotation": [("accuracy", "accuracy ↑"), ("macro_f1", "macro-F1 ↑"), *_RATES, ("n", "n")],
-    "drug_sensitivity": [("accuracy", "accuracy ↑"), ("macro_f1", "macro-F1 ↑"), *_RATES, ("n", "n")],
-    "generation": [
-        ("knn_accuracy", "kNN@{k} accuracy ↑"),
-        ("scfid", "scFID ↓"),
-        ("rwjs_nearest", "RWJS to nearest real cell ↑"),
-        *_RATES,
-        ("n", "n"),
-    ],
+#: Per task, the metric keys of its table, in column order; labels and directions come from the
+#: registry (:mod:`cellduality.eval.metric_info`), so every header says which way is better.
+TASK_METRICS: dict[str, list[str]] = {
+    "annotation": ["accuracy", "macro_f1", "valid_output_rate", "format_rate", "n"],
+    "drug_sensitivity": ["accuracy", "macro_f1", "valid_output_rate", "format_rate", "n"],
+    "generation": ["knn_accuracy", "scfid", "rwjs_nearest", "valid_output_rate", "format_rate", "n"],
     "perturbation": [
-        ("pearson_delta", "Pearson Δ all genes ↑"),
-        ("pearson_delta_de", "Pearson Δ top-{n_de} DE ↑"),
-        ("rmse_de", "RMSE top-{n_de} DE ↓"),
-        ("de_spearman", "DE Spearman ↑"),
-        ("retrieval", "retrieval ↑ (0.5 = random)"),
-        ("scfid", "scFID ↓"),
-        ("pathway_cosine", "PROGENy cosine ↑"),
-        ("pathway_pearson", "PROGENy Pearson ↑"),
-        *_RATES,
-        ("n_scored", "perturbations with a Pearson Δ"),
+        "pearson_delta",
+        "pearson_delta_de",
+        "rmse_de",
+        "de_spearman",
+        "retrieval",
+        "scfid",
+        "pathway_cosine",
+        "pathway_pearson",
+        "valid_output_rate",
+        "format_rate",
+        "n_scored",
     ],
+}
+
+
+def _header_template(key: str) -> str:
+    info = metric_info(key)
+    return info.label + {True: " ↑", False: " ↓", None: ""}[info.higher_is_better]
+
+
+#: task -> [(metric key, column header with ``{k}`` / ``{n_de}`` placeholders)]
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    task: [(key, _header_template(key)) for key in keys] for task, keys in TASK_METRICS.items()
 }
 
 LEGENDS = {
     "annotation": (
-        "Accuracy and macro-F1 (every type weighted equally) over all test cells; an answer that names no "
-        "candidate counts as wrong. *Valid output*: share of answers naming one of the prompt's candidates. "
+        "Accuracy over all test cells, and macro-F1 averaged over the classes present in the test labels "
+        "(every class weighted equally; candidate labels absent from the test set do not count). An answer "
+        "that names no candidate counts as wrong. *Valid output*: share of answers naming one of the prompt's candidates. "
         "*Format*: share of completions exactly `<think>…</think><answer>…</answer>`. Baselines read the "
         "cells' real expression (train cells -> test cells), not the sentence."
     ),
@@ -79,6 +93,9 @@ LEGENDS = {
     ),
 }
 LEGENDS["drug_sensitivity"] = LEGENDS["annotation"]
+
+#: Rows of the per-perturbation Markdown table (the heading says "first N of M" beyond it).
+PER_PERTURBATION_ROWS = 200
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,8 +121,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def metrics_payload(tasks: Mapping[str, TaskResult], info: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``metrics.json`` holds: the run description and, per task, every method's metrics."""
-    out: dict[str, Any] = {"run": dict(info), "tasks": {}}
+    """What ``metrics.json`` holds: the run description, per task every method's metrics, and the
+    registry entries (label, direction, best value) of the metrics the tables show."""
+    _honest(tasks)
+    keys = list(dict.fromkeys(k for t in tasks for k in TASK_METRICS.get(t, [])))
+    out: dict[str, Any] = {"run": dict(info), "metric_info": registry_table(keys), "tasks": {}}
     for name, result in tasks.items():
         methods = {}
         for score in result.methods:
@@ -150,17 +170,57 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def _honest(tasks: Mapping[str, TaskResult]) -> None:
+    """Relabel, in place, every ``ceiling`` row that another row beats (idempotent; see honest_kinds)."""
+    for result in tasks.values():
+        honest_kinds(result.methods, TASK_METRICS.get(result.task, []))
+
+
 def task_table(result: TaskResult) -> str:
-    """The task's main table: one row per method, the task's metric columns."""
+    """The task's main table: one row per method, the task's metric columns, each column's best in bold.
+
+    Bold marks the best model or baseline value by the registry's direction (reference rows are real
+    cells, not competitors, so they are never bold).
+    """
     params = {"k": result.info.get("k", 3), "n_de": result.info.get("n_de", 20)}
     cols = COLUMNS.get(result.task, [])
     headers = ["method", "type", *[title.format(**params) for _, title in cols]]
-    rows = [[s.name, s.kind, *[fmt(s.metrics.get(key), key) for key, _ in cols]] for s in result.methods]
+    competitors = [s for s in result.methods if s.kind in ("model", "baseline")]
+    best = {}
+    for key, _ in cols:
+        if metric_info(key).higher_is_better is not None and key not in ("valid_output_rate", "format_rate"):
+            top = best_row(competitors, key)
+            best[key] = float(top.metrics[key]) if top is not None else None
+
+    def cell(s: Any, key: str) -> str:
+        text = fmt(s.metrics.get(key), key)
+        bold = s in competitors and best.get(key) is not None and s.metrics.get(key) == best[key]
+        return f"**{text}**" if bold else text
+
+    rows = [[s.name, s.kind, *[cell(s, key) for key, _ in cols]] for s in result.methods]
     return markdown_table(headers, rows)
 
 
-def per_perturbation_table(result: TaskResult, limit: int = 60) -> str:
-    """Pearson Δ (all genes) per perturbation and method: where a model wins and where it fails."""
+def headline_lines(result: TaskResult) -> list[str]:
+    """Per headline metric: the best model, the simplest and the strongest baseline, and the verdict."""
+    lines = []
+    for r in task_headline(result):
+        if not r["models"]:
+            continue
+        best = ", ".join(f"{name} {fmt(v)}" for name, v in r["models"].items())
+        lines.append(
+            f"- **{r['metric']}**: {best}; simplest baseline {r['baseline'] or '—'} {fmt(r['baseline value'])}, "
+            f"strongest baseline {r['strongest baseline'] or '—'} {fmt(r['strongest value'])}: "
+            f"**{r['verdict']}**"
+        )
+    return lines
+
+
+def per_perturbation_table(result: TaskResult, limit: int | None = None) -> str:
+    """Pearson Δ (all genes) per perturbation and method: where a model wins and where it fails.
+
+    All perturbations by default; :func:`render_markdown` says "first N of M" when ``limit`` cuts.
+    """
     groups = list(result.info.get("perturbations") or [])[:limit]
     methods = [s for s in result.methods if s.per_condition]
     if not groups or not methods:
@@ -224,11 +284,14 @@ def render_markdown(
     tasks: Mapping[str, TaskResult], info: Mapping[str, Any], plots: Mapping[str, Sequence[str]]
 ) -> str:
     """The whole ``report.md`` text."""
+    _honest(tasks)
     parts = ["# CellDuality evaluation", "", *_run_section(info), ""]
     parts += [
         "Each table lists the evaluated models (type *model*), simple baselines on the same examples "
-        "(*baseline*) and, where one exists, the best score the data allow (*ceiling*). ↑: higher is "
-        "better, ↓: lower is better, —: not measurable (no usable output, or not defined for that row).",
+        "(*baseline*) and real held-out cells scored the same way (*reference*: what real cells reach, "
+        "not an upper bound; a model can score above it). ↑: higher is better, ↓: lower is better; "
+        "**bold**: the best model or baseline in the column; —: not measurable (no usable output, or not "
+        "defined for that row).",
         "",
     ]
     for name, result in tasks.items():
@@ -241,15 +304,24 @@ def render_markdown(
         if not result.methods:
             parts += ["Nothing to report: no model and no baseline.", ""]
         else:
-            parts += [task_table(result), "", LEGENDS.get(name, "").format(**params), ""]
+            parts += [task_table(result), ""]
+            verdicts = headline_lines(result)
+            parts += [*verdicts, ""] if verdicts else []
+            parts += [LEGENDS.get(name, "").format(**params), ""]
         notes = [f"*{s.name}*: {s.note}" for s in result.methods if s.note]
         if result.info.get("note"):
             notes.append(str(result.info["note"]))
         parts += [f"- {n}" for n in notes] + ([""] if notes else [])
         if name == "perturbation":
-            table = per_perturbation_table(result)
+            table = per_perturbation_table(result, PER_PERTURBATION_ROWS)
+            n_groups = len(result.info.get("perturbations") or [])
             if table:
-                parts += ["### Pearson Δ (all genes) per perturbation", "", table, ""]
+                shown = (
+                    f"all {n_groups}"
+                    if n_groups <= PER_PERTURBATION_ROWS
+                    else f"first {PER_PERTURBATION_ROWS} of {n_groups}"
+                )
+                parts += [f"### Pearson Δ (all genes) ↑ per perturbation ({shown})", "", table, ""]
         for path in plots.get(name, []):
             parts += [f"![{Path(path).stem}]({path})", ""]
     notes = info.get("notes") or []
@@ -258,146 +330,11 @@ def render_markdown(
     return "\n".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------------
-# plots
-
-
-def _figure(n_panels: int, panel: tuple[float, float], cols: int = 3) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure
-
-    cols = max(1, min(cols, n_panels))
-    rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(panel[0] * cols, panel[1] * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, axes[:n_panels]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "plot"
-
-
-def plot_confusions(result: TaskResult, path: Path) -> Path | None:
-    """Row-normalised confusion matrices, one panel per method; the last column counts invalid answers."""
-    scored = [s for s in result.methods if s.confusion is not None]
-    if not scored or not result.labels:
-        return None
-    labels = result.labels
-    size = max(3.2, 0.35 * len(labels) + 2.0)
-    fig, axes = _figure(len(scored), (size + 0.6, size))
-    for ax, score in zip(axes, scored, strict=True):
-        counts = np.asarray(score.confusion, dtype=float)
-        totals = counts.sum(axis=1, keepdims=True)
-        frac = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-        image = ax.imshow(frac, vmin=0, vmax=1, cmap="Blues", aspect="auto")
-        ax.set_title(score.name, fontsize=9)
-        ax.set_xticks(range(len(labels) + 1), [*labels, "(invalid)"], rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
-        if len(labels) <= 12:
-            for (i, j), c in np.ndenumerate(counts):
-                if c:
-                    ax.text(
-                        j,
-                        i,
-                        str(int(c)),
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if frac[i, j] > 0.5 else "black",
-                    )
-    fig.colorbar(image, ax=axes, shrink=0.6, label="share of the true class")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_pca(result: TaskResult, path: Path, max_legend: int = 12) -> Path | None:
-    """Generated cells over the real ones in the first two principal components of the real cells."""
-    if result.reference_points is None or result.reference_points.shape[0] == 0:
-        return None
-    panels = [s for s in result.methods if s.kind == "model" and s.points is not None]
-    if not panels:
-        return None
-    ref = result.reference_points
-    classes = sorted(set(result.reference_labels or []))
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    color = {c: cmap(i % 20) for i, c in enumerate(classes)}
-    fig, axes = _figure(len(panels), (4.2, 3.8))
-    for ax, score in zip(axes, panels, strict=True):
-        ax.scatter(ref[:, 0], ref[:, 1], s=8, c="lightgrey", label="real cells", linewidths=0)
-        pts = score.points if score.points is not None else np.zeros((0, 2))
-        labels = score.point_labels or []
-        for cls in classes:
-            mask = np.asarray([lab == cls for lab in labels], dtype=bool)
-            if mask.any():
-                ax.scatter(pts[mask, 0], pts[mask, 1], s=14, color=color[cls], label=cls, linewidths=0)
-        if pts.shape[0] == 0:
-            ax.text(0.5, 0.5, "no valid generated cell", transform=ax.transAxes, ha="center", va="center")
-        ax.set_title(f"{score.name}: {pts.shape[0]} generated", fontsize=9)
-        ax.set_xlabel("PC1 (real cells)", fontsize=8)
-        ax.set_ylabel("PC2", fontsize=8)
-        if len(classes) <= max_legend:
-            ax.legend(fontsize=6, markerscale=1.2, loc="best")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_pearson_delta(result: TaskResult, path: Path, limit: int = 40) -> Path | None:
-    """Per-perturbation Pearson Δ (all genes), one bar per method; missing bars are unmeasurable."""
-    groups = list(result.info.get("perturbations") or [])[:limit]
-    methods = [s for s in result.methods if s.per_condition and s.kind != "ceiling"]
-    ceiling = next((s for s in result.methods if s.kind == "ceiling"), None)
-    if not groups or not methods:
-        return None
-    from matplotlib.figure import Figure
-
-    height = 1.5 + len(groups) * (0.1 + 0.07 * len(methods))
-    fig = Figure(figsize=(8.0, height), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(methods)
-    y = np.arange(len(groups))
-    for k, score in enumerate(methods):
-        values = [score.per_condition.get(g, {}).get("pearson_delta", float("nan")) for g in groups]
-        ax.barh(
-            y + k * width - 0.4 + width / 2, np.nan_to_num(values, nan=0.0), height=width, label=score.name
-        )
-    if ceiling is not None:
-        values = [ceiling.per_condition.get(g, {}).get("pearson_delta", float("nan")) for g in groups]
-        ax.scatter(values, y, marker="|", s=120, color="black", label=ceiling.name, zorder=3)
-    ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_yticks(y, groups, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("Pearson Δ, all genes (missing bar = not measurable)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def write_plots(tasks: Mapping[str, TaskResult], out: Path) -> dict[str, list[str]]:
-    """Every plot the report embeds, as paths relative to ``out``."""
-    folder = out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    made: dict[str, list[str]] = {}
-    for name, result in tasks.items():
-        paths: list[Path | None] = []
-        if result.labels:
-            paths.append(plot_confusions(result, folder / f"confusion_{_slug(name)}.png"))
-        if name in ("generation", "perturbation"):
-            paths.append(plot_pca(result, folder / f"pca_{_slug(name)}.png"))
-        if name == "perturbation":
-            paths.append(plot_pearson_delta(result, folder / "pearson_delta_per_perturbation.png"))
-        made[name] = [str(p.relative_to(out)) for p in paths if p is not None]
-    return made
-
-
 def write_report(
     tasks: Mapping[str, TaskResult], info: Mapping[str, Any], out: str | Path, plots: bool = True
 ) -> dict[str, Path]:
     """Write ``metrics.json``, the plots and ``report.md`` into ``out``; return their paths."""
+    _honest(tasks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -414,7 +351,9 @@ def write_report(
 
 __all__ = [
     "COLUMNS",
+    "TASK_METRICS",
     "fmt",
+    "headline_lines",
     "markdown_table",
     "metrics_payload",
     "plot_confusions",

@@ -56,10 +56,15 @@ def _mean(values: Any) -> float:
 
 @dataclass
 class MethodScore:
-    """One row of a task's table: a model, a baseline or a ceiling, and what the plots need."""
+    """One row of a task's table: a model, a baseline or a reference, and what the plots need.
+
+    ``kind`` is one of :data:`cellduality.eval.metric_info.KINDS`: a ``reference`` (real cells scored
+    like a method) informs but does not bound; ``ceiling`` is reserved for true upper bounds, and the
+    report relabels any ceiling that another row beats.
+    """
 
     name: str
-    kind: str  # "model" | "baseline" | "ceiling"
+    kind: str  # "model" | "baseline" | "reference" | "ceiling"
     metrics: dict[str, float]
     per_condition: dict[str, dict[str, float]] = field(default_factory=dict)
     confusion: np.ndarray | None = None
