@@ -45,7 +45,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
-QUICK = DemoPlan(12, 60, 60, 12, 128, 4, 6, 8, 24, check_rows=12, check_group=2)
+QUICK = DemoPlan(12, 60, 60, 6, 128, 4, 6, 8, 24, check_rows=12, check_group=2)
 
 
 class Stages:
