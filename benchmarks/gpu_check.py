@@ -73,6 +73,35 @@ def build_model(out: Path, layers: int, cpu_smoke: bool) -> Path:
     return target
 
 
+def grpo_argv(args: argparse.Namespace, sft_dir: Path, dtype: str, out: str, *extra: str) -> list[str]:
+    """The GRPO run of the check: the tiny dual recipe with the 3B-shaped model, ``extra`` on top."""
+    return [
+        "--config",
+        str(REPO / "recipes/tiny-cpu/grpo_dual.yaml"),
+        "--model_name_or_path",
+        str(sft_dir),
+        "--build_tiny_model",
+        "false",
+        "--dtype",
+        dtype,
+        "--output_dir",
+        str(args.out / out),
+        "--prepared_dir",
+        str(args.out / "prepared"),
+        "--max_steps",
+        str(args.steps),
+        "--num_generations",
+        "8",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_completion_length",
+        "64",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,35 +158,17 @@ def main() -> None:
     start = time.perf_counter()
     trainer = run_grpo(
         *grpo_args(
-            [
-                "--config",
-                str(REPO / "recipes/tiny-cpu/grpo_dual.yaml"),
-                "--model_name_or_path",
-                str(sft_dir),
-                "--build_tiny_model",
-                "false",
-                "--dtype",
+            grpo_argv(
+                args,
+                sft_dir,
                 dtype,
-                "--output_dir",
-                str(args.out / "grpo"),
-                "--prepared_dir",
-                str(args.out / "prepared"),
-                "--max_steps",
-                str(args.steps),
-                "--num_generations",
-                "8",
-                "--per_device_train_batch_size",
-                "8",
-                "--max_completion_length",
-                "64",
+                "grpo",
                 "--dual_max_new_tokens",
                 "32",
                 "--gradient_checkpointing",
                 "true",
-                "--save_strategy",
-                "no",
                 *device,
-            ]
+            )
         )
     )
     wall = time.perf_counter() - start
@@ -189,27 +200,11 @@ def vllm_step(args: argparse.Namespace, sft_dir: Path, dtype: str, device: list[
     start = time.perf_counter()
     trainer = run_grpo(
         *grpo_args(
-            [
-                "--config",
-                str(REPO / "recipes/tiny-cpu/grpo_dual.yaml"),
-                "--model_name_or_path",
-                str(sft_dir),
-                "--build_tiny_model",
-                "false",
-                "--dtype",
+            grpo_argv(
+                args,
+                sft_dir,
                 dtype,
-                "--output_dir",
-                str(args.out / "grpo_vllm"),
-                "--prepared_dir",
-                str(args.out / "prepared"),
-                "--max_steps",
-                str(args.steps),
-                "--num_generations",
-                "8",
-                "--per_device_train_batch_size",
-                "8",
-                "--max_completion_length",
-                "64",
+                "grpo_vllm",
                 "--use_vllm",
                 "true",
                 "--vllm_mode",
@@ -222,10 +217,8 @@ def vllm_step(args: argparse.Namespace, sft_dir: Path, dtype: str, device: list[
                 "0.7",
                 "--dual_max_new_tokens",
                 "32",
-                "--save_strategy",
-                "no",
                 *device,
-            ]
+            )
         )
     )
     logs = [h for h in trainer.state.log_history if "step_time" in h]

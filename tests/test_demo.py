@@ -98,6 +98,15 @@ def test_full_demo_report(tmp_path) -> None:
     trends = metrics["grpo_dual_reward"]["trend"]
     assert trends[ALL_TASKS]["rise"] > 0, f"the dual reward did not rise over GRPO: {trends}"
     assert max(t["rise"] for task, t in trends.items() if task != ALL_TASKS) > 0
+    # the dual-signal targets on the SFT checkpoint: right beats wrong, with intervals above 0
+    checks = {c["task"]: c for c in metrics["dual_check"]["SFT"]}
+    annotation_gap = checks["annotation"]["gaps"][0]
+    assert annotation_gap["ci_low"] > 0 and annotation_gap["gap"] >= 0.05, annotation_gap
+    generation_gap = checks["generation"]["gaps"][0]
+    assert generation_gap["ci_low"] > 0 and generation_gap["gap"] >= 0.15, generation_gap
+    for task in ("annotation", "generation"):  # inside mixed sampled groups, right beats wrong
+        view = checks[task]["grpo"]
+        assert view["dual_of_better"] > view["dual_of_worse"], (task, view)
 
 
 def test_headline_rows_show_both_baselines_and_a_verdict() -> None:

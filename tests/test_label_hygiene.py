@@ -34,17 +34,21 @@ def test_ids_are_opaque(prepared_all) -> None:
     assert not any("br" in r.split("/")[-1] or "par" in r.split("/")[-1] for r in scad["id"])
 
 
-def test_candidates_come_from_the_training_split() -> None:
-    """OOD perturbation split: no held-out perturbation appears in a training row, prompt or candidates."""
+@pytest.fixture(scope="module")
+def norman_ood():
     from cellduality.data import load_dataset
 
-    prepared = build_tasks(
+    return build_tasks(
         load_dataset("norman_devel"),
         ["perturbation"],
         split="ood",
         config=TaskConfig(top_k=16, max_examples=200, seed=0),
     )
-    train, test = prepared.datasets["train"], prepared.datasets["test"]
+
+
+def test_candidates_come_from_the_training_split(norman_ood) -> None:
+    """OOD perturbation split: no held-out perturbation appears in a training row, prompt or candidates."""
+    train, test = norman_ood.datasets["train"], norman_ood.datasets["test"]
     held_out = set(test["condition"]) - set(train["condition"])
     assert held_out, "the OOD split must hold perturbations out"
     for row in train:
@@ -90,18 +94,12 @@ def test_no_unknown_tokens(prepared_all) -> None:
                     assert tok.unk_token_id not in ids, (name, split, row["task"], text[:200])
 
 
-def test_training_vocabulary_holds_no_held_out_name() -> None:
+def test_training_vocabulary_holds_no_held_out_name(norman_ood) -> None:
     """OOD: the tokenizer's words come from training rows; a held-out double is made of gene pieces."""
-    from cellduality.data import load_dataset
     from cellduality.modeling import build_tokenizer
     from cellduality.train.common import texts_of_tasks
 
-    prepared = build_tasks(
-        load_dataset("norman_devel"),
-        ["perturbation"],
-        split="ood",
-        config=TaskConfig(top_k=16, max_examples=200, seed=0),
-    )
+    prepared = norman_ood
     train, test = prepared.datasets["train"], prepared.datasets["test"]
     held_out = set(test["condition"]) - set(train["condition"])
     tok = build_tokenizer(prepared.genes, texts_of_tasks(prepared))
