@@ -174,3 +174,23 @@ def test_report_to_trackio_offline(tmp_path, monkeypatch) -> None:
     rows = sqlite3.connect(db).execute("select run_name, metrics from metrics").fetchall()
     assert rows and {name for name, _ in rows} == {"offline-run"}
     assert any("train/rewards/dual/mean" in json.loads(m) for _, m in rows)
+
+
+def test_monitor_split_logs_agreement_without_labels_in_training(tmp_path) -> None:
+    """The monitor holds labelled rows out of training and logs how the dual reward agrees with the
+    truth on them; the trainer keeps only the monitor's folder, never its rows."""
+    from datasets import load_from_disk
+
+    from cellduality.train.grpo import run_grpo
+    from cellduality.train.monitor import DualMonitor
+
+    trainer = run_grpo(*_args(tmp_path, "--monitor_rows", "2", "--monitor_steps", "1"))
+    monitor = load_from_disk(str(tmp_path / "run" / "monitor"))
+    assert len(monitor) == 4 and "answer" in monitor.column_names  # 2 per task, labelled, on disk
+    assert not set(monitor["id"]) & set(trainer.train_dataset["id"])  # never trained on
+    logged = {k for h in trainer.state.log_history for k in h if k.startswith("monitor/")}
+    assert {"monitor/annotation/oracle", "monitor/generation/oracle"} <= logged
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, DualMonitor)]
+    assert isinstance(callback.folder, str) and not any(
+        hasattr(v, "column_names") for v in vars(callback).values()
+    )

@@ -73,6 +73,14 @@ class CellDualityArguments:
         default=1, metadata={"help": "dual completions averaged per forward completion"}
     )
 
+    monitor_rows: int = field(
+        default=0,
+        metadata={
+            "help": "labelled training rows per task held out as a monitor split: every monitor_steps the "
+            "agreement of the dual reward with the truth is logged (monitor/<task>/...); 0 turns it off"
+        },
+    )
+    monitor_steps: int = field(default=10, metadata={"help": "steps between two monitor checks"})
     auto_vllm: bool = field(
         default=False, metadata={"help": "turn use_vllm on when vLLM is installed and CUDA is available"}
     )

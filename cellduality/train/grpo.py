@@ -57,6 +57,16 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     train = training_rows(
         prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed
     )
+    monitor_dir = None
+    if cd_args.monitor_rows > 0:
+        from cellduality.train.monitor import MONITOR_DIR, split_monitor_rows
+
+        train, monitor = split_monitor_rows(train, cd_args.monitor_rows, training_args.seed)
+        monitor_dir = Path(training_args.output_dir) / MONITOR_DIR
+        with training_args.main_process_first(desc="writing the monitor split"):
+            if training_args.process_index == 0:
+                monitor.save_to_disk(str(monitor_dir))
+        del monitor  # only its folder is kept: the trainer holds no labelled rows
     if cd_args.reward_mode == "self_supervised":
         # no label reaches a reward: not the answer, not the original cell id (it can encode one)
         train = train.remove_columns([c for c in LABEL_COLUMNS if c in train.column_names])
@@ -87,6 +97,31 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         peft_config=get_peft_config(model_args),
     )
     generator.trainer = trainer
+    if monitor_dir is not None:
+        from cellduality.train.monitor import DualMonitor
+
+        sampler = PolicyGenerator(
+            tokenizer,
+            max_new_tokens=training_args.max_completion_length,
+            do_sample=True,
+            temperature=training_args.temperature,
+        )
+        sampler.trainer = trainer
+        dual = next((r for r in rewards if isinstance(r, DualReward)), None)
+        if dual is None:  # an oracle run: the monitor still shows what the dual reward would say
+            dual = DualReward(
+                generate=generator, vocabulary=gene_vocabulary(prepared.genes), deterministic=True
+            )
+        monitor_callback = DualMonitor(
+            monitor_dir,
+            dual,
+            sampler,
+            gene_vocabulary(prepared.genes),
+            group_size=training_args.num_generations,
+            every=cd_args.monitor_steps,
+        )
+        monitor_callback.log_metric = lambda key, value: trainer._metrics["train"][key].append(value)
+        trainer.add_callback(monitor_callback)
     from cellduality.train.progress import use_compact_progress
 
     use_compact_progress(trainer, training_args.output_dir)

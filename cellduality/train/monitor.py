@@ -1,0 +1,104 @@
+"""Is a label-free run going the right way? A labelled monitor split, checked every N steps.
+
+A self-supervised run optimises the dual reward; whether that reward still agrees with the truth is
+what a person needs to see while it trains. ``DualMonitor`` holds out a few *training* rows per task
+(they never reach the training rows), and every ``every`` steps samples G forward answers per monitor
+prompt with the live policy, scores them with the run's own dual reward (fed no label column) and
+with the oracle, and logs per task:
+
+- ``monitor/<task>/spearman``: mean within-group Spearman correlation of dual and oracle rewards;
+- ``monitor/<task>/dual_gap``: dual reward of the better minus the worse answers inside mixed groups;
+- ``monitor/<task>/oracle``: the oracle reward of the sampled answers (how good the policy is).
+
+Labels stay out of the trainer: the monitor rows are written to ``<output_dir>/monitor`` when the run
+starts, and the callback keeps only that path. At each check the rows are read from disk, used, and
+dropped; no reward ever receives them. Every rank runs the same checks on the same rows, so the
+generation calls (collective under ZeRO-3 or vLLM) happen the same number of times everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+MONITOR_DIR = "monitor"
+
+
+def split_monitor_rows(train: Any, per_task: int, seed: int) -> tuple[Any, Any]:
+    """(training rows without the monitor rows, the monitor rows): ``per_task`` seeded rows per task."""
+    rng = np.random.default_rng([seed, 7])
+    tasks = np.asarray(train["task"])
+    picked: list[int] = []
+    for task in dict.fromkeys(tasks.tolist()):
+        idx = np.flatnonzero(tasks == task)
+        if idx.size > per_task:  # a task with too few rows keeps all of them for training
+            picked.extend(rng.choice(idx, size=per_task, replace=False).tolist())
+    keep = sorted(set(range(len(train))) - set(picked))
+    return train.select(keep), train.select(sorted(picked))
+
+
+class DualMonitor(TrainerCallback):
+    """Agreement of the dual reward with the truth on held-out labelled rows, every ``every`` steps."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        dual_reward: Callable[..., list[float | None]],
+        sample: Callable[[list[Any]], list[str]],
+        vocabulary: Mapping[str, str],
+        group_size: int = 4,
+        every: int = 10,
+    ) -> None:
+        self.folder = str(folder)  # the path only: the rows are read at each check and dropped
+        self.dual_reward = dual_reward
+        self.sample = sample
+        self.vocabulary = dict(vocabulary)
+        self.group_size = group_size
+        self.every = every
+        # where the figures go: the trainer's metric store (TRL's ``_metrics``), logged with the step
+        self.log_metric: Callable[[str, float], None] | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.every > 0 and state.global_step % self.every == 0:
+            for key, value in self.check().items():
+                if self.log_metric is not None:
+                    self.log_metric(key, value)
+            control.should_log = True
+        return control
+
+    def check(self) -> dict[str, float]:
+        """One round of the monitor: per task Spearman, dual gap and oracle reward."""
+        from datasets import load_from_disk
+
+        from cellduality.eval.dual_check import group_view
+        from cellduality.rewards.oracle import Oracle
+
+        rows = load_from_disk(self.folder).to_list()
+        g = self.group_size
+        prompts = [r["prompt"] for r in rows for _ in range(g)]
+        completions = self.sample(prompts)  # one generation call, the same on every rank
+        columns = {
+            k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k not in ("answer", "cell_id")
+        }
+        dual = np.asarray(self.dual_reward(prompts=prompts, completions=completions, **columns), dtype=float)
+        labelled = {
+            k: [r[k] for r in rows for _ in range(g)] for k in ("task", "answer", "candidates", "n_genes")
+        }
+        oracle = np.asarray(Oracle(self.vocabulary)(completions=completions, **labelled), dtype=float)
+        tasks = np.asarray([r["task"] for r in rows])
+        out: dict[str, float] = {}
+        for task in dict.fromkeys(tasks.tolist()):
+            m = tasks == task
+            d = dual.reshape(len(rows), g)[m]
+            o = oracle.reshape(len(rows), g)[m]
+            view = group_view(d, o, np.ones(d.size, dtype=bool), task)
+            if view.spearman is not None:
+                out[f"monitor/{task}/spearman"] = view.spearman
+            if view.dual_of_better is not None and view.dual_of_worse is not None:
+                out[f"monitor/{task}/dual_gap"] = view.dual_of_better - view.dual_of_worse
+            out[f"monitor/{task}/oracle"] = float(o.mean())
+        return out
