@@ -139,6 +139,8 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str =
         reward_funcs=["format", "dual"] if mode == "dual" else ["format", "oracle"],
         dual_max_new_tokens=2 * plan.top_k + 8,
         prepared_dir=str(out / "train_prepared"),
+        monitor_rows=8,
+        monitor_steps=max(1, plan.grpo_steps // 3),
     )
     args = GRPOConfig(
         output_dir=str(out / name),
@@ -175,6 +177,19 @@ def dual_reward_curves(log_history: list[dict[str, Any]]) -> dict[str, list[tupl
             elif key == "rewards/dual/mean":
                 curves.setdefault(ALL_TASKS, []).append((int(entry["step"]), float(value)))
     return curves
+
+
+def monitor_series(log_history: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per task and figure (spearman, dual_gap, oracle), the monitor split's values at each check."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "monitor" and "step" in entry and value is not None:
+                out.setdefault(parts[1], {}).setdefault(parts[2], []).append(
+                    (int(entry["step"]), float(value))
+                )
+    return out
 
 
 def trend(points: list[tuple[int, float]]) -> dict[str, float]:
@@ -279,6 +294,7 @@ def _write_report(
     quick: bool,
     seed: int,
     checks: dict[str, Any] | None = None,
+    monitor: dict[str, dict[str, list[tuple[int, float]]]] | None = None,
 ) -> Path:
     markdown_table, to_json = _check_imports()
     report = out / "report"
@@ -294,6 +310,7 @@ def _write_report(
         "headline": headline,
         "grpo_dual_reward": {"curves": curves, "trend": trends},
         "dual_check": {name: to_json(c) for name, c in (checks or {}).items()},
+        "monitor": monitor or {},
         "datasets": {name: json.loads((report / name / "metrics.json").read_text()) for name in results},
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
@@ -328,6 +345,30 @@ def _write_report(
     for task, t in sorted(trends.items()):
         lines.append(f"| {task} | {_fmt(t['first'])} | {_fmt(t['last'])} | {t['rise']:+.3f} |")
     lines += ["", "![dual reward over GRPO steps](dual_rewards.png)", ""]
+    if monitor:
+        lines += [
+            "### Monitor split: does the dual reward still agree with the truth?",
+            "",
+            "8 labelled training rows per task, held out of GRPO; at each check G sampled answers per prompt "
+            "are scored by the dual reward and by the oracle (labels read by the monitor only). Spearman of "
+            "the two inside groups, and the dual reward of the better minus the worse answers; first and "
+            "last check:",
+            "",
+            "| task | Spearman(dual, oracle) | dual gap, better − worse | oracle reward |",
+            "|---|---|---|---|",
+        ]
+
+        def first_last(points: list[tuple[int, float]] | None) -> str:
+            if not points:
+                return "—"
+            return f"{points[0][1]:+.3f} → {points[-1][1]:+.3f} (steps {points[0][0]}–{points[-1][0]})"
+
+        for task, figures in sorted(monitor.items()):
+            lines.append(
+                f"| {task} | {first_last(figures.get('spearman'))} | {first_last(figures.get('dual_gap'))} | "
+                f"{first_last(figures.get('oracle'))} |"
+            )
+        lines.append("")
     if checks:
         lines += [
             "## Does the dual reward tell right from wrong? (`cellduality dual-check`)",
@@ -376,7 +417,8 @@ def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -
         checks = _dual_check(out, folders, plan, seed)
     with stages.stage("6/6 report", "tables and plots"):
         curves = dual_reward_curves(grpo.state.log_history)
-        report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks)
+        monitor = monitor_series(grpo.state.log_history)
+        report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks, monitor)
     table = Table(title="CellDuality demo: headline (held-out cells)")
     for col in ("task", "metric", *MODELS, "simplest baseline", "strongest baseline", "verdict"):
         table.add_column(col)

@@ -58,6 +58,9 @@ def _check_report(report: Path) -> dict:
         assert {c["task"] for c in checks} == TASKS
         assert all(c["verdict"] for c in checks)
     assert "cellduality dual-check" in text
+    # the monitor split: agreement of the dual reward with the truth during GRPO, per task
+    assert metrics["monitor"] and all("oracle" in figures for figures in metrics["monitor"].values())
+    assert "Monitor split" in text
     if any(not c["carries_signal"] for c in metrics["dual_check"]["SFT"]):
         assert "Flagged: no dual signal" in text
     assert set(metrics["timings_s"]) == {
