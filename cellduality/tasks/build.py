@@ -183,6 +183,10 @@ def build_tasks(
         "source": data.source,
         "summary": summarise(dd),
     }
+    from cellduality.tasks.labels import task_labels  # what a prediction may ask this dataset's model
+
+    slim = [ds.select_columns(["task", "candidates", "condition"]).to_list() for ds in dd.values()]
+    meta["labels"] = task_labels([r for part in slim for r in part], data, tasks)
     return PreparedTasks(dd, meta)
 
 
