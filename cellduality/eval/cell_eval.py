@@ -161,7 +161,8 @@ def report_section(result: Any) -> list[str]:
     if not found:
         return []
     rows = [
-        [name, *[fmt(item["metrics"].get(key)) for key, _ in HEADLINE]] for name, item in found["methods"].items()
+        [name, *[fmt(item["metrics"].get(key)) for key, _ in HEADLINE]]
+        for name, item in found["methods"].items()
     ]
     return [
         "### cell-eval (the field's reference evaluator) on the same predictions",
