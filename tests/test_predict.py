@@ -173,8 +173,9 @@ def test_confidence_is_the_label_free_dual_score(trained, pbmc_h5ad) -> None:
 
     cells = prepare_cells(user, part)
     settings = GenerationSettings(max_new_tokens=40)
+    scores = part.gene_scores(cells.sentences)  # the hidden genes are chosen as in training
     rows = [
-        annotation_example(str(user.obs_names[i]), s, candidates, part.config, part.name)
+        annotation_example(str(user.obs_names[i]), s, candidates, part.config, part.name, gene_scores=scores)
         for i, s in enumerate(cells.sentences)
     ]
     prompts = [
@@ -196,10 +197,16 @@ def test_best_of_n_keeps_the_sample_the_dual_prefers(trained, pbmc_h5ad) -> None
     user = ad.read_h5ad(pbmc_h5ad)[:3].copy()
     part = Checkpoint.load(trained / "sft").dataset_for("annotation")
     cells = prepare_cells(user, part)
+    scores = part.gene_scores(cells.sentences)
     hidden = {}  # visible genes as the dual prompt shows them -> the genes hidden from it
     for i, sentence in enumerate(cells.sentences):
         row = annotation_example(
-            str(user.obs_names[i]), sentence, part.labels("annotation"), part.config, part.name
+            str(user.obs_names[i]),
+            sentence,
+            part.labels("annotation"),
+            part.config,
+            part.name,
+            gene_scores=scores,
         )
         hidden[" ".join(row["visible_genes"])] = row["hidden_genes"]
 
@@ -300,20 +307,31 @@ def test_perturbation_predictions_are_scored_by_cell_eval(trained, norman, tmp_p
 
 
 def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
+    """For the same cell, candidates and gene scores, predict's prompt, dual inputs and candidate order
+    are the task builders' (if a builder changes how it asks, this fails)."""
     from cellduality.predict.examples import annotation_example, generation_example
     from cellduality.sentences import cell_sentences
     from cellduality.tasks.classification import annotation_rows
+    from cellduality.tasks.common import presence_scores
     from cellduality.tasks.generative import generation_rows
 
     sentences = cell_sentences(pbmc.adata, top_k=CFG.top_k, seed=CFG.seed)
+    scores = presence_scores(sentences)
     cells = np.arange(0, 700, 97)
     candidates = sorted(pbmc.adata.obs["bulk_labels"].astype(str).unique())
     fields = ("prompt", "candidates", "visible_genes", "hidden_genes", "cell_genes")
-    for row in annotation_rows(pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG):
+    extra = {"pool": candidates, "gene_scores": scores}
+    for row in annotation_rows(
+        pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
+    ):
         i = list(pbmc.adata.obs_names).index(row["cell_id"])
-        mine = annotation_example(row["cell_id"], sentences[i], candidates, CFG, "pbmc68k", split="test")
+        mine = annotation_example(
+            row["cell_id"], sentences[i], candidates, CFG, "pbmc68k", split="test", gene_scores=scores
+        )
         assert {k: mine[k] for k in fields} == {k: row[k] for k in fields}
-    for row in generation_rows(pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG):
+    for row in generation_rows(
+        pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
+    ):
         mine = generation_example(row["cell_id"], row["condition"], candidates, CFG, "pbmc68k", split="test")
         assert mine["prompt"] == row["prompt"] and mine["candidates"] == row["candidates"]
 
@@ -358,8 +376,10 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys, sh
 def test_run_metadata_records_candidates(trained) -> None:
     meta = json.loads((trained / "sft" / "cellduality_run.json").read_text())["prepared"]["parts"]
     assert len(meta["pbmc68k"]["labels"]["annotation"]) == 10
-    conditions = meta["norman_devel"]["labels"]["perturbation"]["conditions"]
-    assert conditions["KLF1"] == {"cell type: k562": "overexpression (CRISPRa) of KLF1"}
+    labels = meta["norman_devel"]["labels"]["perturbation"]
+    assert labels["conditions"]["KLF1"] == {"cell type: k562": "overexpression (CRISPRa) of KLF1"}
+    assert "KLF1" in labels["trained"] and "control" not in labels["trained"]
+    assert meta["pbmc68k"]["hidden_genes"]["scores"]  # the in-painting dual hides genes as in training
 
 
 def test_eval_puts_cell_eval_next_to_our_metrics(trained, tmp_path) -> None:

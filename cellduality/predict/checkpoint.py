@@ -62,6 +62,20 @@ class TrainedDataset:
         known = TaskConfig.__dataclass_fields__
         return TaskConfig(**{k: v for k, v in cfg.items() if k in known})
 
+    def gene_scores(self, sentences: Sequence[Sequence[str]]) -> dict[str, float] | None:
+        """Which genes the in-painting dual hides, as in training: the trained dataset's presence scores
+        (recorded in its meta); for a meta that predates them, the same label-free score on ``sentences``
+        when the rule was ``informative``, and ``None`` (random genes) for the ``random`` rule."""
+        from cellduality.tasks.common import presence_scores
+
+        info = self.meta.get("hidden_genes") or {}
+        if info.get("scores"):
+            return {str(g): float(v) for g, v in info["scores"].items()}
+        if info.get("rule", "random") == "random":
+            return None
+        top_k = self.config.top_k
+        return presence_scores([s[:top_k] for s in sentences])
+
     @property
     def columns(self) -> Columns:
         cols = dict(self.meta.get("columns") or {})

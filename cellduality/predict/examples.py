@@ -8,7 +8,7 @@ functions give the training rows' prompts for the same cell and candidates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cellduality.tasks.common import (
@@ -36,12 +36,14 @@ def annotation_example(
     *,
     context: str = "",
     split: str = SPLIT,
+    gene_scores: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """An annotation prompt for one cell (``candidates`` sorted, as the builder sorts them)."""
+    """An annotation prompt for one cell (``candidates`` sorted, as the builder sorts them);
+    ``gene_scores`` choose the hidden genes as in training (:func:`cellduality.tasks.common.hide_genes`)."""
     rid = f"{dataset}/annotation/{split}/{cell_id}"
     rng = example_rng(cfg.seed, rid)
     sentence = list(sentence)[: cfg.top_k]
-    visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction)
+    visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
     cands = shuffled(rng, list(candidates))
     prompt = pick(rng, ANNOTATION).format(
         cell=join_genes(sentence),

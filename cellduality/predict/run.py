@@ -126,6 +126,7 @@ def annotate(
         _say(verbose, note)
     ctx_cols = require_context(cells.adata.obs, trained, where)
     cfg = trained.config
+    scores_of_genes = trained.gene_scores(cells.sentences)
     rows, kept = [], []
     for i, sentence in enumerate(cells.sentences):
         if not sentence:
@@ -134,7 +135,13 @@ def annotate(
         ctx = context_text(obs_row, ctx_cols) if ctx_cols else ""
         rows.append(
             annotation_example(
-                str(cells.adata.obs_names[i]), sentence, candidates, cfg, trained.name, context=ctx
+                str(cells.adata.obs_names[i]),
+                sentence,
+                candidates,
+                cfg,
+                trained.name,
+                context=ctx,
+                gene_scores=scores_of_genes,
             )
         )
         kept.append(int(cells.positions[i]))
@@ -149,7 +156,7 @@ def annotate(
         seed=cfg.seed,
         desc="annotating",
     )
-    target = user.copy() if copy or not isinstance(adata, ad.AnnData) else user
+    target = user.copy() if copy and isinstance(adata, ad.AnnData) else user  # a file read here is ours
     n = target.n_obs
     labels = np.full(n, None, dtype=object)
     valid = np.zeros(n, dtype=bool)
@@ -363,15 +370,16 @@ def perturb(
     cols = trained.columns
     pert_col, control_value = str(cols.perturbation), str(labels.get("control", cols.control_value))
     known: dict[str, dict[str, str]] = labels.get("conditions") or {}
+    trained_names = list(labels.get("trained") or known)  # the perturbations training prompts named
     asked = []
     for name in parse_perturbations(perturbations):
-        found = match_condition(name, list(known)) or _same_targets(name, list(known))
+        found = match_condition(name, trained_names) or _same_targets(name, trained_names)
         if found is not None and found != name:
             _say(verbose, f"{name} is the checkpoint's {found}")
         if found is None and not allow_unseen:
             raise DataError(
-                f"unknown perturbation {name!r}: the checkpoint was trained on {len(known)} perturbations "
-                f"({', '.join(list(known)[:8])}{', ...' if len(known) > 8 else ''}); pass --allow-unseen to "
+                f"unknown perturbation {name!r}: the checkpoint was trained on {len(trained_names)} perturbations "
+                f"({', '.join(trained_names[:8])}{', ...' if len(trained_names) > 8 else ''}); pass --allow-unseen to "
                 "predict it out of distribution"
             )
         asked.append(found or name)
@@ -419,7 +427,7 @@ def perturb(
                 or next(iter(texts.values()), None)
                 or perturbation_text(pert, cols, None, None)
             )
-            others = [p for p, t in known.items() if ctx in t] or list(known)
+            others = [p for p in trained_names if ctx in known.get(p, {})] or trained_names
             cell_id = str(obs.index[i])
             rows.append(
                 perturbation_example(

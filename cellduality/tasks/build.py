@@ -185,8 +185,9 @@ def build_tasks(
     }
     from cellduality.tasks.labels import task_labels  # what a prediction may ask this dataset's model
 
-    slim = [ds.select_columns(["task", "candidates", "condition"]).to_list() for ds in dd.values()]
-    meta["labels"] = task_labels([r for part in slim for r in part], data, tasks)
+    train_rows = dd["train"].select_columns(["task", "candidates", "condition"]).to_list()
+    meta["labels"] = task_labels(train_rows, data, tasks, split_info)
+    meta["hidden_genes"]["scores"] = {g: round(v, 6) for g, v in (gene_scores or {}).items()}
     return PreparedTasks(dd, meta)
 
 

@@ -2,9 +2,10 @@
 
 Prediction on a user's cells must show the model the same candidate lists and the same worded
 perturbations it was trained with, without the training data at hand. Annotation and generation take
-the union of the candidate lists their examples showed; perturbations are worded from the dataset's own
-columns (direction, dose) per cell context, as :func:`cellduality.tasks.generative.perturbation_text`
-words them in training prompts.
+the union of the candidate lists their *training* examples showed; perturbations are worded from the
+dataset's own columns (direction, dose) per cell context, as
+:func:`cellduality.tasks.generative.perturbation_text` words them in training prompts, and ``trained``
+lists those the training prompts named (a held-out perturbation is not among them).
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ def perturbation_labels(data: CellData) -> dict[str, Any]:
     }
 
 
-def task_labels(rows: Iterable[Mapping[str, Any]], data: CellData, tasks: Iterable[str]) -> dict[str, Any]:
-    """``meta['labels']``: per task what a prediction may ask (see the module docstring)."""
+def task_labels(
+    rows: Iterable[Mapping[str, Any]],
+    data: CellData,
+    tasks: Iterable[str],
+    split: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``meta['labels']`` from the training rows and the split (``meta['split']``: what was held out)."""
     rows = list(rows)
     out: dict[str, Any] = {}
     for task in tasks:
@@ -63,6 +69,8 @@ def task_labels(rows: Iterable[Mapping[str, Any]], data: CellData, tasks: Iterab
             out[task] = sorted({str(r["condition"]) for r in rows if r.get("task") == task})
         elif task == "perturbation":
             out[task] = perturbation_labels(data)
+            held_out = set((split or {}).get(task, {}).get("holdout") or [])
+            out[task]["trained"] = [c for c in out[task]["conditions"] if c not in held_out]
     return out
 
 
