@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	else \
 	  echo "No CUDA GPU: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed,track]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed,track,eval]"
 	@if $(PY) -m pip list 2>/dev/null | grep -qiE '^(nvidia-|triton)' && ! nvidia-smi >/dev/null 2>&1; then \
 	  echo "ERROR: CUDA wheels were pulled on a machine without a GPU"; exit 1; fi
 	touch $(STAMP)

@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cellduality.eval.dual_check_command import add_parser as add_dual_check
 
     add_dual_check(sub)
+    from cellduality.predict.command import add_parser as add_predict
+
+    add_predict(sub)
     return parser
 
 

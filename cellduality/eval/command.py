@@ -82,6 +82,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     s.add_argument("--knn-k", type=int, default=3)
     s.add_argument("--n-de", type=int, default=20, help="top differentially expressed genes (default 20)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--cell-eval",
+        action="store_true",
+        help="also score perturbation predictions with cell-eval's MetricsEvaluator (needs the .[eval] extra)",
+    )
     b = p.add_argument_group("--dataset: building examples (as `cellduality prepare`)")
     b.add_argument("--top-k", type=int, default=100)
     b.add_argument("--n-genes", type=int)
@@ -121,6 +126,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"cellduality eval: error: {exc}")
         return 2
+    if args.cell_eval:
+        from cellduality.eval.cell_eval import available
+
+        ok, why = available()
+        if not ok:
+            console.print(f"cellduality eval: error: --cell-eval: {why}")
+            return 2
     if args.self_verify == 1 or args.self_verify < 0:
         console.print("cellduality eval: error: --self-verify needs N >= 2 samples (0 turns it off)")
         return 2
@@ -150,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         plots=not args.no_plots,
         progress=not args.no_progress,
+        cell_eval=args.cell_eval,
     )
     if args.prepared is not None and len(args.prepared) > 1:
         if args.data is not None:

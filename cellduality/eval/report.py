@@ -322,6 +322,9 @@ def render_markdown(
                     else f"first {PER_PERTURBATION_ROWS} of {n_groups}"
                 )
                 parts += [f"### Pearson Δ (all genes) ↑ per perturbation ({shown})", "", table, ""]
+            from cellduality.eval.cell_eval import report_section
+
+            parts += report_section(result)
         for path in plots.get(name, []):
             parts += [f"![{Path(path).stem}]({path})", ""]
     notes = info.get("notes") or []

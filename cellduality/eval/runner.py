@@ -82,6 +82,8 @@ class EvalConfig:
     seed: int = 0
     plots: bool = True
     progress: bool = True
+    #: also score perturbation predictions with cell-eval (the optional ``.[eval]`` extra)
+    cell_eval: bool = False
 
 
 @dataclass
@@ -399,6 +401,12 @@ def score_task(
             result.methods.append(copy)
             result.methods.extend(perturbation_baselines(ref, train_rows, real))
             result.methods.append(reproducibility(ref, config.seed))
+        if config.cell_eval and rows:
+            from cellduality.eval.cell_eval import add_to_result
+
+            methods = {n: generated_sentences(rows, c, real.vocabulary) for n, c in outputs.items()}
+            methods["control cell's sentence"] = [list(r["cell_genes"]) for r in rows]
+            add_to_result(result, rows, methods, real, config.n_de)
         result.reference_points = ref.reference_points
         result.reference_labels = ref.reference_labels
         result.info.update(

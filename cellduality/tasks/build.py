@@ -183,6 +183,11 @@ def build_tasks(
         "source": data.source,
         "summary": summarise(dd),
     }
+    from cellduality.tasks.labels import task_labels  # what a prediction may ask this dataset's model
+
+    train_rows = dd["train"].select_columns(["task", "candidates", "condition"]).to_list()
+    meta["labels"] = task_labels(train_rows, data, tasks, split_info)
+    meta["hidden_genes"]["scores"] = {g: round(v, 6) for g, v in (gene_scores or {}).items()}
     return PreparedTasks(dd, meta)
 
 

@@ -150,7 +150,13 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         write_run_meta(
             training_args.output_dir,
             trainer.cellduality_meta,
-            {"stage": "grpo", "reward_mode": cd_args.reward_mode, "reward_funcs": list(cd_args.reward_funcs)},
+            {
+                "stage": "grpo",
+                "reward_mode": cd_args.reward_mode,
+                "reward_funcs": list(cd_args.reward_funcs),
+                # what `cellduality predict` generates with by default
+                "generation": {"max_new_tokens": training_args.max_completion_length},
+            },
         )
     return trainer
 

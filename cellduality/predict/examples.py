@@ -1,0 +1,129 @@
+"""Prompts for prediction, built exactly as the task builders build training prompts.
+
+Same templates (:mod:`cellduality.tasks.templates`), same seeded choices keyed by an example id, same
+gene hiding for the in-painting dual, same record columns, so :mod:`cellduality.tasks.dual` builds and
+scores the dual of a prediction as it does in training. ``tests/test_predict.py`` checks that these
+functions give the training rows' prompts for the same cell and candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cellduality.tasks.common import (
+    TaskConfig,
+    example_rng,
+    hide_genes,
+    join_candidates,
+    join_genes,
+    messages,
+    pick,
+    record,
+    shuffled,
+)
+from cellduality.tasks.templates import ANNOTATION, GENERATION, PERTURBATION
+
+SPLIT = "predict"
+
+
+def annotation_example(
+    cell_id: str,
+    sentence: Sequence[str],
+    candidates: Sequence[str],
+    cfg: TaskConfig,
+    dataset: str,
+    *,
+    context: str = "",
+    split: str = SPLIT,
+    gene_scores: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """An annotation prompt for one cell (``candidates`` sorted, as the builder sorts them);
+    ``gene_scores`` choose the hidden genes as in training (:func:`cellduality.tasks.common.hide_genes`)."""
+    rid = f"{dataset}/annotation/{split}/{cell_id}"
+    rng = example_rng(cfg.seed, rid)
+    sentence = list(sentence)[: cfg.top_k]
+    visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
+    cands = shuffled(rng, list(candidates))
+    prompt = pick(rng, ANNOTATION).format(
+        cell=join_genes(sentence),
+        candidates=join_candidates(cands),
+        context=f"Context: {context}. " if context else "",
+    )
+    return record(
+        id=rid,
+        task="annotation",
+        prompt=messages(prompt),
+        candidates=cands,
+        cell_genes=sentence,
+        visible_genes=visible,
+        hidden_genes=hidden,
+        n_genes=len(hidden),
+        context=context,
+        cell_id=cell_id,
+        dataset=dataset,
+    )
+
+
+def generation_example(
+    key: str, condition: str, candidates: Sequence[str], cfg: TaskConfig, dataset: str, *, split: str = SPLIT
+) -> dict[str, Any]:
+    """A "generate a cell of this type" prompt; ``key`` makes each requested cell its own example."""
+    rid = f"{dataset}/generation/{split}/{key}"
+    rng = example_rng(cfg.seed, rid)
+    n = cfg.answer_genes
+    prompt = messages(pick(rng, GENERATION).format(condition=condition, n=n))
+    return record(
+        id=rid,
+        task="generation",
+        prompt=prompt,
+        candidates=shuffled(rng, list(candidates)),
+        condition=condition,
+        condition_text=condition,
+        n_genes=n,
+        dataset=dataset,
+    )
+
+
+def perturbation_example(
+    key: str,
+    control_genes: Sequence[str],
+    condition: str,
+    condition_text: str,
+    others: Sequence[str],
+    control_value: str,
+    cfg: TaskConfig,
+    dataset: str,
+    *,
+    context: str = "",
+    cell_id: str = "",
+) -> dict[str, Any]:
+    """A "this control cell after that perturbation" prompt; the dual's candidates as in training:
+    the perturbation, the control and up to ``max_candidates - 2`` other perturbations of the context."""
+    rid = f"{dataset}/perturbation/{SPLIT}/{key}"
+    rng = example_rng(cfg.seed, rid)
+    n = cfg.answer_genes
+    others = [o for o in others if o != condition]
+    n_others = min(len(others), max(0, cfg.max_candidates - 2))
+    picked = rng.choice(len(others), size=n_others, replace=False).tolist() if n_others else []
+    candidates = shuffled(rng, [condition, str(control_value), *[others[k] for k in picked]])
+    cell = list(control_genes)[: cfg.top_k]
+    prompt = pick(rng, PERTURBATION).format(
+        cell=join_genes(cell), condition_text=condition_text, n=n, context=f" ({context})" if context else ""
+    )
+    return record(
+        id=rid,
+        task="perturbation",
+        prompt=messages(prompt),
+        candidates=candidates,
+        condition=condition,
+        condition_text=condition_text,
+        cell_genes=cell,
+        n_genes=n,
+        context=context,
+        cell_id=cell_id,
+        dataset=dataset,
+    )
+
+
+__all__ = ["annotation_example", "generation_example", "perturbation_example"]

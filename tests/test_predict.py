@@ -1,0 +1,405 @@
+"""``cellduality predict`` and ``cellduality.predict``: a briefly trained tiny model on real cells.
+
+Properties: the AnnData written is valid (scanpy opens it) with the new obs columns, predictions are
+candidates or flagged invalid; the confidence is the dual score computed without labels; generation
+returns the requested counts over the checkpoint's genes; perturbation predictions are in cell-eval's
+layout (cell-eval scores them as they are); prompts are the training prompts; bad inputs get one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellduality.tasks import TaskConfig, build_tasks, save_prepared
+
+CFG = TaskConfig(top_k=12, max_examples=30, seed=0)
+GEN = {"batch_size": 32, "max_new_tokens": 40, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(pbmc, norman, tmp_path_factory):
+    """A tiny model, SFT for a few steps on pbmc68k (annotation, generation) and norman_devel (perturbation)."""
+    from cellduality.train.sft import parse_args, run_sft
+
+    reuse = os.environ.get("CELLDUALITY_PREDICT_TEST_ROOT")  # a folder this fixture made before (iterating)
+    if reuse and (Path(reuse) / "sft" / "cellduality_run.json").exists():
+        return Path(reuse)
+    root = tmp_path_factory.mktemp("predict")
+    folders = []
+    for data, tasks in ((pbmc, ["annotation", "generation"]), (norman, ["perturbation"])):
+        folders.append(
+            str(save_prepared(build_tasks(data, tasks, config=CFG), root / "prepared" / data.name))
+        )
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny-cpu", "sft.yaml")
+    run_sft(
+        *parse_args(
+            [
+                "--config", recipe,
+                "--output_dir", str(root / "sft"),
+                "--model_name_or_path", str(root / "model"),
+                "--dataset", *folders,
+                "--tasks", "annotation", "generation", "perturbation",
+                "--tiny_seen_genes_only", "true",
+                "--sft_limit", "12",
+                "--max_steps", "60",
+                "--per_device_train_batch_size", "8",
+                "--save_strategy", "no",
+            ]
+        )
+    )  # fmt: skip
+    return root
+
+
+def run_cli(argv, capsys):
+    from cellduality.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def pbmc_h5ad(tmp_path_factory):
+    """A user-style file: scanpy's pbmc68k_reduced (scaled .X, log-normalised .raw) written to disk."""
+    import scanpy as sc
+
+    path = tmp_path_factory.mktemp("user") / "pbmc.h5ad"
+    sc.datasets.pbmc68k_reduced()[:60].copy().write_h5ad(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ annotation
+
+
+def test_annotation_writes_a_valid_h5ad(trained, pbmc_h5ad, tmp_path, capsys) -> None:
+    import scanpy as sc
+
+    from cellduality.predict import Checkpoint
+
+    out = tmp_path / "annotated.h5ad"
+    argv = ["predict", "--task", "annotation", "--model", str(trained / "sft"), "--h5ad", str(pbmc_h5ad)]
+    code, _, err = run_cli([*argv, "--out", str(out), "--max-new-tokens", "40", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "ranked genes from .raw" in err  # what was done to the data is printed
+    result = sc.read_h5ad(out)
+    user = sc.read_h5ad(pbmc_h5ad)
+    assert list(result.obs_names) == list(user.obs_names)
+    assert result.obs["bulk_labels"].equals(user.obs["bulk_labels"])  # the user's columns are kept
+    candidates = Checkpoint.load(trained / "sft").dataset_for("annotation").labels("annotation")
+    labels, valid = result.obs["cellduality_label"], result.obs["cellduality_valid"].to_numpy()
+    conf = result.obs["cellduality_confidence"].to_numpy()
+    assert set(labels.dropna()) <= set(candidates)
+    assert np.array_equal(labels.notna().to_numpy(), valid)  # a prediction is a candidate or flagged invalid
+    assert np.all((conf >= 0) & (conf <= 1))
+    assert np.all(conf[~valid] == 0)  # no usable answer: the lowest dual score
+    assert result.uns["cellduality"]["top_k"] == CFG.top_k
+
+
+class ForwardScripted:
+    """Forward annotation answers name a candidate chosen by the test (a briefly trained tiny model rarely
+    does); dual prompts go to the real model, so the confidence is the model's own in-painting."""
+
+    name = "forward-scripted"
+
+    def __init__(self, spec, settings, candidates) -> None:
+        from cellduality.eval.generate import HFBackend
+
+        self.model = HFBackend(spec, settings)
+        self.chunk_size = 64
+        self.candidates = candidates
+
+    def generate(self, prompts, settings):
+        duals = [
+            i for i, m in enumerate(prompts) if "hidden" in m[-1]["content"] or "missing" in m[-1]["content"]
+        ]
+        out = [
+            f"<think>x</think><answer>{self.candidates[len(m[-1]['content']) % len(self.candidates)]}</answer>"
+            for m in prompts
+        ]
+        for i, text in zip(
+            duals, self.model.generate([prompts[i] for i in duals], settings) if duals else [], strict=True
+        ):
+            out[i] = text
+        return out
+
+
+def test_confidence_is_the_label_free_dual_score(trained, pbmc_h5ad) -> None:
+    """The confidence is the dual score of the predicted label, recomputed here by hand with the model;
+    it reads no label: the same cells without their cell-type column get the same labels and scores."""
+    from cellduality.eval.generate import GenerationSettings, HFBackend, ModelSpec
+    from cellduality.predict import Checkpoint, annotate
+    from cellduality.predict.cells import prepare_cells
+    from cellduality.predict.examples import annotation_example
+    from cellduality.rewards.parsing import gene_vocabulary
+    from cellduality.tasks.dual import dual_prompt, dual_score
+
+    model = str(trained / "sft")
+    part = Checkpoint.load(model).dataset_for("annotation")
+    candidates = part.labels("annotation")
+    user = ad.read_h5ad(pbmc_h5ad)[:12].copy()
+    blind = user.copy()
+    blind.obs["bulk_labels"] = "unknown"
+    results = [
+        annotate(
+            data, model, copy=True, verbose=False, **GEN,
+            backend_factory=lambda spec, settings: ForwardScripted(spec, settings, candidates),
+        )
+        for data in (user, blind)
+    ]  # fmt: skip
+    first = results[0].obs
+    for column in ("cellduality_label", "cellduality_confidence"):
+        assert first[column].astype(object).equals(results[1].obs[column].astype(object))
+    assert first["cellduality_valid"].all()
+
+    cells = prepare_cells(user, part)
+    settings = GenerationSettings(max_new_tokens=40)
+    scores = part.gene_scores(cells.sentences)  # the hidden genes are chosen as in training
+    rows = [
+        annotation_example(str(user.obs_names[i]), s, candidates, part.config, part.name, gene_scores=scores)
+        for i, s in enumerate(cells.sentences)
+    ]
+    prompts = [
+        dual_prompt(r, first.loc[r["cell_id"], "cellduality_label"], seed=part.config.seed) for r in rows
+    ]
+    duals = HFBackend(ModelSpec(model), settings).generate(prompts, settings)
+    vocab = gene_vocabulary(part.genes)
+    assert np.allclose(
+        [dual_score(r, d, vocab) for r, d in zip(rows, duals, strict=True)], first["cellduality_confidence"]
+    )
+
+
+def test_best_of_n_keeps_the_sample_the_dual_prefers(trained, pbmc_h5ad) -> None:
+    """With --samples N the kept answer is the one whose in-painting dual scores highest."""
+    from cellduality.predict import Checkpoint, annotate
+    from cellduality.predict.cells import prepare_cells
+    from cellduality.predict.examples import annotation_example
+
+    user = ad.read_h5ad(pbmc_h5ad)[:3].copy()
+    part = Checkpoint.load(trained / "sft").dataset_for("annotation")
+    cells = prepare_cells(user, part)
+    scores = part.gene_scores(cells.sentences)
+    hidden = {}  # visible genes as the dual prompt shows them -> the genes hidden from it
+    for i, sentence in enumerate(cells.sentences):
+        row = annotation_example(
+            str(user.obs_names[i]),
+            sentence,
+            part.labels("annotation"),
+            part.config,
+            part.name,
+            gene_scores=scores,
+        )
+        hidden[" ".join(row["visible_genes"])] = row["hidden_genes"]
+
+    class Scripted:
+        """Forward samples: 'Dendritic' twice, then 'CD34+'; the dual in-paints the hidden genes only for CD34+."""
+
+        name, chunk_size = "scripted", 64
+
+        def __init__(self) -> None:
+            self.n = 0
+
+        def generate(self, prompts, settings):
+            out = []
+            for messages in prompts:
+                text = messages[-1]["content"]
+                visible = next((v for v in hidden if v in text), None)
+                if "hidden" in text or "missing" in text:
+                    genes = hidden[visible] if "CD34+" in text else []
+                    out.append(f"<think>x</think><answer>{' '.join(genes)}</answer>")
+                else:
+                    self.n += 1
+                    out.append(
+                        f"<think>x</think><answer>{'CD34+' if self.n % 3 == 0 else 'Dendritic'}</answer>"
+                    )
+            return out
+
+    result = annotate(
+        user, str(trained / "sft"), samples=3, copy=True, verbose=False,
+        backend_factory=lambda spec, settings: Scripted(), **GEN,
+    )  # fmt: skip
+    assert (result.obs["cellduality_label"] == "CD34+").all()
+    assert (result.obs["cellduality_usable_samples"] == 3).all()
+    assert np.allclose(result.obs["cellduality_confidence"], 1.0)  # it named every hidden gene in order
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_generation_gives_the_requested_cells(trained, tmp_path, capsys) -> None:
+    import scanpy as sc
+
+    from cellduality.predict import Checkpoint
+
+    out = tmp_path / "generated.h5ad"
+    argv = ["predict", "--task", "generation", "--model", str(trained / "sft"), "--out", str(out)]
+    code, _, err = run_cli(
+        [*argv, "--conditions", "cd14+ monocyte=5,CD56+ NK=3", "--max-new-tokens", "40"], capsys
+    )
+    assert code == 0, err
+    cells = sc.read_h5ad(out)
+    part = Checkpoint.load(trained / "sft").dataset_for("generation")
+    assert cells.obs["bulk_labels"].value_counts().to_dict() == {"CD14+ Monocyte": 5, "CD56+ NK": 3}
+    assert list(cells.var_names) == part.genes
+    x = cells.X.toarray()
+    assert np.all(x >= 0)
+    for sentence, row, valid in zip(
+        cells.obs["cellduality_sentence"], x, cells.obs["cellduality_valid"], strict=True
+    ):
+        genes = sentence.split()
+        assert set(genes) <= set(part.genes) and bool(genes) == valid
+        assert set(cells.var_names[row > 0]) <= set(genes)  # expression only where the sentence names a gene
+    assert set(np.unique(cells.obs["cellduality_confidence"])) <= {0.0, 1.0}
+
+
+# ---------------------------------------------------------------------------------------- perturbation
+
+
+def test_perturbation_predictions_are_scored_by_cell_eval(trained, norman, tmp_path, capsys) -> None:
+    pytest.importorskip("cell_eval", reason="cell-eval is not installed (pip install -e '.[eval]')")
+    from cell_eval import MetricsEvaluator
+
+    adata = norman.adata
+    k562 = adata[(adata.obs["cell_type"] == "k562")]
+    controls = tmp_path / "controls.h5ad"
+    k562[k562.obs["perturbation"] == "control"][:10].copy().write_h5ad(controls)
+    out = tmp_path / "perturbed.h5ad"
+    argv = ["predict", "--task", "perturbation", "--model", str(trained / "sft"), "--h5ad", str(controls)]
+    argv += ["--perturbations", "KLF1,MAP2K6+KLF1", "--cells-per-perturbation", "4", "--out", str(out)]
+    code, printed, err = run_cli([*argv, "--real", "norman_devel", "--max-new-tokens", "40"], capsys)
+    assert code == 0, err
+    assert "cell-eval run -ap" in printed
+    pred = ad.read_h5ad(out)
+    real = ad.read_h5ad(tmp_path / "perturbed.real.h5ad")
+    counts = pred.obs["perturbation"].value_counts().to_dict()
+    assert counts == {"KLF1": 4, "KLF1+MAP2K6": 4, "control": 10}  # a double in any order
+    assert list(pred.var_names) == list(real.var_names) == list(norman.genes)
+    assert set(real.obs["perturbation"]) == {"KLF1", "KLF1+MAP2K6", "control"}
+    evaluator = MetricsEvaluator(
+        adata_pred=str(out), adata_real=str(tmp_path / "perturbed.real.h5ad"), control_pert="control",
+        pert_col="perturbation", num_threads=1, outdir=str(tmp_path / "cell_eval"),
+    )  # fmt: skip
+    results, _ = evaluator.compute(profile="minimal", write_csv=False)
+    assert sorted(results["perturbation"].to_list()) == ["KLF1", "KLF1+MAP2K6"]
+    assert "pearson_delta" in results.columns
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
+    """For the same cell, candidates and gene scores, predict's prompt, dual inputs and candidate order
+    are the task builders' (if a builder changes how it asks, this fails)."""
+    from cellduality.predict.examples import annotation_example, generation_example
+    from cellduality.sentences import cell_sentences
+    from cellduality.tasks.classification import annotation_rows
+    from cellduality.tasks.common import presence_scores
+    from cellduality.tasks.generative import generation_rows
+
+    sentences = cell_sentences(pbmc.adata, top_k=CFG.top_k, seed=CFG.seed)
+    scores = presence_scores(sentences)
+    cells = np.arange(0, 700, 97)
+    candidates = sorted(pbmc.adata.obs["bulk_labels"].astype(str).unique())
+    fields = ("prompt", "candidates", "visible_genes", "hidden_genes", "cell_genes")
+    extra = {"pool": candidates, "gene_scores": scores}
+    for row in annotation_rows(
+        pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
+    ):
+        i = list(pbmc.adata.obs_names).index(row["cell_id"])
+        mine = annotation_example(
+            row["cell_id"], sentences[i], candidates, CFG, "pbmc68k", split="test", gene_scores=scores
+        )
+        assert {k: mine[k] for k in fields} == {k: row[k] for k in fields}
+    for row in generation_rows(
+        pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
+    ):
+        mine = generation_example(row["cell_id"], row["condition"], candidates, CFG, "pbmc68k", split="test")
+        assert mine["prompt"] == row["prompt"] and mine["candidates"] == row["candidates"]
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys, shared_data) -> None:
+    sft = str(trained / "sft")
+    out = str(tmp_path / "x.h5ad")
+    other = tmp_path / "other_genes.h5ad"
+    rng = np.random.default_rng(0)
+    ad.AnnData(
+        X=rng.poisson(1.0, (20, 50)).astype(np.float32),
+        var=pd.DataFrame(index=[f"NOTAGENE{i}" for i in range(50)]),
+    ).write_h5ad(other)
+    cases = {
+        "unknown condition": (
+            ["--task", "generation", "--model", sft, "--conditions", "Hepatocyte=3"], "unknown condition 'Hepatocyte'"
+        ),
+        "unknown perturbation": (
+            ["--task", "perturbation", "--model", sft, "--h5ad", str(pbmc_h5ad), "--perturbations", "NOTAGENE"],
+            "unknown perturbation 'NOTAGENE'",
+        ),
+        "genes missing": (["--task", "annotation", "--model", sft, "--h5ad", str(other)], "of the checkpoint's"),
+        "pancreas": (
+            ["--task", "annotation", "--model", sft, "--h5ad", str(shared_data / "openproblems_scib_pancreas_100cells.h5ad")],
+            "genes (1%) are in",
+        ),
+        "no run metadata": (["--task", "annotation", "--model", str(trained / "model"), "--h5ad", str(pbmc_h5ad)], "no run metadata"),
+        "no such file": (["--task", "annotation", "--model", sft, "--h5ad", str(tmp_path / "nope.h5ad")], "no such file"),
+    }  # fmt: skip
+    for name, (argv, expected) in cases.items():
+        code, _, err = run_cli(["predict", *argv, "--out", out], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("cellduality predict: error:"), (name, err)
+        assert expected in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+
+
+def test_run_metadata_records_candidates(trained) -> None:
+    meta = json.loads((trained / "sft" / "cellduality_run.json").read_text())["prepared"]["parts"]
+    assert len(meta["pbmc68k"]["labels"]["annotation"]) == 10
+    labels = meta["norman_devel"]["labels"]["perturbation"]
+    assert labels["conditions"]["KLF1"] == {"cell type: k562": "overexpression (CRISPRa) of KLF1"}
+    assert "KLF1" in labels["trained"] and "control" not in labels["trained"]
+    assert meta["pbmc68k"]["hidden_genes"]["scores"]  # the in-painting dual hides genes as in training
+
+
+def test_eval_puts_cell_eval_next_to_our_metrics(trained, tmp_path) -> None:
+    pytest.importorskip("cell_eval", reason="cell-eval is not installed (pip install -e '.[eval]')")
+    from cellduality.eval.generate import GenerationSettings, ModelSpec
+    from cellduality.eval.runner import EvalConfig, run_eval
+
+    config = EvalConfig(
+        out_dir=tmp_path / "eval", models=[ModelSpec(str(trained / "sft"), name="tiny")], max_examples=6,
+        generation=GenerationSettings(max_new_tokens=40, batch_size=32), progress=False, plots=False,
+        cell_eval=True,
+    )  # fmt: skip
+    run_eval(trained / "prepared" / "norman_devel", config)
+    found = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["perturbation"]["info"][
+        "cell_eval"
+    ]
+    assert set(found["methods"]) == {"tiny", "control cell's sentence"}
+    for item in found["methods"].values():
+        assert "pearson_delta" in item["metrics"] and item["per_perturbation"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert (
+        "cell-eval (the field's reference evaluator)" in report and "Where the definitions differ" in report
+    )
