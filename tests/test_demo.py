@@ -86,7 +86,9 @@ def test_quick_demo(tmp_path) -> None:
 def test_full_demo_report(tmp_path) -> None:
     where = os.environ.get("CELLDUALITY_FULL_DEMO")
     if not where:
-        pytest.skip("opt-in (6-8 minutes): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>")
+        pytest.skip(
+            "opt-in (the full demo, about half an hour on 2 shared cores): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>"
+        )
     if where == "run":
         from cellduality.cli import main
 
