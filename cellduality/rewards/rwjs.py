@@ -1,6 +1,6 @@
 """Rank-weighted Jaccard similarity (RWJS), the similarity every generation reward is built on.
 
-Contract (DESIGN.md): weight ``w(g, x) = 1 / rank(g, x)`` (ranks from 1) when ``g`` is in ``x``, else 0;
+Contract (docs/contracts.md): weight ``w(g, x) = 1 / rank(g, x)`` (ranks from 1) when ``g`` is in ``x``, else 0;
 ``RWJS(a, b) = sum_g min(w(g,a), w(g,b)) / sum_g max(w(g,a), w(g,b))`` over the union of genes.
 Top-ranked genes dominate, so getting the most expressed genes right matters most, as it should for a
 cell sentence. A repeated gene counts once, at its first position, and the genes after it move up
