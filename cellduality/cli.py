@@ -11,6 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cellduality.cli_common import (
+    TASK_CHOICES,
+    HelpFormatter,
+    add_column_args,
+    add_sentence_args,
+    add_split_args,
+    build_from_args,
+    check_out_dir,
+    saved_to,
+)
+
 
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="embedded dataset name or path to an .h5ad file")
@@ -18,85 +29,33 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tasks",
         nargs="+",
-        choices=["annotation", "generation", "drug_sensitivity", "perturbation"],
+        choices=TASK_CHOICES,
         help="tasks to build (default: every task the dataset supports)",
     )
-    p.add_argument("--top-k", type=int, default=100, help="genes per input cell sentence (default 100)")
-    p.add_argument("--n-genes", type=int, default=None, help="genes per generated cell (default: --top-k)")
-    p.add_argument("--split", choices=["id", "ood"], default="id", help="in- or out-of-distribution split")
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    add_sentence_args(p)
+    add_split_args(p)
     p.add_argument(
-        "--holdout", nargs="+", default=None, help="OOD: values to hold out (default: seeded choice)"
+        "--hidden-fraction", type=float, default=0.25, help="share of genes hidden for in-painting, in (0, 1)"
     )
     p.add_argument(
-        "--hidden-fraction", type=float, default=0.25, help="share of genes hidden for in-painting"
+        "--max-examples", type=int, default=None, help="cap on examples per task and split (default: all)"
     )
-    p.add_argument("--max-examples", type=int, default=None, help="cap on examples per task and split")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("your own .h5ad: column names")
-    g.add_argument("--cell-type-col")
-    g.add_argument("--drug-col")
-    g.add_argument("--response-col", help="sensitive/resistant label column")
-    g.add_argument("--sensitive-value", default="sensitive")
-    g.add_argument("--resistant-value", default="resistant")
-    g.add_argument("--perturbation-col")
-    g.add_argument("--control-value", default="control")
-    g.add_argument("--perturbation-kind", choices=["genetic", "chemical"], default="genetic")
-    g.add_argument("--direction-col", help="genetic: column with CRISPRi/CRISPRa or knockdown/overexpression")
-    g.add_argument("--default-direction", default="knockdown")
-    g.add_argument("--dose-col")
-    g.add_argument("--context-cols", nargs="+", default=(), help="cell line, donor ... (shown in prompts)")
-    g.add_argument("--layer", help="take expression from this layer instead of .X")
-    g.add_argument("--gene-symbols", help="var column holding gene symbols (default: var_names, IDs mapped)")
-    g.add_argument("--allow-scaled", action="store_true", help="rank z-scored values (no .raw available)")
-
-
-def _columns_from_args(args: argparse.Namespace):
-    from cellduality.data import Columns
-
-    given = [args.cell_type_col, args.drug_col, args.response_col, args.perturbation_col]
-    if not any(given):
-        return None
-    return Columns(
-        cell_type=args.cell_type_col,
-        drug=args.drug_col,
-        response=args.response_col,
-        sensitive_value=args.sensitive_value,
-        resistant_value=args.resistant_value,
-        perturbation=args.perturbation_col,
-        control_value=args.control_value,
-        perturbation_kind=args.perturbation_kind,
-        direction=args.direction_col,
-        default_direction=args.default_direction,
-        dose=args.dose_col,
-        context=tuple(args.context_cols),
+    p.add_argument("--seed", type=int, default=0, help="split, tie order, templates")
+    g = p.add_argument_group(
+        "columns of your own .h5ad (for an embedded dataset: overrides of its preset, the rest is kept)"
     )
+    add_column_args(g)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cellduality.data import load_dataset
     from cellduality.reporting import print_prepared
-    from cellduality.tasks import TaskConfig, build_tasks, save_prepared
+    from cellduality.tasks import save_prepared
 
-    data = load_dataset(
-        args.dataset,
-        _columns_from_args(args),
-        layer=args.layer,
-        gene_symbols=args.gene_symbols,
-        allow_scaled=True if args.allow_scaled else None,
-    )
-    cfg = TaskConfig(
-        top_k=args.top_k,
-        n_genes=args.n_genes,
-        hidden_fraction=args.hidden_fraction,
-        max_examples=args.max_examples,
-        seed=args.seed,
-    )
-    prepared = build_tasks(
-        data, args.tasks, split=args.split, config=cfg, test_fraction=args.test_fraction, holdout=args.holdout
-    )
-    out = save_prepared(prepared, args.out)
+    out = check_out_dir(args.out)
+    _, prepared = build_from_args(args, hidden_fraction=args.hidden_fraction)
+    out = save_prepared(prepared, out)
     print_prepared(prepared, out)
+    print(saved_to("prepare", out, "data/ + meta.json"))
     return 0
 
 
@@ -125,7 +84,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         num_layers=args.num_layers,
         seed=args.seed,
     )
-    print(f"tiny model ({len(prepared.genes)} genes in the vocabulary) written to {out}")
+    print(saved_to("tiny-model", out, f"tiny model, {len(prepared.genes)} genes in the vocabulary"))
     return 0
 
 
@@ -149,41 +108,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellduality",
         description="Cell sentences, the 2x2 single-cell task suite, dual-task rewards and training.",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="build task examples from an embedded dataset or an .h5ad file")
+    p = sub.add_parser(
+        "prepare",
+        help="build task examples from an embedded dataset or an .h5ad file",
+        description="Validate and normalise a dataset, turn its cells into cell sentences and write the task "
+        "examples (train/test) and meta.json into --out. Every fix applied is printed as a note.",
+        formatter_class=HelpFormatter,
+    )
     _add_prepare_args(p)
     p.set_defaults(func=cmd_prepare)
-    t = sub.add_parser("tiny-model", help="build the tiny offline Llama + gene tokenizer (demo and tests)")
-    t.add_argument("--out", required=True, type=Path)
+    from cellduality.teacher.command import add_parser as add_sft_data
+
+    add_sft_data(sub)
+    from cellduality.train.command import add_parsers as add_training
+
+    add_training(sub)
+    from cellduality.eval.command import add_parser as add_eval
+
+    add_eval(sub)
+    t = sub.add_parser(
+        "tiny-model",
+        help="build the tiny offline Llama + gene tokenizer (demo and tests)",
+        formatter_class=HelpFormatter,
+    )
+    t.add_argument("--out", required=True, type=Path, help="folder to build it in (empty or missing)")
     t.add_argument(
         "--dataset", nargs="+", default=["pbmc68k"], help="embedded names or prepared folders (vocabulary)"
     )
     t.add_argument("--top-k", type=int, default=100, help="genes per sentence when building from raw data")
-    t.add_argument("--hidden-size", type=int, default=64)
-    t.add_argument("--num-layers", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden-size", type=int, default=64, help="width")
+    t.add_argument("--num-layers", type=int, default=2, help="depth")
+    t.add_argument("--seed", type=int, default=0, help="initial weights")
     t.set_defaults(func=cmd_tiny_model)
-    d = sub.add_parser("demo", help="run the end-to-end demo on the embedded real data")
-    d.add_argument("--out", type=Path, default=Path("demo_out"))
+    d = sub.add_parser(
+        "demo", help="run the end-to-end demo on the embedded real data", formatter_class=HelpFormatter
+    )
+    d.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     d.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="every random choice")
     d.set_defaults(func=cmd_demo)
     a = sub.add_parser(
         "ablation",
         help="SFT vs dual GRPO vs oracle GRPO over seeds on the embedded data (resumes when run again)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a.add_argument("--out", type=Path, default=Path("ablation_out"), help="run folder (reused to resume)")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed")
     a.add_argument("--tiny", action="store_true", help="a tiny budget (minutes): checks the pipeline only")
     a.set_defaults(func=cmd_ablation)
-    from cellduality.eval.command import add_parser as add_eval
-
-    add_eval(sub)
-    from cellduality.teacher.command import add_parser as add_sft_data
-
-    add_sft_data(sub)
     from cellduality.eval.dual_check_command import add_parser as add_dual_check
 
     add_dual_check(sub)
@@ -194,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sft", "grpo"):  # TRL parses their flags (recipe + --field value overrides)
+        from cellduality.train.command import run_stage
+
+        return run_stage(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     from cellduality.data import DataError
     from cellduality.modeling.tiny import TinyModelRefused

@@ -433,4 +433,7 @@ def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -
         )
     console.print(table)
     console.print(f"[bold green]Report: {report / 'report.md'}")
+    from cellduality.cli_common import saved_to
+
+    console.print(saved_to("demo", out, "prepared/, sft/, grpo/, report/"))
     return report

@@ -186,12 +186,27 @@ def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np
     )
 
 
-def cell_sentences(adata, top_k: int | None = None, seed: int = 0) -> list[list[str]]:
-    """Ordered gene symbols per cell of ``adata.X`` (expressed genes only; ``top_k=None`` keeps all).
+def cell_sentences(
+    adata, top_k: int | None = None, seed: int = 0, *, layer: str | None = None, allow_scaled: bool = False
+) -> list[list[str]]:
+    """Ordered gene symbols per cell (expressed genes only; ``top_k=None`` keeps all).
 
-    ``adata`` must already be log-normalised with symbols as ``var_names`` (see ``cellduality.data``).
+    The matrix follows the rules of ``cellduality prepare`` (``cellduality.data.loading.pick_expression``):
+    ``.X`` or ``layer``; a scaled ``.X`` (negative values, e.g. after ``sc.pp.scale``) is replaced by
+    ``.raw`` when it exists, with a warning, and refused otherwise unless ``allow_scaled=True`` (rank the
+    z-scores on purpose); NaN or infinite values are refused. Gene symbols come from the var names of the
+    matrix used. Raw counts and log-normalised values give the same ranking within a cell.
     """
-    names = np.asarray(adata.var_names, dtype=object)
+    import warnings
+
+    from cellduality.data.loading import pick_expression
+
+    notes: list[str] = []
+    matrix, var, _ = pick_expression(adata, layer=layer, allow_scaled=allow_scaled, notes=notes)
+    for note in notes:
+        if note.startswith(".X is scaled"):  # said once per call: the caller may not expect it
+            warnings.warn(f"cell_sentences: {note}", UserWarning, stacklevel=2)
+    names = np.asarray(var.index, dtype=object)
 
     def to_words(cols: np.ndarray, counts: np.ndarray) -> list[list[str]]:
         width = cols.shape[1]
@@ -200,7 +215,7 @@ def cell_sentences(adata, top_k: int | None = None, seed: int = 0) -> list[list[
         words = names[np.maximum(cols, 0)].tolist()
         return [row if c == width else row[:c] for row, c in zip(words, counts.tolist(), strict=True)]
 
-    return _blocks(adata.X, top_k, seed, to_words)
+    return _blocks(matrix, top_k, seed, to_words)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline settings, the real datasets, a temporary prepared folder."""
+"""Shared fixtures: offline settings, the real datasets (embedded or from scanpy), a user's file."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The project's offline real-data folder (../shared/data), present on every dev and CI machine."""
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} is not present")
-    return SHARED_DATA
+def pbmc_file(tmp_path_factory) -> Path:
+    """scanpy's pbmc68k_reduced (real, in the scanpy wheel) written as a user's .h5ad file."""
+    import scanpy as sc
+
+    path = tmp_path_factory.mktemp("user_files") / "pbmc68k_user.h5ad"
+    sc.datasets.pbmc68k_reduced().write_h5ad(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ Behaviour, in order of precedence for each request:
 2. otherwise the next queued fault from :meth:`OpenAITestServer.inject` (FIFO, one per request);
 3. otherwise a normal reply whose text is ``reply(messages, model)``.
 
+``hang=True`` overrides all three: every request (``GET /models`` too) is held without a reply until the
+server closes, like an endpoint that accepts connections and never answers.
+
 ``reply`` and ``fault_fn`` are called from the handler threads, concurrently: keep them pure or
 lock what they share. Every request is recorded (:attr:`OpenAITestServer.requests`: body, model,
 messages, all headers, timing, status), and ``max_in_flight`` tracks the most requests handled at
@@ -165,7 +168,20 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.owner._track(self.connection, add=False)
 
+    def _hang(self) -> bool:
+        """``hang=True``: hold the request without a byte of reply until the server closes."""
+        owner = self.server.owner
+        if not owner.hang:
+            return False
+        with owner._lock:
+            owner.held.append(f"{self.command} {self.path}")
+        owner._closing.wait()
+        self.close_connection = True
+        return True
+
     def do_GET(self) -> None:
+        if self._hang():
+            return
         if self.path.rstrip("/").endswith("/models"):
             body = {"object": "list", "data": [{"id": "test-model", "object": "model", "owned_by": "test"}]}
             self._send_json(200, json.dumps(body).encode())
@@ -173,6 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error_json(404, "not found")
 
     def do_POST(self) -> None:
+        if self._hang():
+            return
         owner = self.server.owner
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -277,8 +295,12 @@ class OpenAITestServer:
         fault_fn: Callable[[RecordedRequest], Fault | None] | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
+        hang: bool = False,
     ) -> None:
         self.reply: ReplyFn = reply or default_reply
+        #: accept connections, read requests, never answer (not even GET /models): a wedged endpoint
+        self.hang = hang
+        self.held: list[str] = []  # "METHOD path" of every request held by ``hang``
         self.latency_s = latency_s
         self.fault_fn = fault_fn
         self._host = host

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from cellduality.data import EMBEDDED, Columns, DataError, load_dataset, prepare_anndata, split_cells
+from cellduality.data.embedded import resource_path
 
 
 @pytest.mark.parametrize("name", sorted(EMBEDDED))
@@ -56,23 +57,28 @@ def test_scad_entrez_mapped_and_zscores_flagged() -> None:
         load_dataset("scad_plx4720", allow_scaled=False)
 
 
-def test_user_h5ad_raw_counts(shared_data, tmp_path) -> None:
-    data = load_dataset(shared_data / "instructcell_He2020Liver_rna.h5ad", Columns(cell_type="cell_type"))
+def test_user_h5ad_raw_counts() -> None:
+    # the embedded glioblastoma file read as a user's file: raw UMI counts, Ensembl IDs + a symbol column
+    path = resource_path("glioblastoma_panobinostat.h5ad")
+    data = load_dataset(
+        path, Columns(perturbation="condition", control_value="ctrl", perturbation_kind="chemical")
+    )
     assert any("raw counts" in n for n in data.notes)
-    assert data.columns.supported_tasks() == ["annotation", "generation"]
+    assert any("var['gene_symbol']" in n for n in data.notes)  # found and named, not guessed silently
+    assert data.columns.supported_tasks() == ["perturbation"]
 
 
-def test_missing_column_names_existing_columns(shared_data) -> None:
+def test_missing_column_names_existing_columns(pbmc_file) -> None:
     with pytest.raises(DataError) as err:
-        load_dataset(
-            shared_data / "openproblems_scib_pancreas_100cells.h5ad", Columns(cell_type="cell_type")
-        ).columns.require("annotation", ["tech", "celltype"])
-    assert "celltype" in str(err.value) and "tech" in str(err.value)
+        load_dataset(pbmc_file, Columns(cell_type="cell_type")).columns.require(
+            "annotation", ["phase", "bulk_labels"]
+        )
+    assert "bulk_labels" in str(err.value) and "phase" in str(err.value)
 
 
-def test_no_columns_for_a_file_is_refused(shared_data) -> None:
+def test_no_columns_for_a_file_is_refused(pbmc_file) -> None:
     with pytest.raises(DataError, match="columns that exist"):
-        load_dataset(shared_data / "openproblems_scib_pancreas_100cells.h5ad")
+        load_dataset(pbmc_file)
 
 
 def _toy(x, genes=None, obs=None) -> ad.AnnData:
@@ -114,8 +120,8 @@ def test_unmappable_ids_refused() -> None:
         prepare_anndata(_toy(np.ones((2, 10)), genes=genes), Columns(cell_type="ct"))
 
 
-def test_gene_symbol_column(shared_data) -> None:
-    adata = ad.read_h5ad(shared_data / "lemur_glioblastoma_panobinostat.h5ad")
+def test_gene_symbol_column() -> None:
+    adata = ad.read_h5ad(resource_path("glioblastoma_panobinostat.h5ad"))
     data = prepare_anndata(
         adata, Columns(perturbation="condition", control_value="ctrl"), gene_symbols="gene_symbol"
     )

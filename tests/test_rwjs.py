@@ -1,4 +1,4 @@
-"""RWJS against hand-computed values (DESIGN.md contract)."""
+"""RWJS against hand-computed values (the contract in docs/contracts.md)."""
 
 from __future__ import annotations
 

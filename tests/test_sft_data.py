@@ -513,6 +513,70 @@ def test_a_bad_key_stops_the_run_without_a_dataset(key: str, prepared_dir: Path,
         load_sft_dataset(out)
 
 
+def test_a_wedged_teacher_stops_the_run_like_a_down_one(
+    key: str, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A teacher that accepts connections and never answers ends the run with the message a server that
+    is down gives (the CLI's "stopped: the teacher keeps failing ..."), soon, with the retries shown."""
+    with OpenAITestServer() as down:
+        down_url = down.base_url  # closed at once: nothing listens there
+    messages = {}
+    with OpenAITestServer(hang=True) as wedged:
+        for name, url in (("down", down_url), ("wedged", wedged.base_url)):
+            argv = ["--data", str(prepared_dir), "--out", str(tmp_path / name), "--teacher-base-url", url]
+            argv += [
+                "--teacher-model",
+                "m",
+                "--api-key-env",
+                KEY_ENV,
+                "--concurrency",
+                "4",
+                "--max-tries",
+                "2",
+            ]
+            argv += ["--first-byte-timeout", "0.5", "--probe-timeout", "0.5", "--no-progress"]
+            started = time.monotonic()
+            assert main(argv) == 1
+            messages[name] = (capsys.readouterr().err, time.monotonic() - started)
+    for name, reason in (("down", "connection_error"), ("wedged", "no_response")):
+        err, elapsed = messages[name]
+        assert f"stopped: the teacher keeps failing ({reason}" in err, err
+        assert "run the same command again to resume" in err and "Traceback" not in err
+        assert elapsed < 30, (name, elapsed)
+    assert "not responding" in messages["wedged"][0]
+
+
+def test_retries_show_in_the_progress_line(key: str, prepared_dir: Path, tmp_path: Path) -> None:
+    from cellduality.teacher.pipeline import _Run
+
+    shown: list[str] = []
+    original = _Run._postfix
+
+    def spy(self) -> None:
+        original(self)
+        shown.append(str(self.bar.postfix))
+
+    with OpenAITestServer() as server:
+        server.inject(Fault.server_error(), Fault.server_error())
+        config = GenerationConfig(
+            data=str(prepared_dir),
+            out=tmp_path / "o",
+            teachers=[endpoint(server)],
+            retry=FAST,
+            limit=1,
+            tasks=["annotation"],
+            duals=False,
+            progress=True,
+        )
+        try:
+            _Run._postfix = spy
+            run_generation(config)
+        finally:
+            _Run._postfix = original
+    assert any("retries=1 (http_500, try 2)" in line for line in shown), shown
+    assert any("retries=2" in line for line in shown)
+
+
 # -- the offline teacher and the SFT entry point -------------------------------------------------
 
 

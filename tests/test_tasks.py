@@ -145,9 +145,9 @@ def test_prepare_cli_embedded(name, tasks, tmp_path, capsys) -> None:
     assert "rank -> expression fit" in capsys.readouterr().out
 
 
-def test_prepare_cli_user_h5ad(shared_data, tmp_path, capsys) -> None:
-    path = shared_data / "openproblems_scib_pancreas_100cells.h5ad"
-    out = tmp_path / "pancreas"
+def test_prepare_cli_user_h5ad(pbmc_file, tmp_path, capsys) -> None:
+    path = pbmc_file
+    out = tmp_path / "pbmc_file"
     code = main(
         [
             "prepare",
@@ -156,27 +156,28 @@ def test_prepare_cli_user_h5ad(shared_data, tmp_path, capsys) -> None:
             "--out",
             str(out),
             "--cell-type-col",
-            "celltype",
+            "bulk_labels",
             "--context-cols",
-            "tech",
+            "phase",
             "--top-k",
             "16",
             "--split",
             "ood",
             "--holdout",
-            "delta",
-            "gamma",
+            "Dendritic",
+            "CD19+ B",
         ]
     )
     assert code == 0
     prepared = load_prepared(out)
     train = prepared.datasets["train"]
-    assert not ({"delta", "gamma"} & set(train.filter(lambda r: r["task"] == "annotation")["answer"]))
-    assert "tech:" in train[0]["prompt"][1]["content"]
+    assert not ({"Dendritic", "CD19+ B"} & set(train.filter(lambda r: r["task"] == "annotation")["answer"]))
+    assert "phase:" in train[0]["prompt"][1]["content"]
+    assert f"saved to {out}" in capsys.readouterr().out
     # wrong column: a clear error naming the columns that exist, exit code 2
     code = main(["prepare", "--dataset", str(path), "--out", str(out), "--cell-type-col", "cell_type"])
     err = capsys.readouterr().err
-    assert code == 2 and "celltype" in err and "tech" in err
+    assert code == 2 and "bulk_labels" in err and "phase" in err
 
 
 def test_prepare_cli_bad_dataset(tmp_path, capsys) -> None:

@@ -433,3 +433,45 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     assert policy.backoff_s(4, 0.0) == 0.0
     with pytest.raises(TeacherConfigError):
         RetryPolicy(max_tries=0)
+
+
+# -- an endpoint that accepts connections and never answers --------------------------------------
+
+
+def test_defaults_detect_a_dead_endpoint_within_a_minute() -> None:
+    ep = TeacherEndpoint(base_url="http://127.0.0.1:9/v1", model="m")
+    assert ep.connect_timeout_s + ep.first_byte_timeout_s + ep.probe_timeout_s <= 60
+    assert ep.timeout_s >= 300  # the total stays generous for long reasoning replies
+
+
+def test_a_wedged_endpoint_fails_fast_with_no_response(key: str) -> None:
+    """Every request (GET /models too) is held without a reply: the liveness check finds it dead, and
+    the other requests and their retries fail at once instead of each waiting out its timeout."""
+    retries: list[str] = []
+    with OpenAITestServer(hang=True) as srv:
+        ep = endpoint(srv, timeout_s=60.0, first_byte_timeout_s=0.4, probe_timeout_s=0.4)
+        client = TeacherClient(ep, concurrency=4, retry=FAST, on_retry=lambda r, why, w: retries.append(why))
+        requests = [TeacherRequest(f"ex/{i}", MESSAGES) for i in range(8)]
+        started = time.monotonic()
+
+        async def go():
+            async with client:
+                return await client.run(requests)
+
+        results = asyncio.run(go())
+        elapsed = time.monotonic() - started
+    assert elapsed < 5.0, elapsed  # not 8 requests x 4 tries x 60 s
+    assert [r.error for r in results] == ["no_response"] * 8
+    assert all(r.tries == FAST.max_tries for r in results)
+    assert "not responding" in results[0].detail and "GET /models" in results[0].detail
+    assert retries and set(retries) == {"no_response"} and client.retries == len(retries)
+    posts = [h for h in srv.held if h.startswith("POST")]
+    assert len(posts) <= 4  # the first round only (4 in flight); the other requests were never sent
+    assert any(h.startswith("GET") and h.endswith("/models") for h in srv.held)
+
+
+def test_a_slow_but_live_endpoint_is_waited_for(key: str, server: OpenAITestServer) -> None:
+    """No reply after first_byte_timeout_s, but GET /models answers: the request keeps waiting."""
+    server.inject(Fault.slow(1.0))
+    result = one(server, timeout_s=10.0, first_byte_timeout_s=0.2, probe_timeout_s=1.0)
+    assert result.ok and result.tries == 1 and result.latency_s >= 1.0

@@ -194,3 +194,61 @@ def test_monitor_split_logs_agreement_without_labels_in_training(tmp_path) -> No
     assert isinstance(callback.folder, str) and not any(
         hasattr(v, "column_names") for v in vars(callback).values()
     )
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(dual_run, tmp_path, capsys) -> None:
+    """The newest checkpoint-N lacks trainer_state.json (killed while saving): the same command again
+    moves it aside with a note and resumes from the newest complete checkpoint."""
+    import shutil
+
+    from cellduality.train.common import checkpoint_complete
+    from cellduality.train.grpo import run_grpo
+
+    tmp, _ = dual_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    complete = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if checkpoint_complete(p))
+    broken = run / f"checkpoint-{complete + 5}"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\0" * 100)  # the save stopped here
+    trainer = run_grpo(
+        *_args(
+            tmp_path,
+            "--model_name_or_path",
+            str(tmp / "model"),
+            "--prepared_dir",
+            str(tmp / "prepared"),
+            "--max_steps",
+            str(complete + 1),
+        )
+    )
+    assert trainer.state.global_step == complete + 1
+    err = capsys.readouterr().err
+    assert f"{broken} is incomplete" in err and f"resuming from checkpoint-{complete}" in err
+    assert not broken.exists() and (run / f"incomplete-{broken.name}" / "model.safetensors").exists()
+
+
+def test_last_checkpoint_skips_incomplete_ones(tmp_path, capsys) -> None:
+    from cellduality.data.schema import DataError
+    from cellduality.train.common import check_resume, last_checkpoint
+
+    for step, state in ((2, "{}"), (4, None), (6, "{trunc")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_checkpoint(str(tmp_path), main_process=False) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-6").exists()  # other ranks only read
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-2",
+        "incomplete-checkpoint-4",
+        "incomplete-checkpoint-6",
+    ]
+    assert capsys.readouterr().err.count("is incomplete") == 2
+    with pytest.raises(DataError, match="incomplete"):
+        check_resume(str(tmp_path / "incomplete-checkpoint-6"))
+    check_resume(str(tmp_path / "checkpoint-2"))
+    empty = tmp_path / "fresh"
+    (empty / "checkpoint-1").mkdir(parents=True)
+    assert last_checkpoint(str(empty)) is None and "starts afresh" in capsys.readouterr().err

@@ -167,3 +167,26 @@ def test_readme_path_keeps_the_sft_checkpoint(tmp_path, monkeypatch) -> None:
     start, end = weights(sft), weights(tmp_path / "outputs/tiny-cpu/grpo_dual")
     fresh = weights(tmp_path / "outputs/tiny-cpu/model")
     assert torch.linalg.norm(end - start) < torch.linalg.norm(start - fresh)
+
+
+def test_sft_subcommand_resumes_past_a_checkpoint_killed_mid_save(tmp_path, capsys) -> None:
+    """`cellduality sft` (the subcommand): a checkpoint-N without trainer_state.json is moved aside and
+    the run resumes from the newest complete one; the stage ends with its "saved to" line."""
+    from cellduality.cli import main
+
+    out = tmp_path / "sft"
+    argv = ["sft", "--config", str(SFT_RECIPE), "--output_dir", str(out)]
+    argv += ["--model_name_or_path", str(tmp_path / "model"), "--sft_limit", "8"]
+    argv += ["--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1"]
+    assert main([*argv, "--max_steps", "2"]) == 0
+    assert f"cellduality sft: saved to {out}" in capsys.readouterr().out
+    broken = out / "checkpoint-7"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # killed while saving
+    assert main([*argv, "--max_steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert f"{broken} is incomplete" in captured.err and "resuming from checkpoint-2" in captured.err
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and (out / "incomplete-checkpoint-7").is_dir()
+    meta = json.loads((out / "cellduality_run.json").read_text())
+    assert meta["sentences"] == {"pbmc68k": {"top_k": 16, "n_genes": 16}}

@@ -25,8 +25,9 @@ class Columns:
     """Names of the obs columns that carry each task's metadata (``None`` = not available).
 
     Perturbations: ``perturbation`` holds the condition of each cell with ``control_value`` marking
-    control cells. Genetic perturbations name target genes (``A+B`` for a double); ``direction`` is a
-    column whose values ``direction_map`` turns into words such as "knockdown (CRISPRi)", else
+    control cells. Genetic perturbations name target genes joined by ``combo_sep`` (``A+B`` for a
+    double; GEARS' ``A+ctrl`` padding is removed, see ``cellduality.data.perturbations``); ``direction``
+    is a column whose values ``direction_map`` turns into words such as "knockdown (CRISPRi)", else
     ``default_direction`` is used. Chemical perturbations name a drug, with an optional ``dose`` column.
     ``context`` columns (cell line, donor) are shown in prompts and control cells are matched on them.
     """
@@ -44,6 +45,36 @@ class Columns:
     default_direction: str = "knockdown"
     dose: str | None = None
     context: tuple[str, ...] = ()
+    combo_sep: str = "+"
+
+    def check(self) -> None:
+        """Refuse settings that would be silently ignored (raises ``DataError`` naming the flag)."""
+        if self.perturbation_kind not in PERTURBATION_KINDS:
+            raise DataError(
+                f"perturbation kind must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation_kind!r}"
+            )
+        if self.perturbation_kind == "chemical" and self.direction:
+            raise DataError(
+                f"--direction-col {self.direction!r} describes genetic perturbations (CRISPRi/CRISPRa), but "
+                "the perturbation kind is chemical: drop --direction-col, or pass --perturbation-kind genetic"
+            )
+        if self.perturbation_kind == "genetic" and self.dose:
+            raise DataError(
+                f"--dose-col {self.dose!r} describes drug treatments, but the perturbation kind is genetic: "
+                "drop --dose-col, or pass --perturbation-kind chemical"
+            )
+        if not self.combo_sep or self.combo_sep.strip() != self.combo_sep:
+            raise DataError(
+                f"--combo-sep must be a non-blank separator such as + or _, got {self.combo_sep!r}"
+            )
+        if self.perturbation and str(self.control_value).strip() == "":
+            raise DataError(
+                "--control-value must name the value that marks control cells, got an empty value"
+            )
+        if self.response and str(self.sensitive_value) == str(self.resistant_value):
+            raise DataError(
+                f"--sensitive-value and --resistant-value are both {self.sensitive_value!r}: they must differ"
+            )
 
     def supported_tasks(self) -> list[str]:
         """Tasks whose required columns are named."""
@@ -88,7 +119,4 @@ class Columns:
                     f"column {column!r} (needed for task {task!r}) is not in adata.obs; "
                     f"the columns that exist are: {', '.join(map(str, have)) or '(none)'}"
                 )
-        if self.perturbation_kind not in PERTURBATION_KINDS:
-            raise DataError(
-                f"perturbation_kind must be one of {PERTURBATION_KINDS}, got {self.perturbation_kind!r}"
-            )
+        self.check()

@@ -47,7 +47,17 @@ def split_cells(
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     n = len(obs)
     rng = np.random.default_rng(seed)
+    if mode == "id" and holdout:
+        raise DataError(
+            "--holdout names values to hold out of an out-of-distribution split, but the split is id "
+            "(random cells): add --split ood, or drop --holdout"
+        )
     if mode == "id":
+        if n < 2:
+            raise DataError(
+                f"only {n} cell{'s' if n != 1 else ''} to split: a train/test split needs at least 2 cells "
+                "(in practice dozens per class)"
+            )
         order = rng.permutation(n)
         n_test = max(1, round(n * test_fraction))
         return Split(np.sort(order[n_test:]), np.sort(order[:n_test]), "id")
@@ -68,9 +78,16 @@ def split_cells(
         n_hold = min(len(candidates) - 1, max(1, round(len(candidates) * test_fraction)))
         holdout = sorted(rng.choice(candidates, size=n_hold, replace=False).tolist())
     else:
+        if control_value is not None and str(control_value) in set(map(str, holdout)):
+            raise DataError(
+                f"--holdout {control_value!r}: that is the control value, and control cells are never held "
+                "out (both splits need them as the cells a perturbation is applied to); hold out "
+                f"perturbations instead, e.g. {', '.join(candidates[:3])}"
+            )
         unknown = sorted(set(holdout) - set(candidates))
         if unknown:
-            raise DataError(f"held-out values {unknown} are not values of {key!r}: {candidates}")
+            shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+            raise DataError(f"held-out values {unknown} are not values of {key!r}; its values: {shown}")
         if set(holdout) == set(candidates):
             raise DataError("holding out every value leaves nothing to train on")
     held = np.isin(values, list(holdout)) & ~is_control

@@ -6,9 +6,18 @@ Register it with ``cellduality.eval.command.add_parser(subparsers)`` in ``celldu
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-TASK_CHOICES = ["annotation", "generation", "drug_sensitivity", "perturbation"]
+from cellduality.cli_common import (
+    TASK_CHOICES,
+    HelpFormatter,
+    add_column_args,
+    add_sentence_args,
+    add_split_args,
+    check_out_dir,
+    saved_to,
+)
 
 EPILOG = """\
 examples:
@@ -29,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "baselines in the same tables and write metrics.json, report.md and PNG plots into --out."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -51,7 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
-        "--split", default="test", help="split of the prepared examples to evaluate (default test)"
+        "--eval-split",
+        choices=["test", "train"],
+        default="test",
+        help="which examples to evaluate: the test split, or the train split (a sanity check)",
     )
     p.add_argument(
         "--tasks", nargs="+", choices=TASK_CHOICES, help="tasks to evaluate (default: all present)"
@@ -61,11 +73,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--data", help="the .h5ad the prepared examples came from, when it is not an embedded dataset"
     )
     g = p.add_argument_group("generation")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM if usable")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="longest completion")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument(
+        "--backend",
+        choices=["auto", "hf", "vllm"],
+        default="auto",
+        help="auto: vLLM if installed and a GPU is there",
+    )
     g.add_argument("--cache-dir", type=Path, help="completion cache (default OUT/cache)")
     g.add_argument(
         "--self-verify",
@@ -74,41 +91,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="also report: N sampled answers per example, keep the one whose dual task the model solves best",
     )
-    g.add_argument("--self-verify-temperature", type=float, default=1.0)
+    g.add_argument(
+        "--self-verify-temperature", type=float, default=1.0, help="sampling temperature of --self-verify"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("scoring")
-    s.add_argument("--no-baselines", action="store_true")
-    s.add_argument("--no-plots", action="store_true")
-    s.add_argument("--knn-k", type=int, default=3)
-    s.add_argument("--n-de", type=int, default=20, help="top differentially expressed genes (default 20)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-baselines", action="store_true", help="models only, no baselines")
+    s.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    s.add_argument("--knn-k", type=int, default=3, help="neighbours of the kNN metrics")
+    s.add_argument("--n-de", type=int, default=20, help="top differentially expressed genes")
+    s.add_argument("--seed", type=int, default=0, help="example caps, sampling, baselines")
     s.add_argument(
         "--cell-eval",
         action="store_true",
         help="also score perturbation predictions with cell-eval's MetricsEvaluator (needs the .[eval] extra)",
     )
     b = p.add_argument_group("--dataset: building examples (as `cellduality prepare`)")
-    b.add_argument("--top-k", type=int, default=100)
-    b.add_argument("--n-genes", type=int)
-    b.add_argument("--split-mode", choices=["id", "ood"], default="id")
-    b.add_argument("--test-fraction", type=float, default=0.2)
-    b.add_argument("--holdout", nargs="+")
-    c = p.add_argument_group("your own .h5ad: column names (as `cellduality prepare`)")
-    c.add_argument("--cell-type-col")
-    c.add_argument("--drug-col")
-    c.add_argument("--response-col")
-    c.add_argument("--sensitive-value", default="sensitive")
-    c.add_argument("--resistant-value", default="resistant")
-    c.add_argument("--perturbation-col")
-    c.add_argument("--control-value", default="control")
-    c.add_argument("--perturbation-kind", choices=["genetic", "chemical"], default="genetic")
-    c.add_argument("--direction-col")
-    c.add_argument("--default-direction", default="knockdown")
-    c.add_argument("--dose-col")
-    c.add_argument("--context-cols", nargs="+", default=())
-    c.add_argument("--layer")
-    c.add_argument("--gene-symbols")
-    c.add_argument("--allow-scaled", action="store_true")
+    add_sentence_args(b)
+    add_split_args(b)
+    c = p.add_argument_group("--dataset: columns of your own .h5ad (as `cellduality prepare`)")
+    add_column_args(c)
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -119,13 +121,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval
+    from cellduality.modeling.checkpoint import check_model_folder
 
     console = Console(stderr=True)
     try:
         models = [ModelSpec.parse(text) for text in args.model]
-    except ValueError as exc:
-        console.print(f"cellduality eval: error: {exc}")
+        for spec in models:  # before any data is read: a mistyped path is reported at once
+            check_model_folder(spec.path, spec.adapter)
+            resolved = spec.resolved()
+            if resolved.path != spec.path:
+                check_model_folder(resolved.path, resolved.adapter, flag="the adapter's base model")
+    except ValueError as exc:  # ModelFolderError is a ValueError too
+        print(f"cellduality eval: error: {exc}", file=sys.stderr)
         return 2
+    check_out_dir(args.out)
     if args.cell_eval:
         from cellduality.eval.cell_eval import available
 
@@ -134,12 +143,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             console.print(f"cellduality eval: error: --cell-eval: {why}")
             return 2
     if args.self_verify == 1 or args.self_verify < 0:
-        console.print("cellduality eval: error: --self-verify needs N >= 2 samples (0 turns it off)")
+        print("cellduality eval: error: --self-verify needs N >= 2 samples (0 turns it off)", file=sys.stderr)
         return 2
     config = EvalConfig(
         out_dir=args.out,
         models=models,
-        split=args.split,
+        split=args.eval_split,
         tasks=args.tasks,
         max_examples=args.max_examples if args.prepared is not None else None,
         generation=GenerationSettings(
@@ -166,8 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.prepared is not None and len(args.prepared) > 1:
         if args.data is not None:
-            console.print(
-                "cellduality eval: error: --data names one file: evaluate one --prepared folder with it"
+            print(
+                "cellduality eval: error: --data names one file: evaluate one --prepared folder with it",
+                file=sys.stderr,
             )
             return 2
         return _eval_several(console, args.prepared, config)
@@ -193,33 +203,17 @@ def _eval_several(console, folders: list[Path], config) -> int:
         lines.append(f"| {name} | {', '.join(result.tasks)} | [{name}/report.md]({name}/report.md) |")
     index = Path(config.out_dir) / "index.md"
     index.write_text("\n".join(lines) + "\n")
-    console.print(f"index: {index}")
+    console.print(saved_to("eval", config.out_dir, "index.md, one report per dataset"))
     return 0
 
 
 def _build_examples(args: argparse.Namespace):
     """Examples built on the fly from ``--dataset`` (saved under OUT/prepared for later runs)."""
-    from cellduality.cli import _columns_from_args
-    from cellduality.data import load_dataset
+    from cellduality.cli_common import build_from_args
     from cellduality.eval.scoring import RealData
-    from cellduality.tasks import TaskConfig, build_tasks, save_prepared
+    from cellduality.tasks import save_prepared
 
-    data = load_dataset(
-        args.dataset,
-        _columns_from_args(args),
-        layer=args.layer,
-        gene_symbols=args.gene_symbols,
-        allow_scaled=True if args.allow_scaled else None,
-    )
-    cfg = TaskConfig(top_k=args.top_k, n_genes=args.n_genes, max_examples=args.max_examples, seed=args.seed)
-    prepared = build_tasks(
-        data,
-        args.tasks,
-        split=args.split_mode,
-        config=cfg,
-        test_fraction=args.test_fraction,
-        holdout=args.holdout,
-    )
+    data, prepared = build_from_args(args)
     save_prepared(prepared, Path(args.out) / "prepared")
     return prepared, RealData(data, prepared.meta)
 
@@ -235,7 +229,12 @@ def _print_summary(console, result) -> None:
         for score in res.methods:
             valid = fmt(score.metrics.get("valid_output_rate"))
             console.print(f"  {score.name:<40} {fmt(score.metrics.get(key)):>8}   valid output {valid}")
-    console.print(f"report: {result.files['report']}  metrics: {result.files['metrics']}")
+    for warning in result.info.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    out = Path(result.files["report"]).parent
+    console.print(
+        saved_to("eval", out, f"{Path(result.files['report']).name}, {Path(result.files['metrics']).name}")
+    )
 
 
 __all__ = ["add_parser", "cmd_eval"]

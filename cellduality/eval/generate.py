@@ -213,11 +213,31 @@ def load_backend(spec: ModelSpec, settings: GenerationSettings, backend: str = "
     """``auto``: vLLM when it is installed and CUDA is available, else Hugging Face."""
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"backend must be auto, hf or vllm, got {backend!r}")
+    from cellduality.modeling.checkpoint import ModelFolderError, check_model_folder
+
+    check_model_folder(spec.path, spec.adapter)
     if backend == "vllm" or (backend == "auto" and vllm_usable()):
         if not vllm_usable():
-            raise RuntimeError("--backend vllm needs the vllm package and a CUDA device")
-        return VLLMBackend(spec, settings)
-    return HFBackend(spec, settings)
+            raise ModelFolderError("--backend vllm needs the vllm package and a CUDA device")
+        make: Callable[[], Backend] = lambda: VLLMBackend(spec, settings)  # noqa: E731
+    else:
+        make = lambda: HFBackend(spec, settings)  # noqa: E731
+    try:
+        return make()
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        ImportError,
+    ) as exc:  # hub, tokenizer, weights: say which model
+        if isinstance(exc, ModelFolderError):
+            raise
+        lines = str(exc).strip().splitlines()
+        first = lines[0] if lines else type(exc).__name__
+        raise ModelFolderError(
+            f"the model {spec.path}{f' + adapter {spec.adapter}' if spec.adapter else ''} could not be loaded: "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
 
 
 def backend_name(backend: str = "auto") -> str:

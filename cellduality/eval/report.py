@@ -237,6 +237,7 @@ def per_perturbation_table(result: TaskResult, limit: int | None = None) -> str:
 
 def _run_section(info: Mapping[str, Any]) -> list[str]:
     lines = [f"- Dataset: **{info.get('dataset')}**, split **{info.get('split')}**"]
+    lines += [f"- **Warning**: {w}" for w in info.get("warnings") or []]
     modes = {t: mode for t, mode in (info.get("split_mode") or {}).items() if mode}
     if modes:
         lines.append("- Split kind per task: " + ", ".join(f"{t}: {mode}" for t, mode in modes.items()))

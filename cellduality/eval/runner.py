@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -485,6 +486,21 @@ def run_eval(
 
     vocabulary = real.vocabulary if real is not None else gene_vocabulary(meta.get("genes") or [])
     flat = [r for t in by_task for r in by_task[t]]
+    from cellduality.train.common import sentence_mismatch
+
+    warnings = [
+        w
+        for spec in config.models
+        if (
+            w := sentence_mismatch(
+                spec.resolved().adapter or spec.path,
+                meta,
+                f"these examples ({source or meta.get('dataset')})",
+            )
+        )
+    ]
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     outputs: dict[str, dict[str, list[str]]] = {t: {} for t in by_task}
     models_info = []
     files: dict[str, Path] = {}
@@ -515,6 +531,7 @@ def run_eval(
         "self_verify": config.self_verify,
         "fit": meta.get("fit"),
         "notes": meta.get("notes", []),
+        "warnings": warnings,
         "baselines": config.baselines,
     }
     files.update(write_report(tasks, run_info, out, plots=config.plots))

@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets import Sequence as HFSequence
 
 from cellduality.data.loading import CellData
+from cellduality.data.perturbations import canonical_condition, missing_mask
 from cellduality.data.schema import TASKS, DataError
 from cellduality.data.splits import Split, split_cells
 from cellduality.sentences import cell_sentences, fit_rank_expression
@@ -78,14 +79,19 @@ def split_key(task: str, data: CellData) -> tuple[str | None, str | None]:
     return c.perturbation, str(c.control_value)
 
 
-def candidate_pool(task: str, data: CellData, train_cells: np.ndarray) -> list[str] | np.ndarray | None:
+def candidate_pool(
+    task: str, obs: Any, columns: Any, train_cells: np.ndarray
+) -> list[str] | np.ndarray | None:
     """What a task's candidate lists are drawn from: the *training* split only.
+
+    ``obs`` is the task's own cell table (cells without a label already dropped) and ``train_cells``
+    positions into it.
 
     Cell-type tasks: the training cells' types. Perturbation: the training cells themselves (their
     perturbations, per context). Drug sensitivity: both responses, always (``None``).
     """
     if task in ("annotation", "generation"):
-        return sorted(data.adata.obs[data.columns.cell_type].astype(str).iloc[train_cells].unique())
+        return sorted(obs[columns.cell_type].astype(str).iloc[train_cells].unique())
     if task == "perturbation":
         return train_cells
     return None
@@ -96,6 +102,47 @@ def _subsample(cells: np.ndarray, limit: int | None, seed: int, task: str, split
         return cells
     rng = np.random.default_rng([seed, TASKS.index(task), 0 if split == "train" else 1])
     return np.sort(rng.choice(cells, size=limit, replace=False))
+
+
+def _rows_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    """Rows as a ``Dataset`` with the record features, also when there is none."""
+    if not rows:
+        return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+    return Dataset.from_list(rows, features=FEATURES)
+
+
+def label_columns(task: str, columns: Any) -> list[str]:
+    """The obs columns whose value is the label (or condition) of a ``task`` example."""
+    return [c for c in columns.required_for(task) if c]
+
+
+def _task_cells(data: CellData, tasks: Sequence[str], notes: list[str]) -> dict[str, np.ndarray]:
+    """Per task, positions of the cells whose label columns have a value (NaN / blank dropped, noted)."""
+    obs = data.adata.obs
+    missing_by_column: dict[str, np.ndarray] = {}
+    used_by: dict[str, list[str]] = {}
+    out: dict[str, np.ndarray] = {}
+    for task in tasks:
+        ok = np.ones(len(obs), dtype=bool)
+        for column in label_columns(task, data.columns):
+            if column not in missing_by_column:
+                missing_by_column[column] = missing_mask(obs[column])
+            used_by.setdefault(column, []).append(task)
+            ok &= ~missing_by_column[column]
+        if not ok.any():
+            names = ", ".join(repr(c) for c in label_columns(task, data.columns))
+            raise DataError(
+                f"task {task!r}: no cell has a value in {names} (every value is NaN or blank); name a "
+                "column that holds the labels"
+            )
+        out[task] = np.flatnonzero(ok)
+    for column, missing in missing_by_column.items():
+        if missing.any():
+            notes.append(
+                f"dropped {int(missing.sum())} of {len(missing)} cells whose {column!r} is NaN or blank from "
+                f"{', '.join(used_by[column])} (a missing label is not a class)"
+            )
+    return out
 
 
 def build_tasks(
@@ -120,8 +167,17 @@ def build_tasks(
     tasks = list(dict.fromkeys(tasks))
     for task in tasks:
         data.columns.require(task, data.adata.obs.columns)
-    obs = data.adata.obs
-    sentences = cell_sentences(data.adata, top_k=max(cfg.top_k, cfg.answer_genes), seed=cfg.seed)
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    notes: list[str] = []
+    cells_of = _task_cells(data, tasks, notes)
+    obs_all = data.adata.obs
+    sentences = cell_sentences(
+        data.adata,
+        top_k=max(cfg.top_k, cfg.answer_genes),
+        seed=cfg.seed,
+        allow_scaled=data.value_type != "log-normalised",
+    )
     fit = fit_rank_expression(data.adata, seed=cfg.seed)
     if cfg.hidden_rule not in ("informative", "random"):
         raise DataError(f"hidden_rule must be 'informative' or 'random', got {cfg.hidden_rule!r}")
@@ -132,45 +188,61 @@ def build_tasks(
     parts: dict[str, list[Dataset]] = {"train": [], "test": []}
     split_info: dict[str, dict[str, Any]] = {}
     for task in tasks:
+        positions = cells_of[task]
+        obs = obs_all.iloc[positions]
+        task_sentences = [sentences[i] for i in positions]
         key, control = split_key(task, data)
+        task_holdout = holdout
+        if holdout is not None and task == "perturbation":
+            c = data.columns
+            task_holdout = [
+                canonical_condition(h, str(c.control_value), c.combo_sep, c.perturbation_kind)
+                for h in holdout
+            ]
         s: Split = split_cells(
             obs,
             mode=split,
             key=key,
             test_fraction=test_fraction,
             seed=cfg.seed,
-            holdout=holdout,
+            holdout=task_holdout,
             control_value=control,
         )
         split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
-        pool = candidate_pool(task, data, s.train)
+        pool = candidate_pool(task, obs, data.columns, s.train)
         for name, cells in (("train", s.train), ("test", s.test)):
             extra = {"pool": pool, "gene_scores": gene_scores}
             if task == "perturbation":
-                rows = perturbation_rows(obs, sentences, cells, data.columns, data.name, name, cfg, **extra)
+                rows = perturbation_rows(
+                    obs, task_sentences, cells, data.columns, data.name, name, cfg, **extra
+                )
                 keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
                 rows = [rows[k] for k in keep]
             else:
                 cells = _subsample(cells, cfg.max_examples, cfg.seed, task, name)
-                rows = BUILDERS[task](obs, sentences, cells, data.columns, data.name, name, cfg, **extra)
-            parts[name].append(Dataset.from_list(rows, features=FEATURES))
+                rows = BUILDERS[task](obs, task_sentences, cells, data.columns, data.name, name, cfg, **extra)
+            if not rows:
+                raise DataError(
+                    f"task {task!r} has no {name} example ({len(positions)} usable cells): too few cells "
+                    "or conditions for a train/test split; use more cells, another --test-fraction or "
+                    "--split id"
+                )
+            parts[name].append(_rows_dataset(rows))
     dd = DatasetDict(
-        {
-            name: concatenate_datasets(ds) if ds else Dataset.from_list([], features=FEATURES)
-            for name, ds in parts.items()
-        }
+        {name: concatenate_datasets(ds) if ds else _rows_dataset([]) for name, ds in parts.items()}
     )
     meta = {
         "dataset": data.name,
         "tasks": tasks,
         "value_type": data.value_type,
-        "notes": data.notes,
+        "notes": [*data.notes, *notes],
         "n_cells": int(data.adata.n_obs),
         "n_empty_dropped": data.n_empty_dropped,
         "genes": data.genes,
         "fit": asdict(fit),
         "columns": asdict(data.columns),
         "config": asdict(cfg),
+        "sentences": cfg.sentence_settings(),
         "split": split_info,
         "hidden_genes": {
             "rule": cfg.hidden_rule,

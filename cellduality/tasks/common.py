@@ -50,9 +50,40 @@ class TaskConfig:
     max_examples: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from cellduality.data.schema import DataError
+
+        def positive(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not positive(self.top_k):
+            raise DataError(
+                f"genes per input sentence (--top-k; sentence_genes in a recipe) must be a positive integer, got {self.top_k}"
+            )
+        if self.n_genes is not None and not positive(self.n_genes):
+            raise DataError(
+                f"genes per generated cell (--n-genes; n_genes in a recipe) must be a positive integer, got {self.n_genes} "
+                "(leave it out to use --top-k)"
+            )
+        if not 0.0 < float(self.hidden_fraction) < 1.0:
+            raise DataError(
+                f"--hidden-fraction is the share of a sentence hidden for in-painting and must be in (0, 1), "
+                f"got {self.hidden_fraction}"
+            )
+        if self.max_examples is not None and not positive(self.max_examples):
+            raise DataError(
+                f"--max-examples must be a positive integer, got {self.max_examples} (leave it out for all)"
+            )
+        if not positive(self.max_candidates) or self.max_candidates < 2:
+            raise DataError(f"max_candidates must be at least 2, got {self.max_candidates}")
+
     @property
     def answer_genes(self) -> int:
-        return self.n_genes or self.top_k
+        return self.n_genes if self.n_genes is not None else self.top_k
+
+    def sentence_settings(self) -> dict[str, int]:
+        """What a model trained on these examples has learnt to read and write (see run metadata)."""
+        return {"top_k": self.top_k, "n_genes": self.answer_genes}
 
 
 def example_rng(seed: int, key: str) -> np.random.Generator:

@@ -8,7 +8,8 @@ Why this exists rather than calling ``openai`` directly from the SFT script:
   endpoint, so a rate-limited provider is not hammered by the other in-flight requests.
 * **Failures are data, not exceptions.** A request that cannot be completed ends as a
   :class:`TeacherResult` with ``error`` set to a short machine-readable reason (``http_429``,
-  ``http_500``, ``timeout``, ``connection_error``, ``malformed_response``, ``empty_content``,
+  ``http_500``, ``timeout``, ``no_response`` (the endpoint accepts connections but answers
+  nothing, not even a liveness check), ``connection_error``, ``malformed_response``, ``empty_content``,
   ``provider_error``, ``missing_api_key``, ``unexpected_error``). A long distillation run must not
   die on request 9,000.
 * **Reproducible teacher mixtures.** With several endpoints, the teacher for an example is a seeded
@@ -103,7 +104,13 @@ class TeacherEndpoint:
     ``api_key_env`` is the *name* of the environment variable holding the key (``None`` for servers
     that need none, e.g. a local vLLM). ``weight`` sets this teacher's share when several are mixed.
     Prices (USD per million tokens) are optional and only feed the cost estimate in results.
-    ``timeout_s`` bounds one HTTP try end to end. ``temperature=None`` leaves the field out and
+    ``timeout_s`` bounds one HTTP try end to end (generous: a long reasoning reply takes minutes).
+    A dead endpoint is told apart from a slow one much sooner: ``connect_timeout_s`` bounds the TCP/TLS
+    connect, and when no reply has come ``first_byte_timeout_s`` after sending, the endpoint is asked
+    ``GET /models`` (any HTTP answer within ``probe_timeout_s`` means alive: the request keeps waiting up
+    to ``timeout_s``; none means the endpoint accepts connections but answers nothing, and the request
+    fails at once as ``no_response``, as do the other requests to it until a probe succeeds again).
+    With the defaults a dead endpoint is reported within about 40 s. ``temperature=None`` leaves the field out and
     ``max_tokens_field="max_completion_tokens"`` renames the length limit: OpenAI's reasoning models
     reject both ``max_tokens`` and a non-default temperature, while most other servers want them.
     """
@@ -116,8 +123,11 @@ class TeacherEndpoint:
     price_out_per_mtok: float | None = None
     temperature: float | None = 0.7
     max_tokens: int = 2048
-    timeout_s: float = 120.0
+    timeout_s: float = 600.0
     max_tokens_field: str = "max_tokens"
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 30.0
+    probe_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -128,8 +138,9 @@ class TeacherEndpoint:
             raise TeacherConfigError("teacher model must be a non-empty string")
         if not self.weight >= 0:
             raise TeacherConfigError(f"teacher weight must be >= 0, got {self.weight}")
-        if not self.timeout_s > 0:
-            raise TeacherConfigError(f"teacher timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("timeout_s", "connect_timeout_s", "first_byte_timeout_s", "probe_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise TeacherConfigError(f"teacher {name} must be > 0, got {getattr(self, name)}")
         if self.max_tokens < 1:
             raise TeacherConfigError(f"teacher max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
@@ -142,7 +153,8 @@ class TeacherEndpoint:
         return (
             f"TeacherEndpoint(base_url={redact_url(self.base_url)!r}, model={self.model!r}, "
             f"weight={self.weight}, api_key_env={self.api_key_env!r}, temperature={self.temperature}, "
-            f"max_tokens={self.max_tokens}, timeout_s={self.timeout_s})"
+            f"max_tokens={self.max_tokens}, timeout_s={self.timeout_s}, connect_timeout_s={self.connect_timeout_s}, "
+            f"first_byte_timeout_s={self.first_byte_timeout_s}, probe_timeout_s={self.probe_timeout_s})"
         )
 
     __str__ = __repr__
@@ -319,6 +331,10 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
     return max(0.0, when.timestamp() - now)
 
 
+class _NotResponding(Exception):
+    """The endpoint did not answer a liveness probe (see ``TeacherEndpoint``)."""
+
+
 @dataclass
 class _Failure:
     reason: str
@@ -345,6 +361,7 @@ class TeacherClient:
         concurrency: int = 16,
         retry: RetryPolicy | None = None,
         seed: int = 0,
+        on_retry: Callable[[TeacherResult, str, float], None] | None = None,
     ) -> None:
         self.endpoints: tuple[TeacherEndpoint, ...] = (
             (endpoints,) if isinstance(endpoints, TeacherEndpoint) else tuple(endpoints)
@@ -362,6 +379,14 @@ class TeacherClient:
         self._http: list[Any] = []
         self._sdk: dict[tuple[int, int], openai.AsyncOpenAI] = {}
         self._not_before: dict[int, float] = {}
+        #: called as ``on_retry(result, reason, wait_s)`` before each retry (progress lines count them)
+        self.on_retry = on_retry
+        self.retries = 0
+        self._probe_http: Any = None
+        self._probe_sdk: dict[int, openai.AsyncOpenAI] = {}
+        self._probe_task: dict[int, asyncio.Task[bool]] = {}
+        self._probe_at: dict[int, float] = {}
+        self._dead: dict[int, str] = {}  # endpoint index -> why it is taken as not responding
 
     def __repr__(self) -> str:
         names = ", ".join(e.name for e in self.endpoints)
@@ -410,10 +435,23 @@ class TeacherClient:
                     base_url=endpoint.base_url,
                     api_key=self._key_provider(endpoint),
                     max_retries=0,
-                    timeout=endpoint.timeout_s,
+                    timeout=httpx2.Timeout(endpoint.timeout_s, connect=endpoint.connect_timeout_s),
                     http_client=http,
                     default_headers=_account_headers(endpoint.base_url),
                 )
+        # Liveness probes get their own small pool: the request pools are full exactly when one is needed.
+        self._probe_http = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=len(self.endpoints), max_keepalive_connections=0)
+        )
+        for index, endpoint in enumerate(self.endpoints):
+            self._probe_sdk[index] = openai.AsyncOpenAI(
+                base_url=endpoint.base_url,
+                api_key=self._key_provider(endpoint),
+                max_retries=0,
+                timeout=httpx2.Timeout(endpoint.probe_timeout_s, connect=endpoint.connect_timeout_s),
+                http_client=self._probe_http,
+                default_headers=_account_headers(endpoint.base_url),
+            )
 
     @staticmethod
     def _key_provider(endpoint: TeacherEndpoint) -> Callable[[], Awaitable[str]]:
@@ -428,6 +466,13 @@ class TeacherClient:
         """Close the HTTP connection pools (idempotent)."""
         pools, self._http = self._http, []
         self._sdk.clear()
+        for task in self._probe_task.values():
+            task.cancel()
+        self._probe_task.clear()
+        self._probe_sdk.clear()
+        if self._probe_http is not None:
+            pools.append(self._probe_http)
+            self._probe_http = None
         for http in pools:
             await http.aclose()
 
@@ -509,6 +554,9 @@ class TeacherClient:
                     unit = _unit(self.seed, "jitter", request.example_id, request.attempt, result.tries)
                     wait = self.retry.backoff_s(result.tries, unit)
                 result.waited_s += wait
+                self.retries += 1
+                if self.on_retry is not None:
+                    self.on_retry(result, failure.reason, wait)
                 await asyncio.sleep(wait)
         except asyncio.CancelledError:
             raise
@@ -544,8 +592,81 @@ class TeacherClient:
         )
         return response.content
 
+    async def _reply(
+        self, index: int, pool: int, endpoint: TeacherEndpoint, request: TeacherRequest
+    ) -> bytes:
+        """The reply body; a liveness probe after ``first_byte_timeout_s`` tells dead from slow.
+
+        The SDK's timeouts bound the connect and each read; the outer bound ``timeout_s`` also stops a
+        server that trickles bytes.
+        """
+        post = asyncio.ensure_future(self._post(index, pool, endpoint, request))
+        try:
+            first = endpoint.first_byte_timeout_s
+            if first >= endpoint.timeout_s:  # no liveness check before the total timeout
+                first = endpoint.timeout_s + 1.0
+            done, _ = await asyncio.wait({post}, timeout=first)
+            if not done and first > endpoint.timeout_s:
+                raise asyncio.TimeoutError
+            if not done:
+                if not await self._alive(index, endpoint, fresh=True):
+                    raise _NotResponding(self._dead[index])
+                done, _ = await asyncio.wait({post}, timeout=max(0.0, endpoint.timeout_s - first) + 1.0)
+                if not done:
+                    raise asyncio.TimeoutError
+            body = post.result()
+        finally:
+            if not post.done():
+                post.cancel()
+                await asyncio.gather(post, return_exceptions=True)
+        self._dead.pop(index, None)
+        return body
+
+    async def _alive(self, index: int, endpoint: TeacherEndpoint, fresh: bool = False) -> bool:
+        """Whether the endpoint answers ``GET /models`` (any HTTP status) within ``probe_timeout_s``.
+
+        One probe per endpoint at a time, shared by every request that asks; a verdict is reused for a
+        few seconds (``fresh`` asks for one newer than the request's own wait). A failed probe marks the
+        endpoint not responding, which later requests see without waiting ``first_byte_timeout_s``.
+        """
+        task = self._probe_task.get(index)
+        recent = time.monotonic() - self._probe_at.get(index, -1e9) < (
+            1.0 if fresh else endpoint.probe_timeout_s
+        )
+        if task is None or (task.done() and not recent):
+            task = asyncio.ensure_future(self._probe(index, endpoint))
+            self._probe_task[index] = task
+        alive = await asyncio.shield(task)
+        if alive:
+            self._dead.pop(index, None)
+        return alive
+
+    async def _probe(self, index: int, endpoint: TeacherEndpoint) -> bool:
+        import httpx2
+        import openai
+
+        try:
+            await asyncio.wait_for(
+                self._probe_sdk[index].get("/models", cast_to=httpx2.Response), endpoint.probe_timeout_s + 1.0
+            )
+            return True
+        except openai.APIStatusError:  # 401, 404 ...: something answered
+            return True
+        except (openai.APITimeoutError, asyncio.TimeoutError):
+            got = f"no answer within {endpoint.probe_timeout_s:g} s either"
+        except openai.APIConnectionError:
+            got = "its connection refused or dropped"
+        finally:
+            self._probe_at[index] = time.monotonic()
+        self._dead[index] = (
+            f"{redact_url(endpoint.base_url)} accepted the connection but sent no reply within "
+            f"{endpoint.first_byte_timeout_s:g} s, and a liveness check (GET /models) got {got}: the "
+            "endpoint is not responding"
+        )
+        return False
+
     def _retryable(self, reason: str) -> bool:
-        if reason in ("timeout", "connection_error", "provider_error"):
+        if reason in ("timeout", "connection_error", "provider_error", "no_response"):
             return True
         if reason in ("malformed_response", "empty_content"):
             return self.retry.retry_malformed
@@ -578,12 +699,15 @@ class TeacherClient:
                 break
             self._slots.put_nowait(pool)
         try:
+            # An endpoint found not responding (also while this request queued for a slot) is not
+            # sent to again until a liveness check says it is back.
+            if index in self._dead and not await self._alive(index, endpoint):
+                return _Failure("no_response", self._dead[index])
             t0 = time.monotonic()
             try:
-                # The SDK's timeout bounds each phase; wait_for also bounds a server that trickles bytes.
-                raw = await asyncio.wait_for(
-                    self._post(index, pool, endpoint, request), endpoint.timeout_s + 1.0
-                )
+                raw = await self._reply(index, pool, endpoint, request)
+            except _NotResponding as exc:
+                return _Failure("no_response", str(exc))
             except MissingAPIKeyError as exc:  # the variable vanished between the check and the send
                 return _Failure("missing_api_key", str(exc))
             except (openai.APITimeoutError, asyncio.TimeoutError):
@@ -765,6 +889,8 @@ async def _run_batch(
             if progress:
                 bar.update(1)
                 postfix = {"ok": n_ok, "failed": n_failed, "tokens": tokens}
+                if client.retries:
+                    postfix["retries"] = client.retries
                 if cost:
                     postfix["usd"] = f"{cost:.2f}"
                 bar.set_postfix(postfix, refresh=False)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TASK_CHOICES = ["annotation", "generation", "drug_sensitivity", "perturbation"]
+from cellduality.cli_common import TASK_CHOICES, HelpFormatter, add_sentence_args, add_split_args
+
 NO_KEY = ("", "none")
 
 EPILOG = """\
@@ -113,10 +114,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="sampling temperature (default 0.7; > 0 so that a retry can give a different answer)",
     )
     t.add_argument("--max-tokens", type=int, default=2048, help="max tokens per teacher reply")
-    t.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default 120)")
     t.add_argument(
-        "--max-tries", type=int, default=5, help="HTTP tries per request (429/5xx/timeouts; default 5)"
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="total seconds one HTTP request may take (generous: long reasoning replies take minutes)",
     )
+    t.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to open a connection")
+    t.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a reply before the endpoint is checked (GET /models): one that does not "
+        "answer that either is dead, and the run stops with the same message as for a server that is down",
+    )
+    t.add_argument("--probe-timeout", type=float, default=10.0, help="seconds the liveness check waits")
+    t.add_argument("--max-tries", type=int, default=5, help="HTTP tries per request (429/5xx/timeouts)")
     t.add_argument(
         "--price-in",
         action="append",
@@ -135,9 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
 
     b = p.add_argument_group("embedded dataset names in --data: how to build their examples")
-    b.add_argument("--top-k", type=int, default=100, help="genes per input cell sentence (default 100)")
-    b.add_argument("--n-genes", type=int, help="genes per generated cell (default: --top-k)")
-    b.add_argument("--split", choices=["id", "ood"], default="id")
+    add_sentence_args(b)
+    add_split_args(b, holdout=False, test_fraction=False)
     return p
 
 
@@ -152,7 +164,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "OUT/dataset (for cellduality.train.sft), OUT/attempts.jsonl and OUT/summary.json."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=cmd_sft_data)
@@ -200,6 +212,9 @@ def endpoints_from_args(args: argparse.Namespace) -> list[Any]:
             temperature=args.temperature,
             max_tokens=args.max_tokens,
             timeout_s=args.timeout,
+            connect_timeout_s=args.connect_timeout,
+            first_byte_timeout_s=args.first_byte_timeout,
+            probe_timeout_s=args.probe_timeout,
         )
         for url, model, weight, price_in, price_out in zip(
             urls, models, weights, prices_in, prices_out, strict=True
@@ -267,6 +282,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             f"; dataset: {out / dataset['path']} ({dataset['forward']} forward + {dataset['dual']} dual rows)"
         )
     console.print(line)
+    from cellduality.cli_common import saved_to
+
+    console.print(saved_to("sft-data", out, "dataset/, attempts.jsonl, summary.json"))
 
 
 def cmd_sft_data(args: argparse.Namespace) -> int:
@@ -308,7 +326,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         prog=prog,
         description="Distil teacher reasoning traces into an SFT dataset (same as `cellduality sft-data`).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     return cmd_sft_data(parser.parse_args(argv))

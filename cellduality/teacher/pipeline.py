@@ -367,6 +367,16 @@ class _Run:
         self.cost = 0.0
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-store")
         self.bar: Any = None
+        self.retries = 0  # HTTP retries inside the client, shown in the progress line as they happen
+        self.last_retry = ""
+
+    def retried(self, result: TeacherResult, reason: str, wait_s: float) -> None:
+        """The client is about to retry a request: say so in the progress line at once."""
+        self.retries += 1
+        self.last_retry = f"{reason}, try {result.tries + 1}"
+        if self.bar is not None:
+            self._postfix()
+            self.bar.refresh()
 
     def prompt(self, row: Mapping[str, Any], kind: str) -> list[dict[str, str]]:
         from cellduality.tasks.dual import dual_prompt
@@ -402,7 +412,12 @@ class _Run:
         self.counts[state] += 1
         if state in (KEPT, REJECTED, FAILED):
             self.bar.update(1)
+        self._postfix()
+
+    def _postfix(self) -> None:
         postfix: dict[str, Any] = {k: self.counts[k] for k in (KEPT, REJECTED, FAILED)}
+        if self.retries:
+            postfix["retries"] = f"{self.retries} ({self.last_retry})"
         if self.tokens:
             postfix["tokens"] = self.tokens
         if self.cost:
@@ -775,6 +790,7 @@ async def _generate(
     )
     async with client:
         run = _Run(config, rows, store, _LLMTeacher(client), vocabularies)
+        client.on_retry = run.retried
         await run.run()
         return run.cap
 

@@ -146,20 +146,164 @@ def load_model_and_tokenizer(model_args: Any, training_args: Any):
     return model, tokenizer
 
 
+def sentence_settings(meta: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per dataset, the sentence settings (``top_k``, ``n_genes``) of a prepared meta (merged or not)."""
+    if "parts" in meta:
+        out: dict[str, dict[str, int]] = {}
+        for part in meta["parts"].values():
+            out.update(sentence_settings(part))
+        return out
+    found = meta.get("sentences")
+    if not found:
+        cfg = meta.get("config") or {}
+        if "top_k" not in cfg:
+            return {}
+        found = {"top_k": cfg["top_k"], "n_genes": cfg.get("n_genes") or cfg["top_k"]}
+    return {str(meta.get("dataset", "")): {"top_k": int(found["top_k"]), "n_genes": int(found["n_genes"])}}
+
+
 def write_run_meta(output_dir: str, prepared: PreparedTasks | dict[str, Any], extra: dict[str, Any]) -> None:
     """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage.
 
-    ``prepared`` is the prepared tasks or just their ``meta`` (what the GRPO trainer keeps).
+    ``sentences`` records, per dataset, the sentence settings the model was trained with (genes per input
+    sentence and per generated cell): a model trained on 16-gene sentences answers 100-gene ones poorly,
+    so ``eval`` and ``grpo`` compare it with the data they are given. ``prepared`` is the prepared tasks
+    or just their ``meta`` (what the GRPO trainer keeps).
     """
     meta = prepared.meta if isinstance(prepared, PreparedTasks) else prepared
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_META).write_text(json.dumps({"prepared": meta, **extra}, indent=1, default=str))
+    payload = {"prepared": meta, "sentences": sentence_settings(meta), **extra}
+    (out / RUN_META).write_text(json.dumps(payload, indent=1, default=str))
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder of an interrupted run, to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
+def read_run_meta(model_path: str | Path | None) -> dict[str, Any] | None:
+    """The run metadata of a model folder (or of the run a ``checkpoint-N`` folder belongs to)."""
+    if not model_path:
+        return None
+    folder = Path(model_path)
+    candidates = [folder / RUN_META]
+    if folder.name.startswith("checkpoint-") or folder.name == "merged":
+        candidates.append(folder.parent / RUN_META)
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError:
+                return None
+    return None
+
+
+def sentence_mismatch(model_path: str | Path | None, data_meta: dict[str, Any], what: str) -> str | None:
+    """A warning when the model was trained on other sentence settings than ``data_meta`` has, else None."""
+    run = read_run_meta(model_path)
+    if not run:
+        return None
+    trained = run.get("sentences") or sentence_settings(run.get("prepared") or {})
+    given = sentence_settings(data_meta)
+    if not trained or not given:
+        return None
+    distinct = {json.dumps(v, sort_keys=True) for v in trained.values()}
+    problems = []
+    for dataset, settings in given.items():
+        ref = trained.get(dataset)
+        if ref is None and len(distinct) == 1:
+            ref = next(iter(trained.values()))
+        if ref is not None and ref != settings:
+            problems.append(
+                f"{dataset}: {settings['top_k']}-gene input sentences and {settings['n_genes']}-gene answers, "
+                f"trained with {ref['top_k']} and {ref['n_genes']}"
+            )
+    if not problems:
+        return None
+    ref = next(iter(trained.values()))
+    return (
+        f"{model_path} was trained on other cell sentences than {what} ({'; '.join(problems)}): its answers "
+        "will be poor. Prepare the data with the training settings (cellduality prepare --top-k "
+        f"{ref['top_k']} --n-genes {ref['n_genes']}), or use the prepared folder the run saved "
+        "(<output_dir>/prepared)"
+    )
+
+
+def warn_sentence_mismatch(model_path: str, data_meta: dict[str, Any], what: str, training_args: Any) -> None:
+    """Print :func:`sentence_mismatch`'s warning once (main process)."""
+    message = sentence_mismatch(model_path, data_meta, what)
+    if message and getattr(training_args, "process_index", 0) == 0:
+        import sys
+
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """A ``checkpoint-N`` whose save finished: the Trainer writes ``trainer_state.json`` last."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return False
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return False
+    return True
+
+
+def last_checkpoint(output_dir: str, main_process: bool = True) -> str | None:
+    """The newest complete ``checkpoint-N`` of an interrupted run, to resume from.
+
+    A checkpoint whose save was interrupted (killed mid-save: no ``trainer_state.json``) cannot be resumed
+    from; it is skipped with a note and renamed ``incomplete-checkpoint-N`` by the main process (kept, not
+    deleted, and out of the way of the Trainer's checkpoint rotation), and the next newest is used.
+    """
+    import re
+    import sys
 
     out = Path(output_dir)
-    return get_last_checkpoint(str(out)) if out.is_dir() else None
+    if not out.is_dir():
+        return None
+    found = []
+    for path in out.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    skipped: list[Path] = []
+    chosen: Path | None = None
+    for _, path in sorted(found, reverse=True):
+        if checkpoint_complete(path):
+            chosen = path
+            break
+        skipped.append(path)
+    for path in skipped:
+        # a name the Trainer's checkpoint rotation (glob "checkpoint-*") never sees, so never deletes
+        target = path.with_name(f"incomplete-{path.name}")
+        n = 2
+        while target.exists():
+            target = path.with_name(f"incomplete-{path.name}-{n}")
+            n += 1
+        if main_process:
+            path.rename(target)
+            then = (
+                f"resuming from {chosen.name}" if chosen else "no complete checkpoint: training starts afresh"
+            )
+            print(
+                f"note: {path} is incomplete (no trainer_state.json: its save was interrupted); moved it to "
+                f"{target.name} and {then}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return str(chosen) if chosen else None
+
+
+def check_resume(path: str | None) -> None:
+    """Refuse an explicit ``resume_from_checkpoint`` that cannot be resumed from (one line, not a traceback)."""
+    if not path or not isinstance(path, str) or path.lower() in ("true", "false"):
+        return
+    from cellduality.data.schema import DataError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"resume_from_checkpoint {folder} is not a folder")
+    if not checkpoint_complete(folder):
+        raise DataError(
+            f"resume_from_checkpoint {folder} is incomplete (no readable trainer_state.json: its save was "
+            "interrupted); name an earlier checkpoint-N, or leave resume_from_checkpoint out to use the "
+            "newest complete one"
+        )

@@ -93,25 +93,26 @@ class CellDualityArguments:
 
 def check_reward_mode(mode: str, reward_funcs: list[str]) -> None:
     """Refuse a reward list that contradicts the declared mode (labels in a self-supervised run)."""
+    from cellduality.data.schema import DataError  # a recipe mistake: one line, not a traceback
     from cellduality.rewards import REWARDS, USES_LABELS
 
     if mode not in REWARD_MODES:
-        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {mode!r}")
+        raise DataError(f"reward_mode must be one of {REWARD_MODES}, got {mode!r}")
     unknown = [r for r in reward_funcs if r not in REWARDS]
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; registered: {', '.join(sorted(REWARDS))}")
+        raise DataError(f"unknown reward(s) {unknown}; registered: {', '.join(sorted(REWARDS))}")
     uses_labels = [r for r in reward_funcs if r in USES_LABELS]
     if mode == "self_supervised" and uses_labels:
-        raise ValueError(
+        raise DataError(
             f"reward_mode self_supervised uses no labels, but reward_funcs has {uses_labels}; "
             "set reward_mode: oracle or combined"
         )
     if mode == "oracle" and "dual" in reward_funcs:
-        raise ValueError(
+        raise DataError(
             "reward_mode oracle uses ground truth only; remove 'dual' or set reward_mode: combined"
         )
     if mode in ("oracle", "combined") and not uses_labels:
-        raise ValueError(
+        raise DataError(
             f"reward_mode {mode} needs a ground-truth reward (oracle, oracle_accuracy, oracle_rwjs)"
         )
 

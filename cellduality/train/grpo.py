@@ -30,7 +30,12 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
     from cellduality.parsing import gene_vocabulary
     from cellduality.rewards import DualReward, build_rewards
-    from cellduality.train.common import apply_auto_vllm, ensure_model, load_model_and_tokenizer
+    from cellduality.train.common import (
+        apply_auto_vllm,
+        ensure_model,
+        load_model_and_tokenizer,
+        warn_sentence_mismatch,
+    )
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
@@ -53,6 +58,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
                 save_prepared(prepared, folder)
         register_verifier_rewards(folder)
     ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
+    warn_sentence_mismatch(
+        model_args.model_name_or_path, prepared.meta, "this GRPO run's data", training_args
+    )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train = training_rows(
         prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed
@@ -85,7 +93,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         deterministic=not cd_args.dual_do_sample,
     )
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
-        raise ValueError(
+        from cellduality.data.schema import DataError
+
+        raise DataError(
             f"reward_weights has {len(training_args.reward_weights)} values for {len(rewards)} reward_funcs"
         )
     trainer = GRPOTrainer(
@@ -134,10 +144,13 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
 def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     """Train, resuming from the newest checkpoint of ``output_dir`` if a run was interrupted."""
-    from cellduality.train.common import last_checkpoint, write_run_meta
+    from cellduality.train.common import RUN_META, check_resume, last_checkpoint, write_run_meta
 
     trainer = build_grpo_trainer(cd_args, training_args, model_args)
-    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    check_resume(training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint or last_checkpoint(
+        training_args.output_dir, main_process=training_args.process_index == 0
+    )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     dual = trainer.cellduality_dual
@@ -158,6 +171,9 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
                 "generation": {"max_new_tokens": training_args.max_completion_length},
             },
         )
+        from cellduality.cli_common import saved_to
+
+        print(saved_to("grpo", training_args.output_dir, f"model, tokenizer, {RUN_META}"), flush=True)
     return trainer
 
 
@@ -170,17 +186,30 @@ def parse_args(argv: Sequence[str] | None = None):
     return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    check_launch_environment()
-    cd_args, training_args, model_args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.grpo") -> int:
+    """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
+    from cellduality.train.command import print_full_help, report_error, stage_help, wants_help
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kind = wants_help(args)
+    if kind == "short":
+        print(stage_help("grpo"))
+        return 0
+    if kind == "all":
+        return print_full_help(parse_args)
+    from cellduality.train.launch_guard import LaunchError
+
+    try:
+        check_launch_environment()
+    except LaunchError as exc:  # every rank refuses; the first one says why
+        return report_error(prog, exc)
     from cellduality.data.schema import DataError
     from cellduality.modeling.tiny import TinyModelRefused
 
     try:
-        run_grpo(cd_args, training_args, model_args)
-    except (DataError, TinyModelRefused) as exc:  # a user's mistake: one line, not a traceback
-        print(f"cellduality.train.grpo: error: {exc}", file=sys.stderr)
-        return 2
+        run_grpo(*parse_args(args))
+    except (DataError, TinyModelRefused) as exc:
+        return report_error(prog, exc)
     return 0
 
 

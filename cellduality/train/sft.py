@@ -52,6 +52,8 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     from trl import SFTTrainer, get_peft_config
 
     from cellduality.train.common import (
+        RUN_META,
+        check_resume,
         ensure_model,
         last_checkpoint,
         load_model_and_tokenizer,
@@ -77,7 +79,10 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.progress import use_compact_progress
 
     use_compact_progress(trainer, training_args.output_dir)
-    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    check_resume(training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint or last_checkpoint(
+        training_args.output_dir, main_process=training_args.process_index == 0
+    )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
@@ -88,6 +93,9 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
             tokenizer.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out)
         write_run_meta(str(out), prepared, {"stage": "sft", "examples": len(train)})
+        from cellduality.cli_common import saved_to
+
+        print(saved_to("sft", out, f"model, tokenizer, {RUN_META}"), flush=True)
     return trainer
 
 
@@ -100,17 +108,30 @@ def parse_args(argv: Sequence[str] | None = None):
     return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    check_launch_environment()
-    cd_args, sft_args, training_args, model_args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.sft") -> int:
+    """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
+    from cellduality.train.command import print_full_help, report_error, stage_help, wants_help
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kind = wants_help(args)
+    if kind == "short":
+        print(stage_help("sft"))
+        return 0
+    if kind == "all":
+        return print_full_help(parse_args)
+    from cellduality.train.launch_guard import LaunchError
+
+    try:
+        check_launch_environment()
+    except LaunchError as exc:  # every rank refuses; the first one says why
+        return report_error(prog, exc)
     from cellduality.data.schema import DataError
     from cellduality.modeling.tiny import TinyModelRefused
 
     try:
-        run_sft(cd_args, sft_args, training_args, model_args)
-    except (DataError, TinyModelRefused) as exc:  # a user's mistake: one line, not a traceback
-        print(f"cellduality.train.sft: error: {exc}", file=sys.stderr)
-        return 2
+        run_sft(*parse_args(args))
+    except (DataError, TinyModelRefused) as exc:
+        return report_error(prog, exc)
     return 0
 
 

@@ -1,0 +1,167 @@
+"""``cellduality sft`` and ``cellduality grpo``: the training entry points as subcommands.
+
+``cellduality sft --config recipes/tiny-cpu/sft.yaml [--field value ...]`` runs exactly what
+``python -m cellduality.train.sft`` runs (TRL's ``TrlParser`` reads the recipe and the overrides). Their
+``--help`` is built here from CellDuality's own argument dataclasses, with defaults and without importing
+TRL, so it answers at once; ``--help-all`` prints TRL's full list (every ``SFTConfig`` / ``GRPOConfig``
+and ``ModelConfig`` field with TRL's defaults), which takes a few seconds. Multi-GPU runs keep using
+``accelerate launch -m cellduality.train.sft`` (docs/recipes.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+from cellduality.cli_common import HelpFormatter
+
+STAGES = {
+    "sft": {
+        "help": "supervised fine-tuning on teacher traces (TRL SFTTrainer); --help lists the recipe fields",
+        "description": (
+            "Supervised fine-tuning of a causal LM on teacher-distilled <think>/<answer> traces (forward and "
+            "dual examples) with TRL's SFTTrainer. The recipe YAML (--config) sets every field; any field "
+            "can be overridden as --field value. Without sft_data the examples are made with the offline "
+            "teacher. Killed? Run the same command again: it resumes from the newest complete checkpoint."
+        ),
+        "example": "cellduality sft --config recipes/tiny-cpu/sft.yaml --num_train_epochs 1",
+        "trl": "SFTConfig",
+    },
+    "grpo": {
+        "help": "dual-task GRPO (self-supervised) or its oracle ablation (TRL GRPOTrainer)",
+        "description": (
+            "GRPO with CellDuality's rewards: format + dual (no labels) or oracle (ground truth), with TRL's "
+            "GRPOTrainer. The recipe YAML (--config) sets every field; any field can be overridden as "
+            "--field value. Start from the SFT checkpoint with --model_name_or_path. Killed? Run the same "
+            "command again: it resumes from the newest complete checkpoint."
+        ),
+        "example": (
+            "cellduality grpo --config recipes/tiny-cpu/grpo_dual.yaml --model_name_or_path outputs/tiny-cpu/sft"
+        ),
+        "trl": "GRPOConfig",
+    },
+}
+
+#: TRL fields users override most; listed in the short help (their defaults: --help-all or the recipe).
+COMMON_TRL_FIELDS = (
+    ("output_dir", "where checkpoints, the final model and cellduality_run.json go"),
+    ("model_name_or_path", "the model to train: a folder (the SFT checkpoint for GRPO) or a hub id"),
+    ("max_steps", "optimizer steps (overrides num_train_epochs when > 0)"),
+    ("num_train_epochs", "passes over the training examples"),
+    ("learning_rate", "peak learning rate"),
+    ("per_device_train_batch_size", "examples per device and step"),
+    ("save_steps", "steps between checkpoints (with save_strategy: steps)"),
+    ("resume_from_checkpoint", "a checkpoint-N folder (default: the newest complete one in output_dir)"),
+    ("use_peft", "train a LoRA adapter (with lora_r, lora_alpha, lora_target_modules)"),
+    ("seed", "everything that is random"),
+)
+
+
+def _default(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """A parser used for the help text only (TRL's parser does the real parsing)."""
+    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
+
+    info = STAGES[stage]
+    p = argparse.ArgumentParser(
+        prog=f"cellduality {stage}",
+        usage=f"cellduality {stage} [--config RECIPE.yaml] [--FIELD VALUE ...]",
+        description=info["description"],
+        epilog=(
+            f"example:\n  {info['example']}\n\nAlso: python -m cellduality.train.{stage} (same flags), and "
+            f"accelerate launch [--config_file accelerate_configs/zero3.yaml] -m cellduality.train.{stage} ..."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", metavar="RECIPE.yaml", help="the recipe: a YAML file of fields (recipes/)")
+    p.add_argument(
+        "--help-all",
+        action="store_true",
+        help=f"every field of TRL's {info['trl']} and ModelConfig with TRL's defaults (imports TRL: slow)",
+    )
+    groups = [("CellDuality fields (in the recipe, or --field value)", CellDualityArguments)]
+    if stage == "sft":
+        groups.append(("SFT data fields", SFTDataArguments))
+    for title, cls in groups:
+        g = p.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            default = _default(f)
+            if isinstance(default, bool):
+                default = str(default).lower()
+            g.add_argument(f"--{f.name}", default=default, metavar="", help=f.metadata.get("help", ""))
+    g = p.add_argument_group(f"TRL fields most often overridden ({info['trl']}, ModelConfig; see --help-all)")
+    for name, text in COMMON_TRL_FIELDS:
+        g.add_argument(f"--{name}", metavar="", help=text)
+    return p
+
+
+def stage_help(stage: str) -> str:
+    return stage_parser(stage).format_help()
+
+
+def wants_help(argv: Sequence[str]) -> str | None:
+    """``'short'`` for -h/--help, ``'all'`` for --help-all, else ``None``."""
+    if "--help-all" in argv:
+        return "all"
+    if "-h" in argv or "--help" in argv:
+        return "short"
+    return None
+
+
+def run_stage(stage: str, argv: Sequence[str]) -> int:
+    """``cellduality sft|grpo ARGV``: the help, or the training entry point's ``main``."""
+    argv = list(argv)
+    kind = wants_help(argv)
+    if kind == "short":
+        print(stage_help(stage))
+        return 0
+    if stage == "sft":
+        from cellduality.train.sft import main
+    else:
+        from cellduality.train.grpo import main
+    return main(argv, prog=f"cellduality {stage}")
+
+
+def print_full_help(parse_args) -> int:
+    """TRL's own help (``--help-all``)."""
+    try:
+        parse_args(["--help"])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """List ``sft`` and ``grpo`` in ``cellduality --help``; their arguments go to TRL (see ``run_stage``)."""
+    for stage, info in STAGES.items():
+        subparsers.add_parser(stage, help=info["help"], add_help=False)
+
+
+def rank_zero() -> bool:
+    """Whether this process is the first (or only) rank of a launch."""
+    return os.environ.get("RANK", "0") in ("", "0") and os.environ.get("LOCAL_RANK", "0") in ("", "0")
+
+
+def report_error(prog: str, exc: BaseException, other_ranks_wait_s: float = 5.0) -> int:
+    """One line on stderr (first rank only, so a launch prints it once); exit status 2.
+
+    The other ranks wait a moment before exiting: torchrun stops every rank as soon as one fails, and
+    the first rank must have said why by then.
+    """
+    if rank_zero():
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    elif os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        import time
+
+        time.sleep(other_ranks_wait_s)
+    return 2
