@@ -339,7 +339,7 @@ def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
-def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys, shared_data) -> None:
+def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) -> None:
     sft = str(trained / "sft")
     out = str(tmp_path / "x.h5ad")
     other = tmp_path / "other_genes.h5ad"
@@ -357,10 +357,6 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys, sh
             "unknown perturbation 'NOTAGENE'",
         ),
         "genes missing": (["--task", "annotation", "--model", sft, "--h5ad", str(other)], "of the checkpoint's"),
-        "pancreas": (
-            ["--task", "annotation", "--model", sft, "--h5ad", str(shared_data / "openproblems_scib_pancreas_100cells.h5ad")],
-            "genes (1%) are in",
-        ),
         "no run metadata": (["--task", "annotation", "--model", str(trained / "model"), "--h5ad", str(pbmc_h5ad)], "no run metadata"),
         "no such file": (["--task", "annotation", "--model", sft, "--h5ad", str(tmp_path / "nope.h5ad")], "no such file"),
     }  # fmt: skip
