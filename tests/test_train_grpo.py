@@ -18,23 +18,25 @@ RECIPE = REPO / "recipes" / "tiny-cpu" / "grpo_dual.yaml"
 def _args(tmp: Path, *extra: str):
     from cellduality.train.grpo import parse_args
 
-    return parse_args(
-        [
-            "--config",
-            str(RECIPE),
-            "--output_dir",
-            str(tmp / "run"),
-            "--prepared_dir",
-            str(tmp / "prepared"),
-            "--model_name_or_path",
-            str(tmp / "model"),
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "1",
-            *extra,
-        ]
-    )
+    return parse_args(_args_list(tmp, *extra))
+
+
+def _args_list(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(RECIPE),
+        "--output_dir",
+        str(tmp / "run"),
+        "--prepared_dir",
+        str(tmp / "prepared"),
+        "--model_name_or_path",
+        str(tmp / "model"),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        *extra,
+    ]
 
 
 def test_reward_mode_guard() -> None:
@@ -161,15 +163,24 @@ def test_compact_progress_keeps_full_logs(dual_run) -> None:
     assert "step_time" in short and len(short) < 12 and any(k.startswith("dual:") for k in short)
 
 
-def test_report_to_trackio_offline(tmp_path, monkeypatch) -> None:
-    """``report_to: trackio`` logs the run's metrics to a local database: no network, no account."""
+def test_report_to_trackio_offline(tmp_path) -> None:
+    """``report_to: trackio`` logs the run's metrics to a local database: no network, no account.
+
+    Run in a fresh process: trackio reads TRACKIO_DIR once, when it is first imported."""
+    import os
     import sqlite3
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
     pytest.importorskip("trackio", reason="the `track` extra is not installed (make test installs it)")
-    from cellduality.train.grpo import run_grpo
-
-    run_grpo(*_args(tmp_path, "--max_steps", "1", "--report_to", "trackio", "--run_name", "offline-run"))
+    argv = [
+        str(a)
+        for a in _args_list(
+            tmp_path, "--max_steps", "1", "--report_to", "trackio", "--run_name", "offline-run"
+        )
+    ]
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "cellduality.train.grpo", *argv], check=True, env=env, timeout=600)
     db = tmp_path / "trackio" / "huggingface.db"
     rows = sqlite3.connect(db).execute("select run_name, metrics from metrics").fetchall()
     assert rows and {name for name, _ in rows} == {"offline-run"}
