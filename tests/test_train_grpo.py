@@ -315,7 +315,7 @@ def test_neighbourhood_grpo_trains_logs_and_evaluates(tmp_path) -> None:
     assert code == 0
     methods = json.loads((out / "metrics.json").read_text())["tasks"]["neighbourhood"]["methods"]
     assert {"GRPO", "graph neighbourhood, unedited", "mean perturbation", "control mean"} <= set(methods)
-    assert methods["split-half reproducibility"]["kind"] == "ceiling"
+    assert methods["split-half reproducibility"]["kind"] == "reference"
     grpo = methods["GRPO"]["metrics"]
     assert {"pearson_delta", "pearson_delta_de", "retrieval", "valid_output_rate"} <= set(grpo)
     assert "graph neighbourhood, unedited" in (out / "report.md").read_text()

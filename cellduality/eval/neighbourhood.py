@@ -8,7 +8,7 @@ prompt's neighbourhood itself; an empty set predicts the mean of all training pe
 scored by :class:`cellduality.eval.scoring.PerturbationReference` against the real cells of the target
 (all cells of that perturbation in that context: the split is OOD, so none of them was seen in
 training), next to the perturbation task's own baselines (control mean, mean perturbation, the
-uncapped GO graph neighbour) and the split-half ceiling, fitted on the training perturbations' cells.
+uncapped GO graph neighbour) and the split-half reproducibility of the real cells (a reference row), fitted on the training perturbations' cells.
 The training deltas are fitted here exactly as those baselines fit theirs, so the rows differ only in
 the set of perturbations they average.
 """
@@ -28,7 +28,7 @@ from cellduality.eval.scoring import (
     TaskResult,
     group_label,
 )
-from cellduality.rewards.parsing import parse_completion
+from cellduality.parsing import parse_completion
 from cellduality.tasks.neighbourhood import TASK, ContextDeltas, parse_edit, resolve_edit
 
 UNEDITED = "graph neighbourhood, unedited"
@@ -126,7 +126,7 @@ def score_neighbourhood(
     real: RealData,
     config: Any,
 ) -> TaskResult:
-    """The neighbourhood task's table: each model's edited predictor, the unedited one, baselines, ceiling."""
+    """The neighbourhood task's table: each model's edited predictor, the unedited one, baselines, reference."""
     from cellduality.eval.runner import perturbation_baselines, reproducibility
 
     result = TaskResult(TASK, len(rows))

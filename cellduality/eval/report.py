@@ -113,7 +113,7 @@ LEGENDS["neighbourhood"] = (
     "cells of the target in its context. *Gain over unedited*: mean per-target difference in Pearson Δ from "
     "the unedited neighbourhood. *Valid edits*: share of the proposed additions and removals that were "
     "allowed (additions among the prompt's candidates, removals among its neighbours). *Empty edits*: share of "
-    "edits that change nothing. *Answers with an edit*: share of answers with an `add:` or `remove:` clause."
+    "edits that change nothing. *Valid output*: share of answers with an `add:` or `remove:` clause."
 )
 LEGENDS["drug_sensitivity"] = LEGENDS["annotation"]
 

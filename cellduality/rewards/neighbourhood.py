@@ -31,8 +31,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cellduality.parsing import parse_completion
 from cellduality.rewards.base import RowReward, log_per_task, rows_from_columns
-from cellduality.rewards.parsing import parse_completion
 from cellduality.tasks.neighbourhood import TASK, DeltaTable, edit_gain, parse_edit, resolve_edit
 
 EMPTY_EDIT_PENALTY = -0.5

@@ -46,7 +46,7 @@ import scipy.sparse as sp
 
 from cellduality.data.schema import DataError
 from cellduality.eval.baselines import GONeighbourBaseline, perturbation_targets
-from cellduality.rewards.parsing import normalize_label, parse_completion
+from cellduality.parsing import normalize_label, parse_completion
 from cellduality.tasks.common import (
     TaskConfig,
     example_rng,
