@@ -15,6 +15,7 @@ from cellduality.cli_common import (
     TASK_CHOICES,
     HelpFormatter,
     add_column_args,
+    add_neighbourhood_args,
     add_sentence_args,
     add_split_args,
     build_from_args,
@@ -30,7 +31,8 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
         "--tasks",
         nargs="+",
         choices=TASK_CHOICES,
-        help="tasks to build (default: every task the dataset supports)",
+        help="tasks to build (default: every task of the 2x2 suite the dataset supports; neighbourhood "
+        "editing only when named, with --split ood)",
     )
     add_sentence_args(p)
     add_split_args(p)
@@ -41,6 +43,7 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
         "--max-examples", type=int, default=None, help="cap on examples per task and split (default: all)"
     )
     p.add_argument("--seed", type=int, default=0, help="split, tie order, templates")
+    add_neighbourhood_args(p.add_argument_group("neighbourhood editing (--tasks neighbourhood)"))
     g = p.add_argument_group(
         "columns of your own .h5ad (for an embedded dataset: overrides of its preset, the rest is kept)"
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 #: ``--split`` means the same everywhere: how cells are split into train and test.
 SPLIT_MODES = ("id", "ood")
-TASK_CHOICES = ["annotation", "generation", "drug_sensitivity", "perturbation"]
+TASK_CHOICES = ["annotation", "generation", "drug_sensitivity", "perturbation", "neighbourhood"]
 
 #: Column flags whose defaults are filled in only for a user's file, so that for an embedded dataset
 #: a flag that was not given leaves the dataset's own preset alone.
@@ -87,6 +87,23 @@ def add_sentence_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--top-k", type=int, default=100, help="genes per input cell sentence")
     g.add_argument(
         "--n-genes", type=int, default=None, help="genes per generated cell (default: the --top-k value)"
+    )
+
+
+def add_neighbourhood_args(g: argparse._ActionsContainer) -> None:
+    """The knowledge graph and the caps of the neighbourhood-editing task (``--tasks neighbourhood``)."""
+    g.add_argument(
+        "--graph",
+        metavar="FILE",
+        help="gene-gene edge list (two gene columns, optional weight last; .gz ok), e.g. STRING "
+        "(default: GO Biological Process from the embedded knowledge tables)",
+    )
+    g.add_argument(
+        "--graph-min-weight", type=float, help="drop edges lighter than this (e.g. 700 for STRING)"
+    )
+    g.add_argument("--max-neighbours", type=int, default=20, help="graph neighbours shown per target")
+    g.add_argument(
+        "--max-additions", type=int, default=50, help="training perturbations offered for addition (0: all)"
     )
 
 
@@ -200,6 +217,10 @@ def build_from_args(args: argparse.Namespace, *, hidden_fraction: float | None =
         hidden_fraction=0.25 if hidden_fraction is None else hidden_fraction,
         max_examples=args.max_examples,
         seed=args.seed,
+        graph=str(Path(args.graph).resolve()) if getattr(args, "graph", None) else None,
+        graph_min_weight=getattr(args, "graph_min_weight", None),
+        max_neighbours=getattr(args, "max_neighbours", 20),
+        max_additions=getattr(args, "max_additions", 50),
     )
     columns, notes = columns_from_args(args)
     if columns is not None:

@@ -29,6 +29,7 @@ def test_there_are_recipes() -> None:
     names = {f"{p.parent.name}/{p.name}" for p in RECIPES}
     for model in ("llama-3.2-3b", "tiny-cpu"):
         assert {f"{model}/sft.yaml", f"{model}/grpo_dual.yaml", f"{model}/grpo_oracle.yaml"} <= names
+        assert f"{model}/grpo_neighbourhood.yaml" in names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -49,7 +50,7 @@ def test_paper_hyper_parameters() -> None:
     root = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.2-3b"
     sft = yaml.safe_load((root / "sft.yaml").read_text())
     assert sft["num_train_epochs"] == 3 and sft["learning_rate"] == 1e-5 and sft["bf16"] is True
-    for name in ("grpo_dual", "grpo_oracle"):
+    for name in ("grpo_dual", "grpo_oracle", "grpo_neighbourhood"):
         g = yaml.safe_load((root / f"{name}.yaml").read_text())
         gpus = 8
         per_optimizer_step = gpus * g["per_device_train_batch_size"] * g["gradient_accumulation_steps"]

@@ -1,8 +1,8 @@
 """Which obs columns each task reads, with the names configurable per dataset.
 
-The four tasks need different metadata: a cell type for annotation and generation, a drug and a
+The tasks need different metadata: a cell type for annotation and generation, a drug and a
 sensitive/resistant label for drug sensitivity, a perturbation with a control value for perturbation
-response. ``Columns`` names them for one dataset; ``require`` turns a missing or wrong column into an
+response and for knowledge-graph neighbourhood editing (genetic perturbations only). ``Columns`` names them for one dataset; ``require`` turns a missing or wrong column into an
 error that lists what the file actually has, because that is the first thing a user needs to fix it.
 """
 
@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-TASKS: tuple[str, ...] = ("annotation", "generation", "drug_sensitivity", "perturbation")
+TASKS: tuple[str, ...] = ("annotation", "generation", "drug_sensitivity", "perturbation", "neighbourhood")
+#: Tasks built only when asked for by name (``--tasks neighbourhood``): not part of "every task the
+#: dataset supports", so the default task mix (and the 2x2 suite's duals) stay as they were.
+OPT_IN_TASKS: tuple[str, ...] = ("neighbourhood",)
 PERTURBATION_KINDS = ("genetic", "chemical")
 SENSITIVE, RESISTANT = "sensitive", "resistant"
 
@@ -76,8 +79,8 @@ class Columns:
                 f"--sensitive-value and --resistant-value are both {self.sensitive_value!r}: they must differ"
             )
 
-    def supported_tasks(self) -> list[str]:
-        """Tasks whose required columns are named."""
+    def supported_tasks(self, include_opt_in: bool = False) -> list[str]:
+        """Tasks whose required columns are named (with ``include_opt_in``, also the opt-in tasks)."""
         tasks = []
         if self.cell_type:
             tasks += ["annotation", "generation"]
@@ -85,6 +88,8 @@ class Columns:
             tasks.append("drug_sensitivity")
         if self.perturbation:
             tasks.append("perturbation")
+            if include_opt_in and self.perturbation_kind == "genetic":
+                tasks.append("neighbourhood")
         return tasks
 
     def required_for(self, task: str) -> list[str]:
@@ -96,6 +101,7 @@ class Columns:
             "generation": [self.cell_type],
             "drug_sensitivity": [self.drug, self.response],
             "perturbation": [self.perturbation],
+            "neighbourhood": [self.perturbation],
         }[task]
         if any(c is None for c in needed):
             flag = {
@@ -103,6 +109,7 @@ class Columns:
                 "generation": "--cell-type-col",
                 "drug_sensitivity": "--drug-col and --response-col",
                 "perturbation": "--perturbation-col",
+                "neighbourhood": "--perturbation-col",
             }[task]
             raise DataError(f"task {task!r} needs its column(s) named: pass {flag}")
         return [c for c in needed if c is not None]
@@ -120,3 +127,8 @@ class Columns:
                     f"the columns that exist are: {', '.join(map(str, have)) or '(none)'}"
                 )
         self.check()
+        if task == "neighbourhood" and self.perturbation_kind != "genetic":
+            raise DataError(
+                "task 'neighbourhood' edits a gene-gene knowledge-graph neighbourhood: it needs genetic "
+                f"perturbations (target genes), not {self.perturbation_kind!r} ones"
+            )

@@ -17,6 +17,8 @@ scipy-sparse matrices of log-normalised expression with label sequences.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -207,6 +209,23 @@ class MeanPerturbationBaseline(_PerturbationBaseline):
         return self._control() + self._mean_delta(exclude=perturbation)
 
 
+def _upper_terms(go: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    """Upper-cased symbol -> GO terms (root dropped), symbols differing only in case merged."""
+    out: dict[str, frozenset[str]] = {}
+    for gene, terms in go.items():
+        key = str(gene).upper()
+        out[key] = out.get(key, frozenset()) | (frozenset(terms) - {GO_BP_ROOT})
+    return out
+
+
+@lru_cache(maxsize=1)
+def _shipped_go_upper() -> Mapping[str, frozenset[str]]:
+    """The shipped GO BP annotations, upper-cased once per process (one fit per cell context reuses it)."""
+    from cellduality.eval.knowledge import load_go_bp
+
+    return MappingProxyType(_upper_terms(load_go_bp(drop_root=True)))
+
+
 class GONeighbourBaseline(_PerturbationBaseline):
     """Control mean + mean delta of the training perturbations whose targets are GO BP neighbours.
 
@@ -225,19 +244,14 @@ class GONeighbourBaseline(_PerturbationBaseline):
         super().__init__(control)
         self.separator = separator
         self._go_source = go
-        self._go: dict[str, frozenset[str]] = {}
+        self._go: Mapping[str, frozenset[str]] = {}
+        self._fitted_terms: list[tuple[str, frozenset[str], frozenset[str]]] | None = None
 
     def fit(self, x: Matrix, perturbations: Sequence[Hashable]) -> GONeighbourBaseline:
         super().fit(x, perturbations)
         go = self._go_source
-        if go is None:
-            from cellduality.eval.knowledge import load_go_bp
-
-            go = load_go_bp(drop_root=True)
-        self._go = {}
-        for gene, terms in go.items():
-            key = str(gene).upper()
-            self._go[key] = self._go.get(key, frozenset()) | (frozenset(terms) - {GO_BP_ROOT})
+        self._go = _shipped_go_upper() if go is None else _upper_terms(go)
+        self._fitted_terms = None
         return self
 
     def _terms(self, targets: frozenset[str]) -> frozenset[str]:
@@ -247,14 +261,17 @@ class GONeighbourBaseline(_PerturbationBaseline):
         """Training perturbations that count as GO neighbours of ``perturbation`` (fit order)."""
         targets = perturbation_targets(perturbation, self.separator, self.control)
         terms = self._terms(targets)
-        found = []
-        for name in self.deltas_:
-            if name == perturbation:
-                continue
-            other = perturbation_targets(name, self.separator, self.control)
-            if other & targets or self._terms(other) & terms:
-                found.append(name)
-        return found
+        if self._fitted_terms is None:  # targets and terms of the training names, once per fit
+            self._fitted_terms = [
+                (name, other, self._terms(other))
+                for name in self.deltas_
+                for other in [perturbation_targets(name, self.separator, self.control)]
+            ]
+        return [
+            name
+            for name, other, other_terms in self._fitted_terms
+            if name != perturbation and (not other.isdisjoint(targets) or not other_terms.isdisjoint(terms))
+        ]
 
     def predict(self, perturbation: str) -> np.ndarray:
         found = self.neighbours(perturbation)

@@ -35,7 +35,7 @@ import numpy as np
 from cellduality.parsing import gene_vocabulary
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.oracle import Oracle
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, has_dual
 
 Messages = list[dict[str, str]]
 Row = dict[str, Any]
@@ -304,7 +304,7 @@ def _rows_of(
     task_col = np.asarray(ds["task"])
     out: dict[str, list[Row]] = {}
     for task in dict.fromkeys(task_col.tolist()):
-        if tasks and task not in tasks:
+        if (tasks and task not in tasks) or not has_dual(task):  # neighbourhood editing has no dual
             continue
         idx = np.flatnonzero(task_col == task)
         if limit and idx.size > limit:

@@ -26,6 +26,7 @@ HEADLINE_METRICS: dict[str, list[str]] = {
     "drug_sensitivity": ["accuracy", "macro_f1"],
     "generation": ["knn_accuracy"],
     "perturbation": ["pearson_delta_de", "pearson_delta"],
+    "neighbourhood": ["pearson_delta", "pearson_delta_de"],
 }
 
 #: task -> its simplest honest baseline (the floor, in the model's own representation where possible)
@@ -34,6 +35,7 @@ SIMPLEST_BASELINE: dict[str, str] = {
     "drug_sensitivity": "majority class",
     "generation": "class-mean sentence",
     "perturbation": "control cell's sentence",
+    "neighbourhood": "graph neighbourhood, unedited",  # the predictor the model edits
 }
 
 

@@ -125,6 +125,22 @@ METRICS: dict[str, MetricInfo] = {
         ),
         MetricInfo("pathway_cosine", "PROGENy cosine", _UP, 1.0, "cosine of pathway activities"),
         MetricInfo("pathway_pearson", "PROGENy Pearson", _UP, 1.0, "Pearson r of pathway activities"),
+        # knowledge-graph neighbourhood editing (cellduality.eval.neighbourhood)
+        MetricInfo(
+            "gain_vs_unedited",
+            "Pearson Δ gain over unedited",
+            _UP,
+            None,
+            "mean per-target Pearson Δ of the edited neighbourhood minus the unedited one's",
+        ),
+        MetricInfo(
+            "valid_edit_fraction",
+            "valid edits",
+            _UP,
+            1.0,
+            "share of proposed additions (among the candidates) and removals (among the neighbours) allowed",
+        ),
+        MetricInfo("empty_edit_rate", "empty edits", None, None, "share of edits that change nothing"),
         MetricInfo("n", "n", None, None, "test examples"),
         MetricInfo("n_scored", "perturbations with a Pearson Δ", None, None, "perturbations scored"),
         MetricInfo("n_perturbations", "perturbations", None, None, "perturbation groups in the test set"),

@@ -280,6 +280,8 @@ def write_plots(tasks: Mapping[str, TaskResult], out: Path) -> dict[str, list[st
             paths.append(plot_pca(result, folder / f"pca_{slug(name)}.png"))
         if name == "perturbation":
             paths.append(plot_pearson_delta(result, folder / "pearson_delta_per_perturbation.png"))
+        if name == "neighbourhood":
+            paths.append(plot_pearson_delta(result, folder / "pearson_delta_per_target_neighbourhood.png"))
         made[name] = [str(p.relative_to(out)) for p in paths if p is not None]
     return made
 

@@ -32,6 +32,7 @@ TASK_TITLES = {
     "generation": "Conditional generation (type -> cell)",
     "drug_sensitivity": "Drug sensitivity (cell + drug -> sensitive / resistant)",
     "perturbation": "Perturbation response (control cell + perturbation -> cell)",
+    "neighbourhood": "Knowledge-graph neighbourhood editing (held-out target -> edited neighbourhood -> mean response)",
 }
 
 #: Per task, the metric keys of its table, in column order; labels and directions come from the
@@ -49,6 +50,18 @@ TASK_METRICS: dict[str, list[str]] = {
         "scfid",
         "pathway_cosine",
         "pathway_pearson",
+        "valid_output_rate",
+        "format_rate",
+        "n_scored",
+    ],
+    "neighbourhood": [
+        "pearson_delta",
+        "pearson_delta_de",
+        "rmse_de",
+        "retrieval",
+        "gain_vs_unedited",
+        "valid_edit_fraction",
+        "empty_edit_rate",
         "valid_output_rate",
         "format_rate",
         "n_scored",
@@ -92,6 +105,16 @@ LEGENDS = {
         "counts those with a Pearson Δ (none: no usable prediction, or a prediction equal to the control). Mean-profile baselines predict one profile, so scFID does not apply."
     ),
 }
+LEGENDS["neighbourhood"] = (
+    "Every row predicts a held-out target's mean profile as the control mean plus the mean training Δ of a "
+    "set of training perturbations: a model's edit of the prompt's graph neighbourhood (invalid items ignored; "
+    "no edit keeps the neighbourhood), the unedited neighbourhood itself, or a baseline's set. An empty set "
+    "predicts the mean of all training perturbations. Metrics as for perturbation response, against all real "
+    "cells of the target in its context. *Gain over unedited*: mean per-target difference in Pearson Δ from "
+    "the unedited neighbourhood. *Valid edits*: share of the proposed additions and removals that were "
+    "allowed (additions among the prompt's candidates, removals among its neighbours). *Empty edits*: share of "
+    "edits that change nothing. *Valid output*: share of answers with an `add:` or `remove:` clause."
+)
 LEGENDS["drug_sensitivity"] = LEGENDS["annotation"]
 
 #: Rows of the per-perturbation Markdown table (the heading says "first N of M" beyond it).
@@ -313,7 +336,7 @@ def render_markdown(
         if result.info.get("note"):
             notes.append(str(result.info["note"]))
         parts += [f"- {n}" for n in notes] + ([""] if notes else [])
-        if name == "perturbation":
+        if name in ("perturbation", "neighbourhood"):
             table = per_perturbation_table(result, PER_PERTURBATION_ROWS)
             n_groups = len(result.info.get("perturbations") or [])
             if table:

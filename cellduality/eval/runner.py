@@ -417,6 +417,10 @@ def score_task(
             perturbations=ref.groups,
         )
         return result
+    if task == "neighbourhood":
+        from cellduality.eval.neighbourhood import score_neighbourhood
+
+        return score_neighbourhood(rows, outputs, real, config)
     raise DataError(f"no scoring for task {task!r}")
 
 

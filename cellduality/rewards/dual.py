@@ -3,7 +3,8 @@
 For every completion of the batch, the forward answer is parsed; those that parse get a dual prompt
 (``cellduality.tasks.dual``), all dual prompts are answered in ONE call of ``generate`` (the trainer's
 policy with its current weights; the training module supplies it), and each dual completion is scored.
-Completions that do not parse get 0 without a dual prompt. ``generate`` is called exactly once per
+Completions that do not parse get 0 without a dual prompt; rows of a task without a dual (neighbourhood
+editing) get ``None``, like rows another reward scores. ``generate`` is called exactly once per
 reward call, also with an empty prompt list, because under several ranks a generation is a collective
 operation: a rank that skipped it would hang the others.
 """
@@ -25,6 +26,7 @@ from cellduality.tasks.dual import (
     dual_prompt,
     dual_score,
     forward_answer,
+    has_dual,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,13 +71,16 @@ class DualReward(RowReward):
                 "trainer's generation) or give DualReward(generate=...)"
             )
         rows = rows_from_columns(len(completions), columns)
-        answers = [forward_answer(row, c, self.vocabulary) for row, c in zip(rows, completions, strict=True)]
+        answers = [
+            forward_answer(row, c, self.vocabulary) if has_dual(row.get("task")) else None
+            for row, c in zip(rows, completions, strict=True)
+        ]
         owners: list[int] = []
         dual_prompts: list[Messages] = []
         for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
-            if answer is None:
+            prompt = dual_prompt(row, answer, seed=self.seed) if answer is not None else None
+            if prompt is None:
                 continue
-            prompt = dual_prompt(row, answer, seed=self.seed)
             for _ in range(self.num_samples):
                 owners.append(i)
                 dual_prompts.append(prompt)
@@ -101,7 +106,7 @@ class DualReward(RowReward):
                 }
             )
         result = [
-            (sum(scores[i]) / len(scores[i]) if scores[i] else 0.0) if rows[i].get("task") else None
+            (sum(scores[i]) / len(scores[i]) if scores[i] else 0.0) if has_dual(rows[i].get("task")) else None
             for i in range(len(completions))
         ]
         self._log(rows, result, columns)

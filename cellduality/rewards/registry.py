@@ -1,8 +1,9 @@
 """Rewards by name, as open-r1 and TRL's scripts register them, so a recipe can list
 ``reward_funcs: [format, dual]`` with ``reward_weights``.
 
-``REWARDS`` maps a name to a factory taking keyword options (``vocabulary``, and for ``dual`` the
-``generate`` function); ``build_rewards`` makes the callables a trainer receives.
+``REWARDS`` maps a name to a factory taking keyword options (``vocabulary``, for ``dual`` the
+``generate`` function, and for factories with ``needs_prepared`` the run's ``PreparedTasks``);
+``build_rewards`` makes the callables a trainer receives.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.format import FormatReward
+from cellduality.rewards.neighbourhood import NeighbourhoodFormat, NeighbourhoodGain, NeighbourhoodValidity
 from cellduality.rewards.oracle import Oracle, OracleAccuracy, OracleRWJS
 
 RewardFactory = Callable[..., Callable[..., list[float | None]]]
@@ -22,6 +24,10 @@ REWARDS: dict[str, RewardFactory] = {
     "oracle_accuracy": OracleAccuracy,
     "oracle_rwjs": OracleRWJS,
     "dual": DualReward,
+    # knowledge-graph neighbourhood editing (cellduality.rewards.neighbourhood)
+    "neighbourhood_format": NeighbourhoodFormat,
+    "neighbourhood_validity": NeighbourhoodValidity,
+    "neighbourhood_gain": NeighbourhoodGain,
 }
 
 # Rewards that read the ground-truth ``answer`` column: never allowed in a self-supervised run.
@@ -35,6 +41,9 @@ USES_LABELS = frozenset(
         "verifier_rmse",
         "verifier_spearman",
         "verifier_pathway",
+        # the Pearson-delta gain compares edits with observed (training) deltas: a verifier-style label.
+        # neighbourhood_format and neighbourhood_validity read only the prompt's lists: label-free.
+        "neighbourhood_gain",
     }
 )
 
@@ -64,5 +73,7 @@ def build_rewards(
                     if k in ("generate", "num_samples", "seed", "deterministic")
                 }
             )
+        if getattr(factory, "needs_prepared", False) and "prepared" in options:
+            kwargs["prepared"] = options["prepared"]
         out.append(factory(**kwargs))
     return out

@@ -2,16 +2,18 @@
 
 A prepared folder holds a ``datasets.DatasetDict`` (train/test; every task in one table, see the
 record contract) and ``meta.json``: the gene vocabulary, the rank -> expression fit, what was done to
-the data, the split and the configuration. Training and evaluation read only this folder, so what they
-see is exactly what ``cellduality prepare`` reported.
+the data, the split and the configuration; and, for tasks that need more than rows, named side tables
+under ``tables/`` (the neighbourhood task's mean training deltas). Training and evaluation read only
+this folder, so what they see is exactly what ``cellduality prepare`` reported.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,20 @@ from cellduality.data.schema import TASKS, DataError
 from cellduality.data.splits import Split, split_cells
 from cellduality.sentences import cell_sentences, fit_rank_expression
 from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows
-from cellduality.tasks.common import TaskConfig, presence_scores
+from cellduality.tasks.common import TaskConfig, presence_scores, record
 from cellduality.tasks.generative import generation_rows, perturbation_rows
+from cellduality.tasks.neighbourhood import DELTA_TABLE, delta_table, neighbourhood_examples
 
 META_FILE = "meta.json"
+TABLES_DIR = "tables"
 
 BUILDERS = {
     "annotation": annotation_rows,
     "generation": generation_rows,
     "drug_sensitivity": drug_sensitivity_rows,
     "perturbation": perturbation_rows,
+    # built from the data and the split at once (both splits and its delta table): see build_tasks
+    "neighbourhood": neighbourhood_examples,
 }
 
 FEATURES = Features(
@@ -53,16 +59,22 @@ FEATURES = Features(
         "context": Value("string"),
         "cell_id": Value("string"),
         "dataset": Value("string"),
+        "neighbours": HFSequence(Value("string")),
     }
 )
 
 
 @dataclass
 class PreparedTasks:
-    """Task examples of one dataset with everything needed to interpret them later."""
+    """Task examples of one dataset with everything needed to interpret them later.
+
+    ``tables``: named side tables a task needs besides its rows (``neighbourhood_deltas``), each with a
+    ``dataset`` column so that merged parts stay apart.
+    """
 
     datasets: DatasetDict
     meta: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Dataset] = field(default_factory=dict)
 
     @property
     def genes(self) -> list[str]:
@@ -186,6 +198,7 @@ def build_tasks(
         presence_scores([s[: cfg.top_k] for s in sentences]) if cfg.hidden_rule == "informative" else None
     )
     parts: dict[str, list[Dataset]] = {"train": [], "test": []}
+    tables: dict[str, Dataset] = {}
     split_info: dict[str, dict[str, Any]] = {}
     for task in tasks:
         positions = cells_of[task]
@@ -193,7 +206,7 @@ def build_tasks(
         task_sentences = [sentences[i] for i in positions]
         key, control = split_key(task, data)
         task_holdout = holdout
-        if holdout is not None and task == "perturbation":
+        if holdout is not None and task in ("perturbation", "neighbourhood"):
             c = data.columns
             task_holdout = [
                 canonical_condition(h, str(c.control_value), c.combo_sep, c.perturbation_kind)
@@ -209,6 +222,17 @@ def build_tasks(
             control_value=control,
         )
         split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
+        if task == "neighbourhood":  # reads the whole table: the split's positions made absolute
+            absolute = replace(s, train=positions[s.train], test=positions[s.test])
+            built = neighbourhood_examples(data, absolute, cfg)
+            for name in ("train", "test"):
+                rows = built.rows[name]
+                keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
+                parts[name].append(_rows_dataset([rows[k] for k in keep]))
+            tables[DELTA_TABLE] = delta_table(built.table)
+            split_info[task]["graph"] = built.graph
+            notes += built.notes
+            continue
         pool = candidate_pool(task, obs, data.columns, s.train)
         for name, cells in (("train", s.train), ("test", s.test)):
             extra = {"pool": pool, "gene_scores": gene_scores}
@@ -260,7 +284,7 @@ def build_tasks(
     train_rows = dd["train"].select_columns(["task", "candidates", "condition"]).to_list()
     meta["labels"] = task_labels(train_rows, data, tasks, split_info)
     meta["hidden_genes"]["scores"] = {g: round(v, 6) for g, v in (gene_scores or {}).items()}
-    return PreparedTasks(dd, meta)
+    return PreparedTasks(dd, meta, tables)
 
 
 def summarise(dd: DatasetDict) -> list[dict[str, Any]]:
@@ -306,6 +330,11 @@ def save_prepared(prepared: PreparedTasks, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with _quiet_datasets():
         prepared.datasets.save_to_disk(str(out / "data"))
+        tables_dir = out / TABLES_DIR
+        if tables_dir.is_dir():  # our own sub-folder: tables of an earlier prepare must not linger
+            shutil.rmtree(tables_dir)
+        for name, table in prepared.tables.items():
+            table.save_to_disk(str(tables_dir / name))
     (out / META_FILE).write_text(json.dumps(prepared.meta, indent=1))
     return out
 
@@ -319,7 +348,21 @@ def load_prepared(path: str | Path) -> PreparedTasks:
         )
     from datasets import load_from_disk
 
-    return PreparedTasks(load_from_disk(str(p / "data")), json.loads((p / META_FILE).read_text()))
+    datasets = load_from_disk(str(p / "data"))
+    for split, ds in datasets.items():  # folders prepared before a column existed get it, empty
+        missing = [c for c in FEATURES if c not in ds.column_names]
+        if missing:
+            empty = record()
+            for column in missing:
+                ds = ds.add_column(column, [empty[column]] * len(ds))
+            datasets[split] = ds.cast(FEATURES)
+    tables_dir = p / TABLES_DIR
+    tables = (
+        {t.name: load_from_disk(str(t)) for t in sorted(tables_dir.iterdir()) if t.is_dir()}
+        if tables_dir.is_dir()
+        else {}
+    )
+    return PreparedTasks(datasets, json.loads((p / META_FILE).read_text()), tables)
 
 
 def merge_prepared(parts: Sequence[PreparedTasks]) -> PreparedTasks:
@@ -351,7 +394,12 @@ def merge_prepared(parts: Sequence[PreparedTasks]) -> PreparedTasks:
         "parts": {p.meta["dataset"]: p.meta for p in parts},
         "summary": summarise(merged),
     }
-    return PreparedTasks(merged, meta)
+    table_names = dict.fromkeys(name for p in parts for name in p.tables)
+    tables = {
+        name: concatenate_datasets([p.tables[name] for p in parts if name in p.tables])
+        for name in table_names
+    }
+    return PreparedTasks(merged, meta, tables)
 
 
 def part_meta(meta: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -388,7 +436,7 @@ def prepare_cached(
     if fresh or not build:
         return load_prepared(folder)
     data = load_dataset(name)
-    supported = data.columns.supported_tasks()
+    supported = data.columns.supported_tasks(include_opt_in=True)
     wanted = [t for t in tasks if t in supported] if tasks else None
     prepared = build_tasks(data, wanted or None, split=split, config=cfg)
     save_prepared(prepared, folder)

@@ -27,6 +27,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "context",
     "cell_id",
     "dataset",
+    "neighbours",
 )
 
 
@@ -40,6 +41,10 @@ class TaskConfig:
     ``max_examples``: cap per task and split (seeded sample), ``None`` for all cells.
     ``hidden_rule``: ``informative`` hides a sentence's genes that vary most across cells
     (:func:`presence_scores`), ``random`` a random subset.
+    Neighbourhood editing (``cellduality.tasks.neighbourhood``): ``graph`` is a gene-gene edge list
+    (``None``: GO BP from the embedded knowledge tables) and ``graph_min_weight`` drops lighter edges;
+    ``max_neighbours`` caps the neighbourhood shown (by edge weight, seeded without weights);
+    ``max_additions`` caps the training perturbations offered for addition (0: all of them).
     """
 
     top_k: int = 100
@@ -49,6 +54,10 @@ class TaskConfig:
     max_candidates: int = 8
     max_examples: int | None = None
     seed: int = 0
+    graph: str | None = None
+    graph_min_weight: float | None = None
+    max_neighbours: int = 20
+    max_additions: int = 50
 
     def __post_init__(self) -> None:
         from cellduality.data.schema import DataError
@@ -76,6 +85,10 @@ class TaskConfig:
             )
         if not positive(self.max_candidates) or self.max_candidates < 2:
             raise DataError(f"max_candidates must be at least 2, got {self.max_candidates}")
+        if not isinstance(self.max_neighbours, int) or self.max_neighbours < 0:
+            raise DataError(f"--max-neighbours must be 0 or more, got {self.max_neighbours}")
+        if not isinstance(self.max_additions, int) or self.max_additions < 0:
+            raise DataError(f"--max-additions must be 0 (all) or more, got {self.max_additions}")
 
     @property
     def answer_genes(self) -> int:
@@ -184,6 +197,7 @@ def record(**fields: Any) -> dict[str, Any]:
         "context": "",
         "cell_id": "",
         "dataset": "",
+        "neighbours": [],
     }
     unknown = set(fields) - set(row)
     if unknown:

@@ -5,6 +5,10 @@ Forward classification (cell -> label) is checked by in-painting: given the visi
 RWJS(hidden, in-painted) rewards it. Forward generation (condition -> cell) is checked by
 reconstruction: the policy must name the condition of the *generated* cell among candidates; reward 1
 when it names the prompted condition. No ground-truth answer is read here.
+
+Tasks outside the 2x2 suite (knowledge-graph neighbourhood editing) have no dual: ``has_dual`` is
+False for them, ``forward_answer`` returns ``None`` (so the dual reward scores them ``None`` and the
+SFT generator makes no dual example), ``dual_prompt`` returns ``None`` and ``dual_score`` 0.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cellduality.data.schema import TASKS
 from cellduality.parsing import clean_genes, match_label, parse_completion, parse_genes, parse_label
 from cellduality.rwjs import rwjs
 from cellduality.tasks.common import example_rng, join_candidates, join_genes, messages, pick
@@ -19,6 +24,12 @@ from cellduality.tasks.templates import INPAINT, RECONSTRUCT_PERTURBATION, RECON
 
 CLASSIFICATION_TASKS = ("annotation", "drug_sensitivity")
 GENERATION_TASKS = ("generation", "perturbation")
+DUAL_TASKS = (*CLASSIFICATION_TASKS, *GENERATION_TASKS)
+
+
+def has_dual(task: Any) -> bool:
+    """Whether ``task`` has a complementary dual task (the 2x2 suite does; neighbourhood editing not)."""
+    return task in DUAL_TASKS
 
 
 def forward_answer(
@@ -43,9 +54,14 @@ def label_words(row: Mapping[str, Any], label: str) -> str:
     return label
 
 
-def dual_prompt(row: Mapping[str, Any], answer: str, seed: int = 0) -> list[dict[str, str]]:
-    """Chat messages of the dual task for a forward example and its (parsed) forward answer."""
+def dual_prompt(row: Mapping[str, Any], answer: str, seed: int = 0) -> list[dict[str, str]] | None:
+    """Chat messages of the dual task for a forward example and its (parsed) forward answer.
+
+    ``None`` for a task without a dual (see :func:`has_dual`); an unknown task is an error.
+    """
     task = row.get("task")
+    if task in TASKS and not has_dual(task):
+        return None
     rng = example_rng(seed, f"dual/{row.get('id', '')}")
     if task in CLASSIFICATION_TASKS:
         hidden = row.get("hidden_genes") or []
@@ -95,11 +111,13 @@ def answer_text(completion: Any) -> str | None:
 
 __all__ = [
     "CLASSIFICATION_TASKS",
+    "DUAL_TASKS",
     "GENERATION_TASKS",
     "answer_text",
     "clean_genes",
     "dual_prompt",
     "dual_score",
     "forward_answer",
+    "has_dual",
     "rwjs_casefold",
 ]

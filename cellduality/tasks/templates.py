@@ -1,4 +1,4 @@
-"""Prompt templates for the four tasks and their duals, in our own words.
+"""Prompt templates for the tasks and their duals, in our own words.
 
 Several paraphrases per task keep the policy from latching onto one phrasing; the template of an
 example is chosen by a seeded hash of its id, so a prepared dataset is reproducible. Placeholders:
@@ -49,11 +49,30 @@ PERTURBATION = (
     "Answer with its {n} most expressed genes in decreasing order.",
 )
 
+# Knowledge-graph neighbourhood editing (cellduality.tasks.neighbourhood); it has no dual task.
+# {neighbours}: the current neighbourhood, {candidates}: what may be added, {graph}: the graph's name.
+NEIGHBOURHOOD = (
+    "Target: {condition_text}{context}. In the {graph} knowledge graph, these neighbours of the target "
+    "were perturbed in training: {neighbours}. The mean of their measured responses predicts the "
+    "target's response. Edit this neighbourhood to predict it better: remove neighbours whose response "
+    "should differ, and add perturbations from this list whose response should be similar: "
+    "{candidates}. Answer with add: and remove:, each followed by names separated by commas, or none.",
+    "We predict the response to {condition_text}{context} as the mean response of its {graph} "
+    "graph neighbours measured in training: {neighbours}. Which of them would you remove, and which of "
+    "these other measured perturbations would you add: {candidates}? Answer with add: and remove:, "
+    "each followed by names separated by commas, or none.",
+    "Perturbation to predict: {condition_text}{context}. Its neighbourhood in the {graph} graph, among "
+    "the perturbations measured in training: {neighbours}. Other measured perturbations: {candidates}. "
+    "Refine the neighbourhood whose mean response is the prediction. Answer with add: and remove:, each "
+    "followed by names separated by commas, or none.",
+)
+
 FORWARD = {
     "annotation": ANNOTATION,
     "generation": GENERATION,
     "drug_sensitivity": DRUG_SENSITIVITY,
     "perturbation": PERTURBATION,
+    "neighbourhood": NEIGHBOURHOOD,
 }
 
 # Dual of the classification tasks: in-paint the hidden genes from the visible ones and the label.

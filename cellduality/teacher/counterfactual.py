@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellduality.tasks.common import example_rng
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, has_dual
 from cellduality.teacher.offline import OfflineTeacher, completion
 
 COUNTERFACTUAL = "counterfactual"
@@ -48,12 +48,14 @@ def counterfactual_examples(
     """
     by_condition: dict[tuple[str, str, str, str], list[str]] = {}
     for r in train_rows:
-        if r["task"] in CLASSIFICATION_TASKS:
+        if r["task"] in CLASSIFICATION_TASKS or not has_dual(r["task"]):
             continue
         key = (str(r["dataset"]), str(r["task"]), str(r.get("context", "")), str(r["condition"]))
         by_condition.setdefault(key, []).append(str(r["answer"]))
     out: list[dict[str, Any]] = []
     for row in rows:
+        if not has_dual(row["task"]):  # neighbourhood editing has no dual question to ask
+            continue
         rng = example_rng(seed, f"counterfactual/{row['id']}")
         # perturbation: the unchanged control cell is always one of them (named `control`), because copying
         # the control cell is the failure its dual must catch; then ``per_row`` cells of other perturbations

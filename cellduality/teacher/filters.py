@@ -11,7 +11,9 @@ SFT imitates whatever it is shown, so a trace is kept only when its answer is ch
 - a gene list (forward generation, and the in-painting dual of the classification tasks) must reach
   ``RWJS >= threshold`` against the reference genes after the contract's cleaning: exact agreement is
   hopeless for a list of a hundred genes, so the bar is "recognisably this cell" (see
-  ``sft_data/README.md`` for how the default threshold was chosen).
+  ``sft_data/README.md`` for how the default threshold was chosen);
+- a neighbourhood edit (forward only: the task has no dual) must be well formed, non-empty and valid
+  (additions among the candidates, removals among the neighbours).
 
 Scores are those of the rewards and the dual task (``cellduality.tasks.dual.dual_score``), so what the
 filter keeps is what GRPO and evaluation would score as good. Nothing here raises on bad input: a
@@ -44,8 +46,19 @@ NOT_A_CANDIDATE = "not_a_candidate"  # a label answer that names none of the pro
 WRONG_LABEL = "wrong_label"  # names a candidate, not the right one
 NO_GENES = "no_genes"  # a gene answer with no known gene symbol left after cleaning
 LOW_RWJS = "low_rwjs"  # genes recognisably not the reference cell: RWJS below the threshold
+EMPTY_EDIT = "empty_edit"  # a neighbourhood edit that adds and removes nothing
+INVALID_EDIT = "invalid_edit"  # adds a non-candidate or removes a non-neighbour
 
-REASONS = (MALFORMED, NO_REASONING, NOT_A_CANDIDATE, WRONG_LABEL, NO_GENES, LOW_RWJS)
+REASONS = (
+    MALFORMED,
+    NO_REASONING,
+    NOT_A_CANDIDATE,
+    WRONG_LABEL,
+    NO_GENES,
+    LOW_RWJS,
+    EMPTY_EDIT,
+    INVALID_EDIT,
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ def judge(
     if not think.strip():
         return Verdict(False, NO_REASONING)
     task = str(row.get("task"))
+    if task == "neighbourhood":
+        return _judge_edit(row, kind, text or "", think)
     if answers_with_label(task, kind):
         return _judge_label(row, kind, text or "", think)
     return _judge_genes(row, kind, text or "", think, vocabulary, rwjs_threshold)
@@ -148,8 +163,35 @@ def _judge_genes(
     return Verdict(True, score=score, answer=answer, completion=completion)
 
 
+def _judge_edit(row: Mapping[str, Any], kind: str, text: str, think: str) -> Verdict:
+    """A neighbourhood edit is kept when it is well formed, non-empty and every item is valid.
+
+    Whether it improves the prediction needs the training deltas, which the rewards (not the filter)
+    read; the filter keeps what the format and validity rewards would score at their best.
+    """
+    from cellduality.rewards.neighbourhood import validity_score
+    from cellduality.tasks.neighbourhood import format_edit, parse_edit, resolve_edit
+
+    if kind != FORWARD:
+        return Verdict(False, MALFORMED)  # the task has no dual question
+    edit = parse_edit(text)
+    if edit is None or not edit.well_formed:
+        return Verdict(False, MALFORMED)
+    score = validity_score(row, text)
+    if edit.empty:
+        return Verdict(False, EMPTY_EDIT, score=score)
+    resolved = resolve_edit(edit, row.get("neighbours") or [], row.get("candidates") or [])
+    answer = format_edit(resolved.added, resolved.removed)
+    completion = canonical_completion(think, answer)
+    if resolved.invalid:
+        return Verdict(False, INVALID_EDIT, score=score, answer=answer, completion=completion)
+    return Verdict(True, score=score, answer=answer, completion=completion)
+
+
 __all__ = [
     "DEFAULT_RWJS_THRESHOLD",
+    "EMPTY_EDIT",
+    "INVALID_EDIT",
     "LOW_RWJS",
     "MALFORMED",
     "NOT_A_CANDIDATE",

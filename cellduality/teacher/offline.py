@@ -127,7 +127,7 @@ class OfflineTeacher:
                 rows = train.select(np.flatnonzero((datasets == name) & (tasks == task)))
                 if task == "perturbation":
                     self._fit_perturbations(part, rows)
-                else:
+                elif task != "neighbourhood":  # edits are answered from the row itself (_edit)
                     self._fit_classes(part, task, rows)
             self.parts[name] = part
 
@@ -165,6 +165,10 @@ class OfflineTeacher:
         if part is None:
             raise KeyError(f"the offline teacher has no training data for dataset {row.get('dataset')!r}")
         task = row["task"]
+        if task == "neighbourhood":
+            if dual_answer is not None:
+                raise ValueError("the neighbourhood task has no dual question")
+            return self._edit(row)
         if dual_answer is None:
             if task in CLASSIFICATION_TASKS:
                 return self._classify(part, task, list(row["cell_genes"]), list(row["candidates"]))
@@ -176,6 +180,29 @@ class OfflineTeacher:
         if task == "generation":
             return self._classify(part, "generation", dual_answer.split(), list(row["candidates"]))
         return self._name_perturbation(part, row, dual_answer.split())
+
+    def _edit(self, row: Mapping[str, Any]) -> str:
+        """A neighbourhood edit: the row's reference edit, made at prepare time from the *training* deltas.
+
+        (Greedy moves that raise the Pearson delta on the target's training response; held-out rows
+        have no reference and are never asked: the teacher sees the train split only.) The concise
+        rationale uses only words every neighbourhood prompt has, so a tiny model's tokenizer spells it.
+        """
+        from cellduality.tasks.neighbourhood import parse_edit
+
+        answer = str(row.get("answer") or "")
+        edit = parse_edit(completion("", answer))
+        if edit is None:
+            raise ValueError(f"no reference edit for {row.get('condition')!r}")
+        adds, removes = ", ".join(edit.additions) or "none", ", ".join(edit.removals) or "none"
+        if self.concise:
+            return completion(f"add {adds}; remove {removes}", answer)
+        think = (
+            f"Among the training perturbations of {row.get('context') or 'this context'}, the responses of "
+            f"{adds} resemble the response to {row['condition_text']} more than the neighbourhood's mean does, "
+            f"while {removes} pull the mean away from it. So I add the first and remove the second."
+        )
+        return completion(think, answer)
 
     def _classify(self, part: _Part, task: str, sentence: list[str], candidates: list[str]) -> str:
         classes = part.classes[task]

@@ -8,7 +8,8 @@ calls it with the offline teacher when no SFT data exist yet). For every chosen 
    (rejection sampling; an LLM teacher samples at temperature > 0, so a retry can differ);
 2. once the forward trace is kept, the *dual* question is built from the ground-truth output and the
    known inputs, ``dual_prompt(row, row["answer"])`` (class reconstruction for the generation tasks, gene
-   in-painting for the classification tasks), and goes through the same loop with ``dual_score``.
+   in-painting for the classification tasks), and goes through the same loop with ``dual_score``. A
+   task without a dual (neighbourhood editing) gets forward examples only.
 
 Why one coroutine per example rather than batches per round: the dual question of an example can go
 out as soon as its forward trace is kept, so no request waits for the slowest request of a round; the
@@ -93,7 +94,7 @@ SFT_COLUMNS = ("id", "task", "kind", "prompt", "completion", "teacher", "dataset
 #: Client errors that no retry or later example can fix: the run stops instead of burning the list.
 FATAL_ERRORS = frozenset({"http_401", "http_403", "http_404", "missing_api_key"})
 
-TASK_ORDER = ("annotation", "generation", "drug_sensitivity", "perturbation")
+TASK_ORDER = ("annotation", "generation", "drug_sensitivity", "perturbation", "neighbourhood")
 
 
 class TeacherUnavailableError(RuntimeError):
@@ -196,6 +197,13 @@ def _teacher_info(endpoint: TeacherEndpoint) -> dict[str, Any]:
         "price_in_per_mtok": endpoint.price_in_per_mtok,
         "price_out_per_mtok": endpoint.price_out_per_mtok,
     }
+
+
+def _wants_dual(config: GenerationConfig, row: Mapping[str, Any]) -> bool:
+    """A dual example is made when asked for and the row's task has a dual (neighbourhood editing has none)."""
+    from cellduality.tasks.dual import has_dual
+
+    return bool(config.duals) and has_dual(row.get("task"))
 
 
 def example_id(row: Mapping[str, Any], kind: str) -> str:
@@ -394,7 +402,7 @@ class _Run:
             state, _ = _final_state(self.store.attempts(example_id(row, FORWARD)), self.cap)
             total += 1
             done += state in (KEPT, REJECTED)
-            if self.config.duals and state != REJECTED:
+            if _wants_dual(self.config, row) and state != REJECTED:
                 total += 1
                 dual, _ = _final_state(self.store.attempts(example_id(row, DUAL)), self.cap)
                 done += state == KEPT and dual in (KEPT, REJECTED)
@@ -497,7 +505,7 @@ class _Run:
     async def example(self, row: Mapping[str, Any]) -> None:
         before, _ = _final_state(self.store.attempts(example_id(row, FORWARD)), self.cap)
         forward = await self.settle(row, FORWARD)
-        if not self.config.duals:
+        if not _wants_dual(self.config, row):
             return
         if forward == KEPT:
             await self.settle(row, DUAL)
@@ -663,7 +671,7 @@ def build_summary(
     for row in rows:
         forward_kept = False
         for kind in (FORWARD, DUAL):
-            if kind == DUAL and not (config.duals and forward_kept):
+            if kind == DUAL and not (_wants_dual(config, row) and forward_kept):
                 continue
             records = store.attempts(example_id(row, kind))
             state, reason = _final_state(records, cap)

@@ -9,7 +9,7 @@ student's own prompt with the teacher's completion.
 The wording lives in ``cellduality/teacher/templates/*.txt`` (package data, read with
 ``importlib.resources``) so it can be reviewed and edited as text: ``system.txt`` for every request,
 plus one note per kind of question (``classification``, ``generation``, ``inpainting``,
-``reconstruction``).
+``reconstruction``, and ``editing`` for the neighbourhood task, which has no dual).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
 
 TEMPLATE_PACKAGE = "cellduality.teacher"
 TEMPLATE_DIR = "templates"
-TEMPLATES = ("system", "classification", "generation", "inpainting", "reconstruction")
+TEMPLATES = ("system", "classification", "generation", "inpainting", "reconstruction", "editing")
 
 FORWARD = "forward"
 DUAL = "dual"
@@ -51,7 +51,9 @@ def question_kind(task: str, kind: str) -> str:
         return "classification" if kind == FORWARD else "inpainting"
     if task in GENERATION_TASKS:
         return "generation" if kind == FORWARD else "reconstruction"
-    raise ValueError(f"unknown task {task!r}")
+    if task == "neighbourhood" and kind == FORWARD:
+        return "editing"
+    raise ValueError(f"no teacher question for task {task!r} ({kind})")
 
 
 def teacher_system_prompt(task: str, kind: str) -> str:

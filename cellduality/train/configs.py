@@ -112,9 +112,7 @@ def check_reward_mode(mode: str, reward_funcs: list[str]) -> None:
             "reward_mode oracle uses ground truth only; remove 'dual' or set reward_mode: combined"
         )
     if mode in ("oracle", "combined") and not uses_labels:
-        raise DataError(
-            f"reward_mode {mode} needs a ground-truth reward (oracle, oracle_accuracy, oracle_rwjs)"
-        )
+        raise DataError(f"reward_mode {mode} needs a ground-truth reward ({', '.join(sorted(USES_LABELS))})")
 
 
 @dataclass

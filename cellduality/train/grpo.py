@@ -70,10 +70,11 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         from cellduality.train.monitor import MONITOR_DIR, split_monitor_rows
 
         train, monitor = split_monitor_rows(train, cd_args.monitor_rows, training_args.seed)
-        monitor_dir = Path(training_args.output_dir) / MONITOR_DIR
-        with training_args.main_process_first(desc="writing the monitor split"):
-            if training_args.process_index == 0:
-                monitor.save_to_disk(str(monitor_dir))
+        if len(monitor):  # none when no task of the run has a dual (neighbourhood editing alone)
+            monitor_dir = Path(training_args.output_dir) / MONITOR_DIR
+            with training_args.main_process_first(desc="writing the monitor split"):
+                if training_args.process_index == 0:
+                    monitor.save_to_disk(str(monitor_dir))
         del monitor  # only its folder is kept: the trainer holds no labelled rows
     if cd_args.reward_mode == "self_supervised":
         # no label reaches a reward: not the answer, not the original cell id (it can encode one)
@@ -91,6 +92,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         num_samples=cd_args.dual_num_samples,
         seed=training_args.seed,
         deterministic=not cd_args.dual_do_sample,
+        prepared=prepared,
     )
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
         from cellduality.data.schema import DataError

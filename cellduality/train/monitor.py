@@ -33,7 +33,11 @@ def split_monitor_rows(train: Any, per_task: int, seed: int) -> tuple[Any, Any]:
     rng = np.random.default_rng([seed, 7])
     tasks = np.asarray(train["task"])
     picked: list[int] = []
+    from cellduality.tasks.dual import has_dual
+
     for task in dict.fromkeys(tasks.tolist()):
+        if not has_dual(task):  # nothing to monitor (neighbourhood editing has no dual): all rows train
+            continue
         idx = np.flatnonzero(tasks == task)
         if idx.size > per_task:  # a task with too few rows keeps all of them for training
             picked.extend(rng.choice(idx, size=per_task, replace=False).tolist())
