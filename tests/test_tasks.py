@@ -186,3 +186,25 @@ def test_prepare_cli_bad_dataset(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.h5ad"
     bad.write_text("not hdf5")
     assert main(["prepare", "--dataset", str(bad), "--out", str(tmp_path), "--cell-type-col", "x"]) == 2
+
+
+def test_save_prepared_deletes_nothing_and_reads_only_its_tables(tmp_path, pbmc_tasks) -> None:
+    """A folder that already holds a ``tables/`` sub-folder (an earlier preparation's, or anything a user
+    put there) keeps every file; the reloaded preparation sees only the tables it wrote."""
+    from datasets import Dataset
+
+    from cellduality.tasks import save_prepared
+    from cellduality.tasks.build import PreparedTasks
+
+    out = tmp_path / "prepared"
+    stale = out / "tables" / "old_table"
+    Dataset.from_dict({"x": [1]}).save_to_disk(str(stale))
+    (out / "tables" / "notes.txt").write_text("mine")
+    before = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    fresh = PreparedTasks(pbmc_tasks.datasets, pbmc_tasks.meta, {"new_table": Dataset.from_dict({"y": [2]})})
+    save_prepared(fresh, out)
+    assert before <= {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert (out / "tables" / "notes.txt").read_text() == "mine"
+    again = load_prepared(out)
+    assert set(again.tables) == {"new_table"} and again.tables["new_table"]["y"] == [2]
+    assert "tables" not in again.meta

@@ -10,7 +10,6 @@ this folder, so what they see is exactly what ``cellduality prepare`` reported.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -331,11 +330,12 @@ def save_prepared(prepared: PreparedTasks, out_dir: str | Path) -> Path:
     with _quiet_datasets():
         prepared.datasets.save_to_disk(str(out / "data"))
         tables_dir = out / TABLES_DIR
-        if tables_dir.is_dir():  # our own sub-folder: tables of an earlier prepare must not linger
-            shutil.rmtree(tables_dir)
         for name, table in prepared.tables.items():
             table.save_to_disk(str(tables_dir / name))
-    (out / META_FILE).write_text(json.dumps(prepared.meta, indent=1))
+    # the tables this preparation wrote, by name: a table an earlier preparation left in the folder is
+    # never read back (and nothing in the folder is deleted)
+    meta = {**prepared.meta, TABLES_DIR: sorted(prepared.tables)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return out
 
 
@@ -356,13 +356,13 @@ def load_prepared(path: str | Path) -> PreparedTasks:
             for column in missing:
                 ds = ds.add_column(column, [empty[column]] * len(ds))
             datasets[split] = ds.cast(FEATURES)
+    meta = json.loads((p / META_FILE).read_text())
     tables_dir = p / TABLES_DIR
-    tables = (
-        {t.name: load_from_disk(str(t)) for t in sorted(tables_dir.iterdir()) if t.is_dir()}
-        if tables_dir.is_dir()
-        else {}
-    )
-    return PreparedTasks(datasets, json.loads((p / META_FILE).read_text()), tables)
+    names = meta.pop(TABLES_DIR, None)
+    if names is None:  # a folder from before the list was recorded: every table in it
+        names = sorted(t.name for t in tables_dir.iterdir() if t.is_dir()) if tables_dir.is_dir() else []
+    tables = {name: load_from_disk(str(tables_dir / name)) for name in names}
+    return PreparedTasks(datasets, meta, tables)
 
 
 def merge_prepared(parts: Sequence[PreparedTasks]) -> PreparedTasks:
