@@ -132,6 +132,34 @@ def run_stage(stage: str, argv: Sequence[str]) -> int:
     return main(argv, prog=f"cellduality {stage}")
 
 
+def stage_main(stage: str, argv: Sequence[str] | None, prog: str, parse_args, run) -> int:
+    """The entry point of ``python -m cellduality.train.<stage>`` and ``cellduality <stage>``.
+
+    Help without importing TRL, the launch guard, then ``run(*parse_args(argv))``; a user's mistake (bad
+    data, a refused folder, a refused launch set-up) is one line on the first rank and exit status 2.
+    """
+    from cellduality.data.schema import DataError
+    from cellduality.modeling.tiny import TinyModelRefused
+    from cellduality.train.launch_guard import LaunchError, check_launch_environment
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kind = wants_help(args)
+    if kind == "short":
+        print(stage_help(stage))
+        return 0
+    if kind == "all":
+        return print_full_help(parse_args)
+    try:
+        check_launch_environment()
+    except LaunchError as exc:  # every rank refuses; the first one says why
+        return report_error(prog, exc)
+    try:
+        run(*parse_args(args))
+    except (DataError, TinyModelRefused) as exc:
+        return report_error(prog, exc)
+    return 0
+
+
 def print_full_help(parse_args) -> int:
     """TRL's own help (``--help-all``)."""
     try:

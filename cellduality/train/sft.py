@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellduality.train.launch_guard import check_launch_environment
-
 
 def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any):
     """The SFT training split, generated with the offline teacher (main process only) if missing."""
@@ -110,29 +108,9 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.sft") -> int:
     """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
-    from cellduality.train.command import print_full_help, report_error, stage_help, wants_help
+    from cellduality.train.command import stage_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    kind = wants_help(args)
-    if kind == "short":
-        print(stage_help("sft"))
-        return 0
-    if kind == "all":
-        return print_full_help(parse_args)
-    from cellduality.train.launch_guard import LaunchError
-
-    try:
-        check_launch_environment()
-    except LaunchError as exc:  # every rank refuses; the first one says why
-        return report_error(prog, exc)
-    from cellduality.data.schema import DataError
-    from cellduality.modeling.tiny import TinyModelRefused
-
-    try:
-        run_sft(*parse_args(args))
-    except (DataError, TinyModelRefused) as exc:
-        return report_error(prog, exc)
-    return 0
+    return stage_main("sft", argv, prog, parse_args, run_sft)
 
 
 if __name__ == "__main__":
