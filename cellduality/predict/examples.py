@@ -11,18 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cellduality.tasks.common import (
-    TaskConfig,
-    example_rng,
-    hide_genes,
-    join_candidates,
-    join_genes,
-    messages,
-    pick,
-    record,
-    shuffled,
-)
-from cellduality.tasks.templates import ANNOTATION, GENERATION, PERTURBATION
+from cellduality.tasks import classification, generative
+from cellduality.tasks.common import TaskConfig, example_rng, join_genes, messages, pick, record, shuffled
+from cellduality.tasks.templates import PERTURBATION
 
 SPLIT = "predict"
 
@@ -38,51 +29,19 @@ def annotation_example(
     split: str = SPLIT,
     gene_scores: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """An annotation prompt for one cell (``candidates`` sorted, as the builder sorts them);
-    ``gene_scores`` choose the hidden genes as in training (:func:`cellduality.tasks.common.hide_genes`)."""
-    rid = f"{dataset}/annotation/{split}/{cell_id}"
-    rng = example_rng(cfg.seed, rid)
-    sentence = list(sentence)[: cfg.top_k]
-    visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
-    cands = shuffled(rng, list(candidates))
-    prompt = pick(rng, ANNOTATION).format(
-        cell=join_genes(sentence),
-        candidates=join_candidates(cands),
-        context=f"Context: {context}. " if context else "",
-    )
-    return record(
-        id=rid,
-        task="annotation",
-        prompt=messages(prompt),
-        candidates=cands,
-        cell_genes=sentence,
-        visible_genes=visible,
-        hidden_genes=hidden,
-        n_genes=len(hidden),
-        context=context,
-        cell_id=cell_id,
-        dataset=dataset,
+    """An annotation prompt for one cell (``candidates`` sorted, as the builder sorts them): the task
+    builder's own per-cell function, :func:`cellduality.tasks.classification.annotation_example`."""
+    return classification.annotation_example(
+        cell_id, sentence, candidates, cfg, dataset, split=split, context=context, gene_scores=gene_scores
     )
 
 
 def generation_example(
     key: str, condition: str, candidates: Sequence[str], cfg: TaskConfig, dataset: str, *, split: str = SPLIT
 ) -> dict[str, Any]:
-    """A "generate a cell of this type" prompt; ``key`` makes each requested cell its own example."""
-    rid = f"{dataset}/generation/{split}/{key}"
-    rng = example_rng(cfg.seed, rid)
-    n = cfg.answer_genes
-    prompt = messages(pick(rng, GENERATION).format(condition=condition, n=n))
-    return record(
-        id=rid,
-        task="generation",
-        prompt=prompt,
-        candidates=shuffled(rng, list(candidates)),
-        condition=condition,
-        condition_text=condition,
-        n_genes=n,
-        dataset=dataset,
-    )
+    """A "generate a cell of this type" prompt; ``key`` makes each requested cell its own example
+    (:func:`cellduality.tasks.generative.generation_example`)."""
+    return generative.generation_example(key, condition, candidates, cfg, dataset, split=split)
 
 
 def perturbation_example(

@@ -56,34 +56,67 @@ def annotation_rows(
     rows = []
     for i in cells:
         cell_id = str(obs.index[i])
-        rng = example_rng(cfg.seed, f"{dataset}/annotation/{split}/{cell_id}")
-        sentence = sentences[i][: cfg.top_k]
-        visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
         own = labels.iloc[i]
-        cands = shuffled(rng, candidates if own in candidates else sorted([*candidates, own]))
-        ctx = context_text(obs.iloc[i], columns.context)
-        prompt = pick(rng, ANNOTATION).format(
-            cell=join_genes(sentence),
-            candidates=join_candidates(cands),
-            context=f"Context: {ctx}. " if ctx else "",
-        )
         rows.append(
-            record(
-                id=opaque_id(cfg.seed, dataset, "annotation", split, cell_id),
-                task="annotation",
-                prompt=messages(prompt),
-                answer=labels.iloc[i],
-                candidates=cands,
-                cell_genes=sentence,
-                visible_genes=visible,
-                hidden_genes=hidden,
-                n_genes=len(hidden),
-                context=ctx,
-                cell_id=cell_id,
-                dataset=dataset,
+            annotation_example(
+                cell_id,
+                sentences[i],
+                candidates if own in candidates else sorted([*candidates, own]),
+                cfg,
+                dataset,
+                split=split,
+                context=context_text(obs.iloc[i], columns.context),
+                gene_scores=gene_scores,
+                answer=own,
+                stored_id=opaque_id(cfg.seed, dataset, "annotation", split, cell_id),
             )
         )
     return rows
+
+
+def annotation_example(
+    cell_id: str,
+    sentence: Sequence[str],
+    candidates: Sequence[str],
+    cfg: TaskConfig,
+    dataset: str,
+    *,
+    split: str,
+    context: str = "",
+    gene_scores: Mapping[str, float] | None = None,
+    answer: str = "",
+    stored_id: str | None = None,
+) -> dict:
+    """The annotation example of one cell: the one place its prompt, candidate order and hidden genes are
+    drawn (seeded by ``dataset/annotation/split/cell_id``), for the builder and for ``predict`` alike.
+
+    ``candidates`` in the order to shuffle from (the builder's sorted pool); ``stored_id``: the row's
+    ``id`` (default the seeding key itself, as ``predict`` stores it).
+    """
+    key = f"{dataset}/annotation/{split}/{cell_id}"
+    rng = example_rng(cfg.seed, key)
+    sentence = list(sentence)[: cfg.top_k]
+    visible, hidden = hide_genes(rng, sentence, cfg.hidden_fraction, gene_scores)
+    cands = shuffled(rng, list(candidates))
+    prompt = pick(rng, ANNOTATION).format(
+        cell=join_genes(sentence),
+        candidates=join_candidates(cands),
+        context=f"Context: {context}. " if context else "",
+    )
+    return record(
+        id=stored_id or key,
+        task="annotation",
+        prompt=messages(prompt),
+        answer=answer,
+        candidates=cands,
+        cell_genes=sentence,
+        visible_genes=visible,
+        hidden_genes=hidden,
+        n_genes=len(hidden),
+        context=context,
+        cell_id=cell_id,
+        dataset=dataset,
+    )
 
 
 def response_labels(obs: pd.DataFrame, columns: Columns) -> pd.Series:

@@ -49,23 +49,53 @@ def generation_rows(
     rows = []
     for i in cells:
         cell_id = str(obs.index[i])
-        rng = example_rng(cfg.seed, f"{dataset}/generation/{split}/{cell_id}")
         label = labels.iloc[i]
         rows.append(
-            record(
-                id=opaque_id(cfg.seed, dataset, "generation", split, cell_id),
-                task="generation",
-                prompt=messages(pick(rng, GENERATION).format(condition=label, n=n)),
+            generation_example(
+                cell_id,
+                label,
+                candidates if label in candidates else sorted([*candidates, label]),
+                cfg,
+                dataset,
+                split=split,
                 answer=join_genes(sentences[i][:n]),
-                candidates=shuffled(rng, candidates if label in candidates else sorted([*candidates, label])),
-                condition=label,
-                condition_text=label,
-                n_genes=n,
                 cell_id=cell_id,
-                dataset=dataset,
+                stored_id=opaque_id(cfg.seed, dataset, "generation", split, cell_id),
             )
         )
     return rows
+
+
+def generation_example(
+    key: str,
+    condition: str,
+    candidates: Sequence[str],
+    cfg: TaskConfig,
+    dataset: str,
+    *,
+    split: str,
+    answer: str = "",
+    cell_id: str = "",
+    stored_id: str | None = None,
+) -> dict:
+    """A "generate a cell of this type" example, seeded by ``dataset/generation/split/key``: the one
+    place its prompt and the dual's candidate order are drawn, for the builder and ``predict`` alike
+    (``stored_id``: the row's ``id``, default the seeding key itself)."""
+    rid = f"{dataset}/generation/{split}/{key}"
+    rng = example_rng(cfg.seed, rid)
+    n = cfg.answer_genes
+    return record(
+        id=stored_id or rid,
+        task="generation",
+        prompt=messages(pick(rng, GENERATION).format(condition=condition, n=n)),
+        answer=answer,
+        candidates=shuffled(rng, list(candidates)),
+        condition=condition,
+        condition_text=condition,
+        n_genes=n,
+        cell_id=cell_id,
+        dataset=dataset,
+    )
 
 
 def perturbation_text(condition: str, columns: Columns, direction_value: str | None, dose: str | None) -> str:
