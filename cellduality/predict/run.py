@@ -21,11 +21,11 @@ import scipy.sparse as sp
 from cellduality.data.loading import read_h5ad
 from cellduality.data.schema import DataError
 from cellduality.eval.generate import GenerationSettings
+from cellduality.parsing import gene_vocabulary, parse_genes, parse_label
 from cellduality.predict.cells import prepare_cells, require_context
 from cellduality.predict.checkpoint import Checkpoint, TrainedDataset, match_condition
 from cellduality.predict.engine import Engine, best_of
 from cellduality.predict.examples import annotation_example, generation_example, perturbation_example
-from cellduality.rewards.parsing import gene_vocabulary, parse_genes, parse_label
 from cellduality.sentences import sentences_to_matrix
 from cellduality.tasks.classification import context_text
 from cellduality.tasks.generative import perturbation_text
@@ -68,6 +68,32 @@ def _info(ckpt: Checkpoint, trained: TrainedDataset, engine: Engine, **extra: An
         "fit": {k: float(fit[k]) for k in ("slope", "intercept", "r2")},
         **{k: v for k, v in extra.items() if v is not None},
     }
+
+
+def _user_cells(
+    user: ad.AnnData,
+    trained: TrainedDataset,
+    where: str,
+    layer: str | None,
+    gene_symbols: str | None,
+    allow_scaled: bool,
+    min_gene_overlap: float,
+    verbose: bool,
+) -> tuple[Any, list[str]]:
+    """The user's cells under the training data's rules (what was done is printed), and the context
+    columns the checkpoint's prompts need."""
+    cells = prepare_cells(
+        user,
+        trained,
+        where=where,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        allow_scaled=allow_scaled,
+        min_gene_overlap=min_gene_overlap,
+    )
+    for note in cells.notes:
+        _say(verbose, note)
+    return cells, require_context(cells.adata.obs, trained, where)
 
 
 def _reconstruct(sentences: Sequence[Sequence[str]], trained: TrainedDataset) -> sp.csr_matrix:
@@ -113,18 +139,9 @@ def annotate(
     if not candidates:
         raise DataError(f"the checkpoint records no cell types for {trained.name!r}")
     user, where = _as_anndata(adata)
-    cells = prepare_cells(
-        user,
-        trained,
-        where=where,
-        layer=layer,
-        gene_symbols=gene_symbols,
-        allow_scaled=allow_scaled,
-        min_gene_overlap=min_gene_overlap,
+    cells, ctx_cols = _user_cells(
+        user, trained, where, layer, gene_symbols, allow_scaled, min_gene_overlap, verbose
     )
-    for note in cells.notes:
-        _say(verbose, note)
-    ctx_cols = require_context(cells.adata.obs, trained, where)
     cfg = trained.config
     scores_of_genes = trained.gene_scores(cells.sentences)
     rows, kept = [], []
@@ -393,18 +410,9 @@ def perturb(
         if not is_control.all():
             _say(verbose, f"kept the {int(is_control.sum())} control cells ({pert_col} == {control_value!r})")
             user = user[is_control].copy()
-    cells = prepare_cells(
-        user,
-        trained,
-        where=where,
-        layer=layer,
-        gene_symbols=gene_symbols,
-        allow_scaled=allow_scaled,
-        min_gene_overlap=min_gene_overlap,
+    cells, ctx_cols = _user_cells(
+        user, trained, where, layer, gene_symbols, allow_scaled, min_gene_overlap, verbose
     )
-    for note in cells.notes:
-        _say(verbose, note)
-    ctx_cols = require_context(cells.adata.obs, trained, where)
     obs = cells.adata.obs
     contexts = [context_text(obs.iloc[i], ctx_cols) if ctx_cols else "" for i in range(obs.shape[0])]
     usable = np.flatnonzero([bool(s) for s in cells.sentences])
