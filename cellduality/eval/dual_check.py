@@ -61,6 +61,7 @@ class DualCheckConfig:
     n_resamples: int = 2000
     seed: int = 0
     grpo_view: bool = True
+    reference: bool = True
 
 
 @dataclass
@@ -100,6 +101,9 @@ class TaskCheck:
     gaps: list[Gap] = field(default_factory=list)
     grpo: GroupView | None = None
     verdict: str = ""
+    #: the same right vs wrong answers scored by a reader fitted on the training labels
+    #: (:mod:`cellduality.eval.dual_bound`): what the data allow any policy's dual to see
+    reference: list[Gap] = field(default_factory=list)
 
     @property
     def carries_signal(self) -> bool:
@@ -120,8 +124,9 @@ def counterfactuals(rows: Sequence[Row], seed: int) -> dict[str, list[str | None
     """Per row: the right forward answer and each kind of wrong one (``None`` where none exists).
 
     Classification: the true label vs another candidate. Generation: the row's real cell vs a real cell
-    of another condition (same dataset and split). Perturbation: additionally the unchanged control
-    cell (its first ``n_genes`` genes).
+    of another condition (same dataset and split). Perturbation: a real cell of another perturbation or
+    another real control cell of the same context, and the unchanged paired control cell (its first
+    ``n_genes`` genes).
     """
     rng = np.random.default_rng(seed)
     right: list[str | None] = []
@@ -144,19 +149,31 @@ def counterfactuals(rows: Sequence[Row], seed: int) -> dict[str, list[str | None
             for j in idx
             if rows[j].get("context", "") == r.get("context", "") or r["task"] != "perturbation"
         ]
-        wrong.append(str(rows[pool[int(rng.integers(len(pool)))]]["answer"]) if pool else None)
+        cells = [str(rows[j]["answer"]) for j in pool]
+        n = int(r.get("n_genes") or 0) or None
         if r["task"] == "perturbation":
-            n = int(r.get("n_genes") or 0) or None
-            control.append(" ".join(list(r["cell_genes"])[:n]))
+            paired = " ".join(list(r["cell_genes"])[:n])
+            # the control value is a condition too: real control cells of the context, not the paired one
+            cells += sorted(
+                {
+                    " ".join(list(o["cell_genes"])[:n])
+                    for o in rows
+                    if o.get("context", "") == r.get("context", "")
+                    and list(o["cell_genes"])[:n] != paired.split()
+                }
+            )
+            control.append(paired)
         else:
             control.append(None)
+        wrong.append(cells[int(rng.integers(len(cells)))] if cells else None)
     out = {
         "right": right,
         "other condition" if rows and rows[0]["task"] in GENERATION_TASKS else "other label": wrong,
     }
     if rows and rows[0]["task"] == "perturbation":
         out["control cell"] = control
-    return out
+    # a kind of wrong answer that no row has (one perturbation only: no cell of another one) is not compared
+    return {k: v for k, v in out.items() if k == "right" or any(a is not None for a in v)}
 
 
 def paired_gap(right: np.ndarray, wrong: np.ndarray, kind: str, n_resamples: int, seed: int) -> Gap:
@@ -245,7 +262,22 @@ def verdict(check: TaskCheck) -> str:
                 )
     if not reasons:
         return "carries signal"
-    return "no signal: " + "; ".join(reasons)
+    return "no signal: " + "; ".join(reasons) + _reference_reason(check)
+
+
+def _reference_reason(check: TaskCheck) -> str:
+    """Whether the data or the policy is at fault, from the reference reader's gaps (when measured)."""
+    if not check.reference:
+        return ""
+    blind = [g for g in check.reference if g.n and not g.ci_low > MIN_GAP]
+    if blind:
+        g = blind[0]
+        return (
+            f" (the data do not allow it: a reader fitted on the training labels scores right {g.right:.3f} "
+            f"vs {g.wrong_kind} {g.wrong:.3f})"
+        )
+    g = min(check.reference, key=lambda g: g.gap)
+    return f" (the data allow it: a reader fitted on the training labels gets a gap of {g.gap:+.3f}; the policy has not learned to read the answer)"
 
 
 def check_task(
@@ -254,8 +286,13 @@ def check_task(
     sample: GenerateFn | None,
     config: DualCheckConfig,
     genes: Sequence[str],
+    reference: Any = None,
 ) -> TaskCheck:
-    """Both parts of the check for the rows of one task, dataset and split."""
+    """Both parts of the check for the rows of one task, dataset and split.
+
+    ``reference``: a :class:`cellduality.eval.dual_bound.ReferenceReader`; with it, the right vs wrong
+    gaps are also measured for a reader fitted on the training labels (the data's own bound).
+    """
     first = rows[0]
     result = TaskCheck(str(first["dataset"]), str(first["task"]), str(first.get("_split", "")))
     vocab = gene_vocabulary(genes)
@@ -277,6 +314,17 @@ def check_task(
         result.gaps.append(
             paired_gap(scored["right"][ok], scored[kind][ok], kind, config.n_resamples, config.seed)
         )
+    if reference is not None:
+        ref = {
+            kind: np.asarray([reference.score(r, v) for r, v in zip(rows, values, strict=True)], dtype=float)
+            for kind, values in answers.items()
+        }
+        for kind in answers:
+            if kind != "right":
+                ok = ~np.isnan(ref[kind]) & ~np.isnan(ref["right"])
+                result.reference.append(
+                    paired_gap(ref["right"][ok], ref[kind][ok], kind, config.n_resamples, config.seed)
+                )
     if config.grpo_view and sample is not None and config.group_size > 1:
         g = config.group_size
         prompts = [list(r["prompt"]) for r in rows for _ in range(g)]
@@ -351,17 +399,20 @@ def run_dual_check(
         return run
 
     generate, sample = batched(greedy), batched(sampled)
+    from cellduality.eval.dual_bound import ReferenceReader
+
     jobs = []
     for folder in prepared_dirs:
         prepared = load_prepared(folder)
+        reader = ReferenceReader(prepared, cfg.seed) if cfg.reference else None
         for split in cfg.splits:
             if split not in prepared.datasets:
                 continue
             for rows in _rows_of(prepared, split, cfg.tasks, cfg.max_rows, cfg.seed).values():
-                jobs.append((rows, prepared.genes))
+                jobs.append((rows, prepared.genes, reader))
     checks = []
-    for rows, genes in tqdm(jobs, desc="dual-check", unit="task", disable=not progress):
-        checks.append(check_task(rows, generate, sample, cfg, genes))
+    for rows, genes, reader in tqdm(jobs, desc="dual-check", unit="task", disable=not progress):
+        checks.append(check_task(rows, generate, sample, cfg, genes, reader))
     if out_dir is not None:
         write_dual_check(checks, out_dir, model=str(model), config=cfg)
     return checks
@@ -377,15 +428,18 @@ def markdown_table(checks: Sequence[TaskCheck], title: str | None = None) -> lis
     """The check as Markdown: one line per task and kind of wrong answer, then the GRPO view."""
     lines = [f"### {title}", ""] if title else []
     lines += [
-        "| dataset | task | split | wrong answer | rows | dual reward, right | wrong | gap (95% CI) | right better / tied / worse |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | task | split | wrong answer | rows | dual reward, right | wrong | gap (95% CI) | right better / tied / worse | data bound: right / wrong (gap) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
+        refs = {g.wrong_kind: g for g in c.reference}
         for g in c.gaps:
+            r = refs.get(g.wrong_kind)
+            bound = f"{_f(r.right)} / {_f(r.wrong)} ({_f(r.gap, True)})" if r is not None else "—"
             lines.append(
                 f"| {c.dataset} | {c.task} | {c.split} | {g.wrong_kind} | {g.n} | {_f(g.right)} | {_f(g.wrong)} | "
                 f"{_f(g.gap, True)} [{_f(g.ci_low, True)}, {_f(g.ci_high, True)}] | "
-                f"{_f(g.better)} / {_f(g.tied)} / {_f(g.worse)} |"
+                f"{_f(g.better)} / {_f(g.tied)} / {_f(g.worse)} | {bound} |"
             )
     if any(c.grpo for c in checks):
         lines += [
@@ -423,6 +477,7 @@ def from_json(items: Sequence[dict[str, Any]]) -> list[TaskCheck]:
                 gaps=[Gap(**g) for g in item["gaps"]],
                 grpo=GroupView(**grpo) if grpo else None,
                 verdict=item["verdict"],
+                reference=[Gap(**g) for g in item.get("reference") or []],
             )
         )
     return out
@@ -441,7 +496,9 @@ def write_dual_check(
         f"Model `{model}`. For each example the dual reward of a right and of a wrong forward answer "
         "(the policy answers the dual prompt greedily); then G sampled forward answers per prompt, as "
         f"GRPO sees them (G = {config.group_size}, temperature {config.temperature}). Labels are read by "
-        "this check only.",
+        "this check only. *Data bound*: the same answers scored by a reader fitted on the training "
+        "labels (a logistic regression on sentence genes for naming a condition; the label's training "
+        "profile for in-painting), what the data allow any policy's dual to see.",
         "",
         *markdown_table(checks),
     ]
