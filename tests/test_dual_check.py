@@ -112,3 +112,67 @@ def test_dual_check_command_on_a_checkpoint(tmp_path, pbmc_prepared) -> None:
         assert not check["carries_signal"] and check["verdict"].startswith("no signal")
     assert "| annotation |" in (out / "dual_check.md").read_text()
     assert Path(out / "dual_check.md").stat().st_size > 0
+
+
+@pytest.mark.parametrize("task", ["annotation", "generation"])
+def test_data_bound_sees_labels_only_where_the_data_carry_them(pbmc_prepared, task) -> None:
+    """The reference reader (fitted on training labels) separates right from wrong answers on real cells,
+    and does not once the training labels are shuffled: the bound measures the data, not the code."""
+    from cellduality.data import load_dataset
+    from cellduality.eval.dual_bound import ReferenceReader
+
+    rows = [dict(r) for r in pbmc_prepared.datasets["test"] if r["task"] == task][:60]
+    answers = counterfactuals(rows, 0)
+    wrong_kind = next(k for k in answers if k != "right")
+
+    def gap(prepared) -> float:
+        reader = ReferenceReader(prepared)
+        right = np.array([reader.score(r, a) for r, a in zip(rows, answers["right"], strict=True)])
+        wrong = np.array([reader.score(r, a) for r, a in zip(rows, answers[wrong_kind], strict=True)])
+        return paired_gap(right, wrong, wrong_kind, 500, 0)
+
+    real = gap(pbmc_prepared)
+    assert real.ci_low > 0.05, real
+    data = load_dataset("pbmc68k")
+    column = data.columns.cell_type
+    data.adata.obs[column] = np.random.default_rng(1).permutation(data.adata.obs[column].to_numpy())
+    shuffled = build_tasks(data, config=TaskConfig(top_k=16, max_examples=80, seed=0))
+    noise = gap(shuffled)
+    assert noise.ci_low < 0.02 and noise.gap < real.gap / 3, (noise, real)
+
+
+def test_verdict_names_the_data_or_the_policy(pbmc_prepared) -> None:
+    """A blind policy on informative data: the verdict says the policy, not the data, is at fault."""
+    from cellduality.eval.dual_bound import ReferenceReader
+
+    rows = [dict(r) for r in pbmc_prepared.datasets["test"] if r["task"] == "generation"][:40]
+    cfg = DualCheckConfig(grpo_view=False, n_resamples=500)
+    blind = check_task(
+        rows,
+        TeacherPolicy(pbmc_prepared, rows, False),
+        None,
+        cfg,
+        pbmc_prepared.genes,
+        ReferenceReader(pbmc_prepared),
+    )
+    assert not blind.carries_signal
+    assert "the data allow it" in blind.verdict and "policy has not learned" in blind.verdict
+
+
+def test_perturbation_wrong_answers_are_real_cells_of_other_conditions() -> None:
+    """With one perturbation (glioblastoma: panobinostat vs ctrl), the wrong real cell is another control
+    cell of the same patient, never the paired one; the paired control cell is its own kind."""
+    from cellduality.data import load_dataset
+
+    prepared = build_tasks(
+        load_dataset("glioblastoma_panobinostat"), config=TaskConfig(top_k=16, max_examples=80, seed=0)
+    )
+    rows = [dict(r) for r in prepared.datasets["test"] if r["task"] == "perturbation"]
+    cf = counterfactuals(rows, 0)
+    assert set(cf) == {"right", "other condition", "control cell"}
+    for row, wrong, paired in zip(rows, cf["other condition"], cf["control cell"], strict=True):
+        assert paired == " ".join(row["cell_genes"][: row["n_genes"]])
+        same_patient = {
+            " ".join(o["cell_genes"][: o["n_genes"]]) for o in rows if o["context"] == row["context"]
+        }
+        assert wrong != paired and wrong in same_patient and wrong != row["answer"]
