@@ -22,7 +22,7 @@ import numpy as np
 
 from cellduality.tasks.common import example_rng
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, has_dual
-from cellduality.teacher.offline import OfflineTeacher, completion
+from cellduality.teacher.offline import OfflineTeacher, completion, perturbation_rationale
 
 COUNTERFACTUAL = "counterfactual"
 
@@ -52,15 +52,18 @@ def counterfactual_examples(
             continue
         key = (str(r["dataset"]), str(r["task"]), str(r.get("context", "")), str(r["condition"]))
         by_condition.setdefault(key, []).append(str(r["answer"]))
+        if r["task"] == "perturbation":  # the control cells the rows are paired with: real cells of `control`
+            n = int(r.get("n_genes") or 0) or None
+            ctrl = (*key[:3], _control_value(meta, str(r["dataset"])))
+            cell = " ".join(list(r["cell_genes"])[:n])
+            if cell not in by_condition.setdefault(ctrl, []):
+                by_condition[ctrl].append(cell)
     out: list[dict[str, Any]] = []
     for row in rows:
         if not has_dual(row["task"]):  # neighbourhood editing has no dual question to ask
             continue
         rng = example_rng(seed, f"counterfactual/{row['id']}")
-        # perturbation: the unchanged control cell is always one of them (named `control`), because copying
-        # the control cell is the failure its dual must catch; then ``per_row`` cells of other perturbations
-        kinds = ["control", *["other"] * per_row] if row["task"] == "perturbation" else ["other"] * per_row
-        for k, kind in enumerate(kinds):
+        for k, kind in enumerate(_kinds(row, per_row)):
             made = _one(row, rng, teacher, by_condition, meta, kind)
             if made is None:
                 continue
@@ -78,6 +81,22 @@ def counterfactual_examples(
                 }
             )
     return out
+
+
+def _kinds(row: Mapping[str, Any], per_row: int) -> list[str]:
+    """Which counterfactuals a row gets.
+
+    Perturbation: cells that show each candidate, named by it: the row's own real perturbed cell and
+    another training cell of its perturbation (``own``, ``other:<condition>``), the unchanged control cell
+    (``control``: copying it is the failure the dual must catch) and a real training cell of every other
+    candidate, the control value included (another control cell of the same context, so that `control`
+    is named from what a cell shows, not only from a copy). No name is then favoured by the data (with
+    the control cell alone plus one other, the policy learned to answer ``control`` to real perturbed
+    cells: 27 of 48). Other tasks: ``per_row`` cells or labels of other conditions.
+    """
+    if row["task"] != "perturbation":
+        return ["other"] * per_row
+    return ["own", "control", *[f"other:{c}" for c in row["candidates"]]]
 
 
 def _one(
@@ -101,12 +120,23 @@ def _one(
         return label, teacher.answer(row, dual_answer=label)
     dataset, context = str(row["dataset"]), str(row.get("context", ""))
     options: list[tuple[str, str]] = []  # (cell sentence, its true condition)
+    n = int(row.get("n_genes") or 0) or None
+    paired = " ".join(list(row.get("cell_genes") or [])[:n])
+    if kind == "own":
+        options.append((str(row["answer"]), str(row["condition"])))
     if task == "perturbation" and kind == "control":
-        n = int(row.get("n_genes") or 0) or None
-        options.append((" ".join(list(row["cell_genes"])[:n]), _control_value(meta, dataset)))
-    others = [c for c in candidates if c != row["condition"]] if kind == "other" else []
+        options.append((paired, _control_value(meta, dataset)))
+    if kind.startswith("other:"):
+        others = [kind.split(":", 1)[1]]
+    else:
+        others = [c for c in candidates if c != row["condition"]] if kind == "other" else []
     for cond in others:
-        cells = by_condition.get((dataset, task, context, cond))
+        # another real cell: not the row's own perturbed cell, not its paired control cell
+        cells = [
+            c
+            for c in by_condition.get((dataset, task, context, cond), [])
+            if c not in (row["answer"], paired)
+        ]
         if cells:
             options.append((cells[int(rng.integers(len(cells)))], cond))
     if not options:
@@ -114,9 +144,6 @@ def _one(
     cell, truth = options[int(rng.integers(len(options)))]
     if truth not in candidates:
         return None
-    think = (
-        "the cell is unchanged from the control"
-        if task == "perturbation" and cell.split() == list(row["cell_genes"])[: len(cell.split())]
-        else f"the cell matches {truth}"
-    )
-    return cell, completion(think, truth)
+    if task == "perturbation":
+        return cell, completion(perturbation_rationale(list(row["cell_genes"]), cell.split(), truth), truth)
+    return cell, completion(f"the cell matches {truth}", truth)

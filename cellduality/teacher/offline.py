@@ -42,8 +42,26 @@ RATIONALE_WORDS = (
     "perturbed cell. The change from the control cell matches no known perturbation signature. The "
     "perturbed cell differs from the control cell in a way that agrees best with the signature of "
     "(cosine ) among the candidates."
-    " the cell matches is unchanged from the control"
+    " the cell matches is unchanged from the control gained: lost: ;"
 )
+
+
+def perturbation_rationale(control: Sequence[str], cell: Sequence[str], answer: str, n: int = 4) -> str:
+    """The concise trace of naming a perturbation: what the perturbed cell gained and lost relative to
+    the control cell, then the name.
+
+    Why: a tiny model does not learn to name a perturbation from two whole sentences (measured: it
+    answered by the prior, 88% of right and wrong cells named alike); written out first, the genes that
+    changed are copied from the prompt (what attention does easily) and the name follows from them.
+    """
+    seen, shown = {g.casefold() for g in control}, {g.casefold() for g in cell}
+    gained = [g for g in cell if g.casefold() not in seen][:n]
+    lost = [g for g in control if g.casefold() not in shown][:n]
+    if not gained and not lost:
+        return "gained: none; the cell is unchanged from the control"
+    return (
+        f"gained: {' '.join(gained) or 'none'}; lost: {' '.join(lost) or 'none'}; the change matches {answer}"
+    )
 
 
 def completion(think: str, answer: str) -> str:
@@ -314,7 +332,7 @@ class OfflineTeacher:
                 "The change from the control cell matches no known perturbation signature.", label
             )
         if self.concise:
-            return completion(f"the change matches {best}", best)
+            return completion(perturbation_rationale(list(row["cell_genes"]), perturbed, best), best)
         think = (
             f"The perturbed cell differs from the control cell in a way that agrees best with the signature "
             f"of {best} (cosine {best_score:.2f}) among the candidates."
