@@ -8,7 +8,7 @@ import pytest
 from cellduality.tasks import TaskConfig, build_tasks
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt
 
-EMBEDDED = ("pbmc68k", "scad_plx4720", "norman_devel", "glioblastoma_panobinostat")
+EMBEDDED = ("pbmc68k", "scad_plx4720", "norman_devel", "norman2019_k562", "glioblastoma_panobinostat")
 
 
 @pytest.fixture(scope="module")

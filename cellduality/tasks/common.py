@@ -51,7 +51,7 @@ class TaskConfig:
     n_genes: int | None = None
     hidden_fraction: float = 0.25
     hidden_rule: str = "informative"
-    max_candidates: int = 8
+    max_candidates: int = 4
     max_examples: int | None = None
     seed: int = 0
     graph: str | None = None
