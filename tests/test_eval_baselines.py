@@ -103,6 +103,14 @@ def test_control_and_mean_perturbation_baselines_by_hand() -> None:
         b.MeanPerturbationBaseline().fit(x[2:], perts[2:])
 
 
+def test_training_mean_baseline_by_hand() -> None:
+    """A trained perturbation gets its own training response; an unseen one the mean of all of them."""
+    x, perts = _toy_perturbations()
+    model = b.TrainingMeanBaseline().fit(x, perts)
+    np.testing.assert_allclose(model.predict("A"), [2.0, 1.0, 1.0])  # c + (1, 0, 0)
+    np.testing.assert_allclose(model.predict("Z"), [4 / 3, 5 / 3, 2.0])
+
+
 def test_go_neighbour_baseline_by_hand() -> None:
     x, perts = _toy_perturbations()
     go = {

@@ -197,6 +197,7 @@ def test_perturbation_metrics_and_baselines_on_norman(norman_prepared, tmp_path)
         "control cell's sentence",
         "control mean",
         "mean perturbation",
+        "perturbation's training mean",
         "GO graph neighbour",
         "split-half reproducibility",
     ]

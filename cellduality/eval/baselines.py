@@ -8,7 +8,7 @@ scipy-sparse matrices of log-normalised expression with label sequences.
 * classification: :func:`majority_classifier`, :class:`KNNExpressionClassifier`,
   :func:`logistic_classifier` (scikit-learn estimators: ``fit(X, y)`` / ``predict(X)``);
 * generation: :func:`class_mean_sentences`;
-* perturbation: :class:`ControlBaseline`, :class:`MeanPerturbationBaseline`,
+* perturbation: :class:`ControlBaseline`, :class:`MeanPerturbationBaseline`, :class:`TrainingMeanBaseline`,
   :class:`GONeighbourBaseline` (``fit(X, perturbations)`` / ``predict(perturbation)`` -> mean profile)
   and :func:`split_half_reproducibility`, how well the real cells reproduce their own response (a
   reference for the scores, not an upper bound on them).
@@ -209,6 +209,20 @@ class MeanPerturbationBaseline(_PerturbationBaseline):
         return self._control() + self._mean_delta(exclude=perturbation)
 
 
+class TrainingMeanBaseline(_PerturbationBaseline):
+    """Control mean + the query perturbation's own training delta (its training cells' mean response).
+
+    The baseline to beat on an in-distribution split, where the test perturbations were trained on: a
+    model that only memorised each perturbation's average response scores this. For a perturbation
+    without training cells (an out-of-distribution split) it is :class:`MeanPerturbationBaseline`'s
+    prediction with nothing left out.
+    """
+
+    def predict(self, perturbation: str) -> np.ndarray:
+        own = self.deltas_.get(perturbation)
+        return self._control() + (own if own is not None else self._mean_delta(exclude=perturbation))
+
+
 def _upper_terms(go: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
     """Upper-cased symbol -> GO terms (root dropped), symbols differing only in case merged."""
     out: dict[str, frozenset[str]] = {}
@@ -341,6 +355,7 @@ __all__ = [
     "GONeighbourBaseline",
     "KNNExpressionClassifier",
     "MeanPerturbationBaseline",
+    "TrainingMeanBaseline",
     "class_mean_sentences",
     "group_means",
     "logistic_classifier",

@@ -274,13 +274,15 @@ def class_mean_baseline(
 def perturbation_baselines(
     ref: PerturbationReference, train_rows: Sequence[Row], real: RealData
 ) -> list[MethodScore]:
-    """Control, mean perturbation and (genetic perturbations) GO graph neighbour, fitted per context."""
+    """Control, mean perturbation, the perturbation's own training mean and (genetic perturbations) GO graph
+    neighbour, fitted per context."""
     from cellduality.eval import baselines as b
 
     control = str(real.columns.control_value)
     kinds: list[tuple[str, type]] = [
         ("control mean", b.ControlBaseline),
         ("mean perturbation", b.MeanPerturbationBaseline),
+        ("perturbation's training mean", b.TrainingMeanBaseline),
     ]
     if real.columns.perturbation_kind == "genetic":
         kinds.append(("GO graph neighbour", b.GONeighbourBaseline))
