@@ -242,6 +242,39 @@ def test_best_of_n_keeps_the_sample_the_dual_prefers(trained, pbmc_h5ad) -> None
     assert np.allclose(result.obs["cellduality_confidence"], 1.0)  # it named every hidden gene in order
 
 
+def test_best_of_n_prefers_an_answer_over_none_when_the_duals_tie(trained, pbmc_h5ad) -> None:
+    """A sample that names no candidate scores 0; a usable one whose dual also scores 0 must still win
+    the tie (the kept answer is the first *usable* best, not an unusable one sampled earlier)."""
+    from cellduality.predict import annotate
+
+    user = ad.read_h5ad(pbmc_h5ad)[:4].copy()
+
+    class Scripted:
+        """Forward samples per cell: no answer, then 'CD34+'; every dual in-paints nothing (score 0)."""
+
+        name, chunk_size = "scripted", 64
+
+        def generate(self, prompts, settings):
+            out = []
+            for k, messages in enumerate(prompts):
+                text = messages[-1]["content"]
+                if "hidden" in text or "missing" in text:
+                    out.append("<think>x</think><answer></answer>")
+                else:  # the samples of a cell are consecutive: even = first sample
+                    out.append("<think>x</think><answer>no idea</answer>" if k % 2 == 0 else
+                               "<think>x</think><answer>CD34+</answer>")
+            return out
+
+    result = annotate(
+        user, str(trained / "sft"), samples=2, copy=True, verbose=False,
+        backend_factory=lambda spec, settings: Scripted(), **GEN,
+    )  # fmt: skip
+    assert (result.obs["cellduality_usable_samples"] == 1).all()
+    assert result.obs["cellduality_valid"].all()
+    assert (result.obs["cellduality_label"] == "CD34+").all()
+    assert np.allclose(result.obs["cellduality_confidence"], 0.0)
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 
