@@ -73,7 +73,10 @@ def trained(pbmc, norman, tmp_path_factory):
 def run_cli(argv, capsys):
     from cellduality.cli import main
 
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -289,6 +292,7 @@ def test_generation_gives_the_requested_cells(trained, tmp_path, capsys) -> None
         [*argv, "--conditions", "cd14+ monocyte=5,CD56+ NK=3", "--max-new-tokens", "40"], capsys
     )
     assert code == 0, err
+    assert "generating cells" in err and "8/8" in err  # batched generation under a progress bar
     cells = sc.read_h5ad(out)
     part = Checkpoint.load(trained / "sft").dataset_for("generation")
     assert cells.obs["bulk_labels"].value_counts().to_dict() == {"CD14+ Monocyte": 5, "CD56+ NK": 3}
@@ -372,9 +376,14 @@ def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
-def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) -> None:
+def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, norman, tmp_path, capsys) -> None:
     sft = str(trained / "sft")
     out = str(tmp_path / "x.h5ad")
+    controls = tmp_path / "controls.h5ad"
+    obs = norman.adata.obs
+    norman.adata[((obs["cell_type"] == "k562") & (obs["perturbation"] == "control")).to_numpy()][:4].copy().write_h5ad(
+        controls
+    )
     other = tmp_path / "other_genes.h5ad"
     rng = np.random.default_rng(0)
     ad.AnnData(
@@ -392,6 +401,30 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) ->
         "genes missing": (["--task", "annotation", "--model", sft, "--h5ad", str(other)], "of the checkpoint's"),
         "no run metadata": (["--task", "annotation", "--model", str(trained / "model"), "--h5ad", str(pbmc_h5ad)], "no run metadata"),
         "no such file": (["--task", "annotation", "--model", sft, "--h5ad", str(tmp_path / "nope.h5ad")], "no such file"),
+        "a file as model": (
+            ["--task", "annotation", "--model", str(trained / "sft" / "config.json"), "--h5ad", str(pbmc_h5ad)],
+            "give the model's folder",
+        ),
+        "wrong task name": (["--task", "annotate", "--model", sft, "--h5ad", str(pbmc_h5ad)], "invalid choice: 'annotate'"),
+        "no --model": (["--task", "annotation", "--h5ad", str(pbmc_h5ad)], "--model"),
+        "no cell per perturbation": (
+            ["--task", "perturbation", "--model", sft, "--h5ad", str(controls), "--perturbations", "KLF1",
+             "--cells-per-perturbation", "0"],
+            "--cells-per-perturbation must be at least 1",
+        ),
+        "missing observed cells": (
+            ["--task", "perturbation", "--model", sft, "--h5ad", str(controls), "--perturbations", "KLF1",
+             "--real", str(tmp_path / "nope_real.h5ad")],
+            "no such file",
+        ),
+        "negative temperature": (
+            ["--task", "generation", "--model", sft, "--conditions", "CD34+=2", "--temperature", "-1"],
+            "--temperature",
+        ),
+        "no batch": (
+            ["--task", "generation", "--model", sft, "--conditions", "CD34+=2", "--batch-size", "0"],
+            "--batch-size",
+        ),
     }  # fmt: skip
     for name, (argv, expected) in cases.items():
         code, _, err = run_cli(["predict", *argv, "--out", out], capsys)
@@ -400,6 +433,7 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) ->
         assert len(lines) == 1 and lines[0].startswith("cellduality predict: error:"), (name, err)
         assert expected in lines[0], (name, lines[0])
         assert "Traceback" not in err
+        assert not Path(out).exists(), name  # refused before anything is generated or written
 
 
 def test_run_metadata_records_candidates(trained) -> None:

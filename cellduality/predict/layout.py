@@ -31,6 +31,21 @@ def cell_eval_command(
     return line
 
 
+def check_real(real: str | Path) -> None:
+    """Refuse, before anything is generated, observed cells that are neither an embedded name nor a file."""
+    from cellduality.data.embedded import EMBEDDED
+
+    if str(real) in EMBEDDED:
+        return
+    path = Path(real)
+    if not path.exists():
+        raise DataError(
+            f"no such file: {path} (--real takes an .h5ad file or an embedded name: {', '.join(EMBEDDED)})"
+        )
+    if path.is_dir():
+        raise DataError(f"--real {path} is a folder; give an .h5ad file or an embedded name")
+
+
 def align_real(
     real: ad.AnnData | str | Path,
     predictions: ad.AnnData,
@@ -84,4 +99,4 @@ def align_real(
     return out
 
 
-__all__ = ["align_real", "cell_eval_command"]
+__all__ = ["align_real", "cell_eval_command", "check_real"]

@@ -381,6 +381,8 @@ def perturb(
     """
     if controls not in ("sentence", "measured"):
         raise DataError(f"controls must be 'sentence' or 'measured', got {controls!r}")
+    if cells_per_perturbation is not None and cells_per_perturbation < 1:
+        raise DataError(f"--cells-per-perturbation must be at least 1, got {cells_per_perturbation}")
     ckpt = Checkpoint.load(model)
     trained = ckpt.dataset_for("perturbation", trained_on)
     labels = trained.labels("perturbation") or {}
