@@ -350,7 +350,8 @@ def test_self_verify_prefers_an_answer_over_none_when_the_duals_tie(pbmc_prepare
     path, prepared = pbmc_prepared
     rows = [r for r in prepared.datasets["test"] if r["task"] == "annotation"]
     wrong = {
-        r["prompt"][1]["content"]: formatted(next(c for c in r["candidates"] if c != r["answer"])) for r in rows
+        r["prompt"][1]["content"]: formatted(next(c for c in r["candidates"] if c != r["answer"]))
+        for r in rows
     }
     seen: dict[str, int] = {}
 

@@ -264,8 +264,11 @@ def test_best_of_n_prefers_an_answer_over_none_when_the_duals_tie(trained, pbmc_
                 if "hidden" in text or "missing" in text:
                     out.append("<think>x</think><answer></answer>")
                 else:  # the samples of a cell are consecutive: even = first sample
-                    out.append("<think>x</think><answer>no idea</answer>" if k % 2 == 0 else
-                               "<think>x</think><answer>CD34+</answer>")
+                    out.append(
+                        "<think>x</think><answer>no idea</answer>"
+                        if k % 2 == 0
+                        else "<think>x</think><answer>CD34+</answer>"
+                    )
             return out
 
     result = annotate(
@@ -380,10 +383,8 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, norman, tmp_path, ca
     sft = str(trained / "sft")
     out = str(tmp_path / "x.h5ad")
     controls = tmp_path / "controls.h5ad"
-    obs = norman.adata.obs
-    norman.adata[((obs["cell_type"] == "k562") & (obs["perturbation"] == "control")).to_numpy()][:4].copy().write_h5ad(
-        controls
-    )
+    k562 = norman.adata[(norman.adata.obs["cell_type"] == "k562").to_numpy()]
+    k562[(k562.obs["perturbation"] == "control").to_numpy()][:4].copy().write_h5ad(controls)
     other = tmp_path / "other_genes.h5ad"
     rng = np.random.default_rng(0)
     ad.AnnData(
