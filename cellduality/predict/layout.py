@@ -28,7 +28,23 @@ def cell_eval_command(
     )
     if info.get("celltype_col"):
         line += f" --celltype-col {info['celltype_col']}"
+    skip = too_few_perturbations(predictions, info)
+    if skip:
+        line += f" --skip-metrics {','.join(skip)}"
     return line
+
+
+def too_few_perturbations(predictions: ad.AnnData, info: dict) -> list[str]:
+    """cell-eval metrics that fail on this few perturbations: ``clustering_agreement`` clusters the
+    perturbations' centroids (fewer than 10 break it; ``cellduality eval --cell-eval`` skips it too),
+    ``pearson_edistance`` correlates distances across perturbations (it needs 2)."""
+    column = info.get("pert_col")
+    if not column or column not in predictions.obs.columns:
+        return []
+    values = set(predictions.obs[column].astype(str)) - {str(info.get("control_pert"))}
+    return [
+        name for name, low in (("clustering_agreement", 10), ("pearson_edistance", 2)) if len(values) < low
+    ]
 
 
 def check_real(real: str | Path) -> None:
