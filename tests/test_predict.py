@@ -469,3 +469,31 @@ def test_eval_puts_cell_eval_next_to_our_metrics(trained, tmp_path) -> None:
     assert (
         "cell-eval (the field's reference evaluator)" in report and "Where the definitions differ" in report
     )
+
+
+def test_cell_eval_skips_what_it_cannot_compute_on_one_perturbation(norman, caplog) -> None:
+    """One perturbation per context (the glioblastoma demo): every metric cell-eval can compute is there,
+    and none it cannot compute is attempted (cell-eval would log an error for each context)."""
+    pytest.importorskip("cell_eval", reason="cell-eval is not installed (pip install -e '.[eval]')")
+    import logging
+
+    from cellduality.eval.cell_eval import CONTEXT_COL, PERT_COL, score
+
+    adata = norman.adata
+    obs = adata.obs
+    keep = ((obs["cell_type"] == "k562") & obs["perturbation"].isin(["KLF1", "control"])).to_numpy()
+    real = ad.AnnData(
+        X=adata.X[keep].toarray() if hasattr(adata.X, "toarray") else adata.X[keep],
+        obs=pd.DataFrame(
+            {PERT_COL: obs["perturbation"].to_numpy()[keep], CONTEXT_COL: "cell type: k562"},
+            index=adata.obs_names[keep],
+        ),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    pred = real.copy()
+    pred.X = np.roll(pred.X, 1, axis=0)  # another cell's profile: a prediction, not the data itself
+    with caplog.at_level(logging.ERROR, logger="cell_eval"):
+        found = score(pred, real, num_threads=1)
+    assert not [r for r in caplog.records if "Error computing metric" in r.getMessage()]
+    assert list(found["per_perturbation"]) == ["KLF1 (cell type: k562)"]
+    assert np.isfinite(found["metrics"]["pearson_delta"]) and np.isfinite(found["metrics"]["mae"])

@@ -35,16 +35,15 @@ def cell_eval_command(
 
 
 def too_few_perturbations(predictions: ad.AnnData, info: dict) -> list[str]:
-    """cell-eval metrics that fail on this few perturbations: ``clustering_agreement`` clusters the
-    perturbations' centroids (fewer than 10 break it; ``cellduality eval --cell-eval`` skips it too),
-    ``pearson_edistance`` correlates distances across perturbations (it needs 2)."""
+    """The cell-eval metrics that fail on this few perturbations, skipped as ``eval --cell-eval`` skips
+    them (:func:`cellduality.eval.cell_eval.metrics_to_skip`)."""
+    from cellduality.eval.cell_eval import metrics_to_skip
+
     column = info.get("pert_col")
     if not column or column not in predictions.obs.columns:
         return []
     values = set(predictions.obs[column].astype(str)) - {str(info.get("control_pert"))}
-    return [
-        name for name, low in (("clustering_agreement", 10), ("pearson_edistance", 2)) if len(values) < low
-    ]
+    return metrics_to_skip(len(values))
 
 
 def check_real(real: str | Path) -> None:
