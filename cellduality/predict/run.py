@@ -397,7 +397,8 @@ def perturb(
             _say(verbose, f"{name} is the checkpoint's {found}")
         if found is None and not allow_unseen:
             raise DataError(
-                f"unknown perturbation {name!r}: the checkpoint was trained on {len(trained_names)} perturbations "
+                f"unknown perturbation {name!r}: the checkpoint was trained on {len(trained_names)} "
+                f"perturbation{'s' if len(trained_names) != 1 else ''} "
                 f"({', '.join(trained_names[:8])}{', ...' if len(trained_names) > 8 else ''}); pass --allow-unseen to "
                 "predict it out of distribution"
             )
