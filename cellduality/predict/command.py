@@ -11,7 +11,7 @@ examples (after `make demo`):
   cellduality predict --task annotation --model demo_out/grpo --h5ad pbmc.h5ad --samples 4 --out annotated.h5ad
   cellduality predict --task generation --model demo_out/grpo --conditions "CD14+ Monocyte=200,CD56+ NK=100" --out generated.h5ad
   cellduality predict --task perturbation --model demo_out/grpo --h5ad controls.h5ad \\
-      --perturbations KLF1,MAP2K6+KLF1,TGFBR2 --out perturbed.h5ad --real norman_devel
+      --perturbations panobinostat --out perturbed.h5ad --real glioblastoma_panobinostat
 """
 
 
