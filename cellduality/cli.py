@@ -14,6 +14,7 @@ from pathlib import Path
 from cellduality.cli_common import (
     TASK_CHOICES,
     HelpFormatter,
+    OneLineErrorParser,
     add_column_args,
     add_neighbourhood_args,
     add_sentence_args,
@@ -108,7 +109,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="cellduality",
         description="Cell sentences, the 2x2 single-cell task suite, dual-task rewards and training.",
         formatter_class=HelpFormatter,

@@ -27,6 +27,14 @@ COLUMN_DEFAULTS: dict[str, Any] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """``cellduality``'s parsers (its subcommands inherit the class): a mistake on the command line is
+    one line and exit code 2, like every other ``cellduality`` error; ``--help`` shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the layout of descriptions and epilogs, and appends ``(default: X)`` to every option
     that has a default worth showing (not ``None``/``False``) and does not state it already."""

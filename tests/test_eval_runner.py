@@ -345,6 +345,35 @@ def test_self_verify_keeps_the_answer_whose_dual_the_model_solves(pbmc_prepared,
     assert stats["changed_from_first"] == 1.0 and stats["dual_score_chosen"] == pytest.approx(1.0)
 
 
+def test_self_verify_prefers_an_answer_over_none_when_the_duals_tie(pbmc_prepared, tmp_path) -> None:
+    """Of two samples the first names no candidate and the second a wrong one whose dual is not solved
+    either: both score 0, and the kept answer is the usable one (as in `cellduality predict --samples`)."""
+    path, prepared = pbmc_prepared
+    rows = [r for r in prepared.datasets["test"] if r["task"] == "annotation"]
+    wrong = {
+        r["prompt"][1]["content"]: formatted(next(c for c in r["candidates"] if c != r["answer"]))
+        for r in rows
+    }
+    seen: dict[str, int] = {}
+
+    def answer(messages, settings):
+        text = messages[-1]["content"]
+        if text not in wrong or not settings.do_sample:
+            return formatted("")  # duals (never solved), generation, greedy answers: nothing usable
+        seen[text] = seen.get(text, 0) + 1  # a row's two samples are adjacent: none, then a wrong label
+        return wrong[text] if seen[text] % 2 == 0 else formatted("")
+
+    out = tmp_path / "sv_tie"
+    config = EvalConfig(
+        out_dir=out, models=[ModelSpec("m")], self_verify=2, baselines=False, plots=False, progress=False,
+    )  # fmt: skip
+    run_eval(path, config, backend_factory=factory(Scripted(answer, chunk_size=64)))
+    ann = load_metrics(out)["tasks"]["annotation"]["methods"]
+    assert ann["m"]["metrics"]["valid_output_rate"] == 0.0
+    assert ann["m + self-verify@2"]["metrics"]["valid_output_rate"] == 1.0
+    assert ann["m + self-verify@2"]["metrics"]["accuracy"] == 0.0
+
+
 def test_a_crash_keeps_what_was_generated(pbmc_prepared, tmp_path) -> None:
     path, prepared = pbmc_prepared
     config = EvalConfig(

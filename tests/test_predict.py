@@ -73,7 +73,10 @@ def trained(pbmc, norman, tmp_path_factory):
 def run_cli(argv, capsys):
     from cellduality.cli import main
 
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -242,6 +245,42 @@ def test_best_of_n_keeps_the_sample_the_dual_prefers(trained, pbmc_h5ad) -> None
     assert np.allclose(result.obs["cellduality_confidence"], 1.0)  # it named every hidden gene in order
 
 
+def test_best_of_n_prefers_an_answer_over_none_when_the_duals_tie(trained, pbmc_h5ad) -> None:
+    """A sample that names no candidate scores 0; a usable one whose dual also scores 0 must still win
+    the tie (the kept answer is the first *usable* best, not an unusable one sampled earlier)."""
+    from cellduality.predict import annotate
+
+    user = ad.read_h5ad(pbmc_h5ad)[:4].copy()
+
+    class Scripted:
+        """Forward samples per cell: no answer, then 'CD34+'; every dual in-paints nothing (score 0)."""
+
+        name, chunk_size = "scripted", 64
+
+        def generate(self, prompts, settings):
+            out = []
+            for k, messages in enumerate(prompts):
+                text = messages[-1]["content"]
+                if "hidden" in text or "missing" in text:
+                    out.append("<think>x</think><answer></answer>")
+                else:  # the samples of a cell are consecutive: even = first sample
+                    out.append(
+                        "<think>x</think><answer>no idea</answer>"
+                        if k % 2 == 0
+                        else "<think>x</think><answer>CD34+</answer>"
+                    )
+            return out
+
+    result = annotate(
+        user, str(trained / "sft"), samples=2, copy=True, verbose=False,
+        backend_factory=lambda spec, settings: Scripted(), **GEN,
+    )  # fmt: skip
+    assert (result.obs["cellduality_usable_samples"] == 1).all()
+    assert result.obs["cellduality_valid"].all()
+    assert (result.obs["cellduality_label"] == "CD34+").all()
+    assert np.allclose(result.obs["cellduality_confidence"], 0.0)
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 
@@ -256,6 +295,7 @@ def test_generation_gives_the_requested_cells(trained, tmp_path, capsys) -> None
         [*argv, "--conditions", "cd14+ monocyte=5,CD56+ NK=3", "--max-new-tokens", "40"], capsys
     )
     assert code == 0, err
+    assert "generating cells" in err and "8/8" in err  # batched generation under a progress bar
     cells = sc.read_h5ad(out)
     part = Checkpoint.load(trained / "sft").dataset_for("generation")
     assert cells.obs["bulk_labels"].value_counts().to_dict() == {"CD14+ Monocyte": 5, "CD56+ NK": 3}
@@ -287,7 +327,9 @@ def test_perturbation_predictions_are_scored_by_cell_eval(trained, norman, tmp_p
     argv += ["--perturbations", "KLF1,MAP2K6+KLF1", "--cells-per-perturbation", "4", "--out", str(out)]
     code, printed, err = run_cli([*argv, "--real", "norman_devel", "--max-new-tokens", "40"], capsys)
     assert code == 0, err
-    assert "cell-eval run -ap" in printed
+    command = next(line for line in printed.splitlines() if "cell-eval run -ap" in line)
+    # the metrics cell-eval cannot compute on 2 perturbations are skipped (it would log an error)
+    assert command.endswith("--celltype-col cell_type --skip-metrics clustering_agreement")
     pred = ad.read_h5ad(out)
     real = ad.read_h5ad(tmp_path / "perturbed.real.h5ad")
     counts = pred.obs["perturbation"].value_counts().to_dict()
@@ -339,9 +381,12 @@ def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
-def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) -> None:
+def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, norman, tmp_path, capsys) -> None:
     sft = str(trained / "sft")
     out = str(tmp_path / "x.h5ad")
+    controls = tmp_path / "controls.h5ad"
+    k562 = norman.adata[(norman.adata.obs["cell_type"] == "k562").to_numpy()]
+    k562[(k562.obs["perturbation"] == "control").to_numpy()][:4].copy().write_h5ad(controls)
     other = tmp_path / "other_genes.h5ad"
     rng = np.random.default_rng(0)
     ad.AnnData(
@@ -359,6 +404,30 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) ->
         "genes missing": (["--task", "annotation", "--model", sft, "--h5ad", str(other)], "of the checkpoint's"),
         "no run metadata": (["--task", "annotation", "--model", str(trained / "model"), "--h5ad", str(pbmc_h5ad)], "no run metadata"),
         "no such file": (["--task", "annotation", "--model", sft, "--h5ad", str(tmp_path / "nope.h5ad")], "no such file"),
+        "a file as model": (
+            ["--task", "annotation", "--model", str(trained / "sft" / "config.json"), "--h5ad", str(pbmc_h5ad)],
+            "give the model's folder",
+        ),
+        "wrong task name": (["--task", "annotate", "--model", sft, "--h5ad", str(pbmc_h5ad)], "invalid choice: 'annotate'"),
+        "no --model": (["--task", "annotation", "--h5ad", str(pbmc_h5ad)], "--model"),
+        "no cell per perturbation": (
+            ["--task", "perturbation", "--model", sft, "--h5ad", str(controls), "--perturbations", "KLF1",
+             "--cells-per-perturbation", "0"],
+            "--cells-per-perturbation must be at least 1",
+        ),
+        "missing observed cells": (
+            ["--task", "perturbation", "--model", sft, "--h5ad", str(controls), "--perturbations", "KLF1",
+             "--real", str(tmp_path / "nope_real.h5ad")],
+            "no such file",
+        ),
+        "negative temperature": (
+            ["--task", "generation", "--model", sft, "--conditions", "CD34+=2", "--temperature", "-1"],
+            "--temperature",
+        ),
+        "no batch": (
+            ["--task", "generation", "--model", sft, "--conditions", "CD34+=2", "--batch-size", "0"],
+            "--batch-size",
+        ),
     }  # fmt: skip
     for name, (argv, expected) in cases.items():
         code, _, err = run_cli(["predict", *argv, "--out", out], capsys)
@@ -367,6 +436,7 @@ def test_bad_inputs_get_one_line_errors(trained, pbmc_h5ad, tmp_path, capsys) ->
         assert len(lines) == 1 and lines[0].startswith("cellduality predict: error:"), (name, err)
         assert expected in lines[0], (name, lines[0])
         assert "Traceback" not in err
+        assert not Path(out).exists(), name  # refused before anything is generated or written
 
 
 def test_run_metadata_records_candidates(trained) -> None:
@@ -399,3 +469,31 @@ def test_eval_puts_cell_eval_next_to_our_metrics(trained, tmp_path) -> None:
     assert (
         "cell-eval (the field's reference evaluator)" in report and "Where the definitions differ" in report
     )
+
+
+def test_cell_eval_skips_what_it_cannot_compute_on_one_perturbation(norman, caplog) -> None:
+    """One perturbation per context (the glioblastoma demo): every metric cell-eval can compute is there,
+    and none it cannot compute is attempted (cell-eval would log an error for each context)."""
+    pytest.importorskip("cell_eval", reason="cell-eval is not installed (pip install -e '.[eval]')")
+    import logging
+
+    from cellduality.eval.cell_eval import CONTEXT_COL, PERT_COL, score
+
+    adata = norman.adata
+    obs = adata.obs
+    keep = ((obs["cell_type"] == "k562") & obs["perturbation"].isin(["KLF1", "control"])).to_numpy()
+    real = ad.AnnData(
+        X=adata.X[keep].toarray() if hasattr(adata.X, "toarray") else adata.X[keep],
+        obs=pd.DataFrame(
+            {PERT_COL: obs["perturbation"].to_numpy()[keep], CONTEXT_COL: "cell type: k562"},
+            index=adata.obs_names[keep],
+        ),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    pred = real.copy()
+    pred.X = np.roll(pred.X, 1, axis=0)  # another cell's profile: a prediction, not the data itself
+    with caplog.at_level(logging.ERROR, logger="cell_eval"):
+        found = score(pred, real, num_threads=1)
+    assert not [r for r in caplog.records if "Error computing metric" in r.getMessage()]
+    assert list(found["per_perturbation"]) == ["KLF1 (cell type: k562)"]
+    assert np.isfinite(found["metrics"]["pearson_delta"]) and np.isfinite(found["metrics"]["mae"])

@@ -45,6 +45,16 @@ DIFFERENCES = (
 )
 
 
+#: cell-eval metrics that fail (cell-eval logs an error) below this many perturbations per context:
+#: Leiden clustering of the perturbations' centroids, and a correlation of distances across perturbations.
+MIN_PERTURBATIONS = {"clustering_agreement": 10, "pearson_edistance": 2}
+
+
+def metrics_to_skip(n_perturbations: int) -> list[str]:
+    """The cell-eval metrics that cannot be computed on ``n_perturbations`` (controls not counted)."""
+    return [name for name, low in MIN_PERTURBATIONS.items() if n_perturbations < low]
+
+
 def available() -> tuple[bool, str]:
     """Whether cell-eval can run here, and the reason when it cannot."""
     if importlib.util.find_spec("cell_eval") is None:
@@ -122,7 +132,7 @@ def score(pred: Any, real: Any, *, num_threads: int = 1, profile: str = "full") 
                 adata_pred=p, adata_real=r, control_pert=CONTROL, pert_col=PERT_COL,
                 num_threads=num_threads, outdir=tmp,
             )  # fmt: skip
-            skip = ["clustering_agreement"] if n_perts < 10 else None  # Leiden on < 10 centroids fails
+            skip = metrics_to_skip(n_perts) or None
             results, _ = evaluator.compute(profile=profile, skip_metrics=skip, write_csv=False)
         for item in results.to_dicts():
             group = f"{item.pop('perturbation')} ({ctx})" if ctx else str(item.pop("perturbation"))
@@ -135,7 +145,15 @@ def score(pred: Any, real: Any, *, num_threads: int = 1, profile: str = "full") 
     return {"metrics": means, "per_perturbation": per}
 
 
-__all__ = ["DIFFERENCES", "HEADLINE", "available", "evaluation_pair", "score"]
+__all__ = [
+    "DIFFERENCES",
+    "HEADLINE",
+    "MIN_PERTURBATIONS",
+    "available",
+    "evaluation_pair",
+    "metrics_to_skip",
+    "score",
+]
 
 
 def add_to_result(

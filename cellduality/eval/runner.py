@@ -193,7 +193,8 @@ class ModelRunner:
         """N sampled answers per example; keep the one whose dual the model itself solves best.
 
         Dual answers are greedy. A sample that does not parse gets dual score 0 (no dual prompt), as in
-        the dual reward; ties keep the earliest sample, so with N = 1 this is plain sampling.
+        the dual reward, but loses a tie to one that parses; ties otherwise keep the earliest sample, so
+        with N = 1 this is plain sampling.
         """
         cfg = self.config
         sampling = replace(cfg.generation, temperature=cfg.self_verify_temperature or 1.0)
@@ -214,11 +215,11 @@ class ModelRunner:
         scores = np.zeros((len(rows), n))
         for (i, j), completion in zip(owners, duals, strict=True):
             scores[i, j] = dual_score(rows[i], completion, vocabulary)
-        best = scores.argmax(axis=1) if len(rows) else np.zeros(0, dtype=int)
-        chosen = [samples[i * n + int(j)] for i, j in enumerate(best)]
         parsed = np.zeros((len(rows), n), dtype=bool)
         for i, j in owners:
             parsed[i, j] = True
+        best = np.where(parsed, scores, -1.0).argmax(axis=1) if len(rows) else np.zeros(0, dtype=int)
+        chosen = [samples[i * n + int(j)] for i, j in enumerate(best)]
         stats = {
             "dual_score_chosen": float(scores.max(axis=1).mean()) if len(rows) else float("nan"),
             "any_sample_valid": float(parsed.any(axis=1).mean()) if len(rows) else float("nan"),

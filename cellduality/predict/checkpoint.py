@@ -27,6 +27,8 @@ def find_run_meta(model: str | Path) -> Path:
     folder = Path(model)
     if not folder.exists():
         raise DataError(f"no such checkpoint folder: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"--model {folder} is a file; give the model's folder")
     for candidate in (folder / RUN_META, folder.parent / RUN_META):
         if candidate.is_file():
             return candidate

@@ -11,7 +11,7 @@ examples (after `make demo`):
   cellduality predict --task annotation --model demo_out/grpo --h5ad pbmc.h5ad --samples 4 --out annotated.h5ad
   cellduality predict --task generation --model demo_out/grpo --conditions "CD14+ Monocyte=200,CD56+ NK=100" --out generated.h5ad
   cellduality predict --task perturbation --model demo_out/grpo --h5ad controls.h5ad \\
-      --perturbations KLF1,MAP2K6+KLF1 --out perturbed.h5ad --real norman_devel
+      --perturbations panobinostat --out perturbed.h5ad --real glioblastoma_panobinostat
 """
 
 
@@ -98,11 +98,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_predict(args: argparse.Namespace) -> int:
     """Handler of ``cellduality predict``: every user mistake is a ``DataError`` (one line, exit 2)."""
     from cellduality.data.schema import DataError
-    from cellduality.predict.layout import align_real, cell_eval_command
+    from cellduality.predict.layout import align_real, cell_eval_command, check_real
     from cellduality.predict.run import annotate, generate, perturb
 
-    if args.samples < 1:
-        raise DataError("--samples must be at least 1")
+    at_least = {"--samples": (args.samples, 1), "--batch-size": (args.batch_size, 1)}
+    at_least["--max-new-tokens"] = (args.max_new_tokens, 1)
+    at_least["--cells-per-perturbation"] = (args.cells_per_perturbation, 1)
+    at_least["--temperature"] = (args.temperature, 0)
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise DataError(f"{flag} must be at least {low}, got {value}")
+    if not 0.0 <= args.min_gene_overlap <= 1.0:
+        raise DataError(f"--min-gene-overlap must be in [0, 1], got {args.min_gene_overlap}")
+    if args.out.is_dir():
+        raise DataError(f"--out {args.out} is a folder; give the path of the .h5ad file to write")
+    if args.task == "perturbation" and args.real:
+        check_real(args.real)
     options = {
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,

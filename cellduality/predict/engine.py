@@ -142,8 +142,8 @@ def best_of(
     """Per row: the chosen completion, its dual score and how many of the samples gave a usable answer.
 
     ``samples == 1``: one answer (greedy when ``temperature`` is 0). ``samples > 1``: that many sampled
-    answers, keeping the one whose dual the model solves best (ties: the first), the test-time scaling
-    ``cellduality eval --self-verify`` measures.
+    answers, keeping the one whose dual the model solves best (ties: the first that gave a usable
+    answer), the test-time scaling ``cellduality eval --self-verify`` measures.
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -160,7 +160,9 @@ def best_of(
         scores = dual_scores(flat_rows, completions, engine, vocabulary, seed).reshape(len(rows), samples)
     else:
         scores = np.full((len(rows), samples), np.nan)
-    best = np.nanargmax(np.where(np.isnan(scores), -1.0, scores), axis=1) if len(rows) else np.zeros(0, int)
+    # a usable answer beats an unusable one even when both score 0 (ties: the first usable sample)
+    ranked = np.where(usable, np.where(np.isnan(scores), 0.0, scores), -1.0)
+    best = np.argmax(ranked, axis=1) if len(rows) else np.zeros(0, int)
     chosen = [completions[i * samples + int(j)] for i, j in enumerate(best)]
     chosen_scores = scores[np.arange(len(rows)), best] if len(rows) else np.zeros(0)
     return chosen, chosen_scores, usable.sum(axis=1)

@@ -28,7 +28,37 @@ def cell_eval_command(
     )
     if info.get("celltype_col"):
         line += f" --celltype-col {info['celltype_col']}"
+    skip = too_few_perturbations(predictions, info)
+    if skip:
+        line += f" --skip-metrics {','.join(skip)}"
     return line
+
+
+def too_few_perturbations(predictions: ad.AnnData, info: dict) -> list[str]:
+    """The cell-eval metrics that fail on this few perturbations, skipped as ``eval --cell-eval`` skips
+    them (:func:`cellduality.eval.cell_eval.metrics_to_skip`)."""
+    from cellduality.eval.cell_eval import metrics_to_skip
+
+    column = info.get("pert_col")
+    if not column or column not in predictions.obs.columns:
+        return []
+    values = set(predictions.obs[column].astype(str)) - {str(info.get("control_pert"))}
+    return metrics_to_skip(len(values))
+
+
+def check_real(real: str | Path) -> None:
+    """Refuse, before anything is generated, observed cells that are neither an embedded name nor a file."""
+    from cellduality.data.embedded import EMBEDDED
+
+    if str(real) in EMBEDDED:
+        return
+    path = Path(real)
+    if not path.exists():
+        raise DataError(
+            f"no such file: {path} (--real takes an .h5ad file or an embedded name: {', '.join(EMBEDDED)})"
+        )
+    if path.is_dir():
+        raise DataError(f"--real {path} is a folder; give an .h5ad file or an embedded name")
 
 
 def align_real(
@@ -84,4 +114,4 @@ def align_real(
     return out
 
 
-__all__ = ["align_real", "cell_eval_command"]
+__all__ = ["align_real", "cell_eval_command", "check_real"]

@@ -381,6 +381,8 @@ def perturb(
     """
     if controls not in ("sentence", "measured"):
         raise DataError(f"controls must be 'sentence' or 'measured', got {controls!r}")
+    if cells_per_perturbation is not None and cells_per_perturbation < 1:
+        raise DataError(f"--cells-per-perturbation must be at least 1, got {cells_per_perturbation}")
     ckpt = Checkpoint.load(model)
     trained = ckpt.dataset_for("perturbation", trained_on)
     labels = trained.labels("perturbation") or {}
@@ -395,7 +397,8 @@ def perturb(
             _say(verbose, f"{name} is the checkpoint's {found}")
         if found is None and not allow_unseen:
             raise DataError(
-                f"unknown perturbation {name!r}: the checkpoint was trained on {len(trained_names)} perturbations "
+                f"unknown perturbation {name!r}: the checkpoint was trained on {len(trained_names)} "
+                f"perturbation{'s' if len(trained_names) != 1 else ''} "
                 f"({', '.join(trained_names[:8])}{', ...' if len(trained_names) > 8 else ''}); pass --allow-unseen to "
                 "predict it out of distribution"
             )
