@@ -53,6 +53,16 @@ def _glioblastoma() -> ad.AnnData:
     return adata
 
 
+#: norman_devel's columns (and its K562 part's): the perturbation, its modality, the cell line as context
+NORMAN_COLUMNS = Columns(
+    perturbation="perturbation",
+    control_value="control",
+    perturbation_kind="genetic",
+    direction="perturbation_type",
+    direction_map={"CRISPRa": "overexpression (CRISPRa)", "CRISPRi": "knockdown (CRISPRi)"},
+    context=("cell_type",),
+)
+
 EMBEDDED: dict[str, EmbeddedDataset] = {
     "pbmc68k": EmbeddedDataset(
         name="pbmc68k",
@@ -68,21 +78,13 @@ EMBEDDED: dict[str, EmbeddedDataset] = {
             "lines (McFaline-Figueroa 2023); genetic perturbations with controls"
         ),
         read=lambda: read_h5ad(resource_path("norman_devel.h5ad")),
-        columns=Columns(
-            perturbation="perturbation",
-            control_value="control",
-            perturbation_kind="genetic",
-            direction="perturbation_type",
-            direction_map={"CRISPRa": "overexpression (CRISPRa)", "CRISPRi": "knockdown (CRISPRi)"},
-            context=("cell_type",),
-        ),
+        columns=NORMAN_COLUMNS,
         citation="Norman et al. 2019, Science; McFaline-Figueroa et al. 2023, Cell Genomics",
     ),
-    # The demo's perturbation data. Why not all of norman_devel: on its McFaline-Figueroa CRISPRi cells
-    # (A172, T98G, U87MG) a logistic classifier trained on 2,000 training sentences names the knocked-down
-    # target from a held-out cell no better than from a cell of another target (0.14-0.15 vs 0.13-0.17
-    # among 8 candidates), so no dual reward can tell a right answer there; on the K562 CRISPRa cells it
-    # does (0.51 vs 0.24 among 4). docs/contracts.md has the measurement.
+    # Norman 2019's K562 CRISPRa cells alone. On norman_devel's McFaline-Figueroa CRISPRi cells (A172,
+    # T98G, U87MG) a reader fitted on the training labels names the knocked-down target from a cell at
+    # chance, so no dual can score an answer there; on these K562 cells it does, weakly (0.283 vs 0.100
+    # with 400 training cells, 0.425 vs 0.150 with 2,000). docs/contracts.md ("Perturbation") has it.
     "norman2019_k562": EmbeddedDataset(
         name="norman2019_k562",
         description=(
@@ -90,14 +92,7 @@ EMBEDDED: dict[str, EmbeddedDataset] = {
             "perturbations and 100 controls (norman_devel's Norman 2019 part)"
         ),
         read=_norman2019_k562,
-        columns=Columns(
-            perturbation="perturbation",
-            control_value="control",
-            perturbation_kind="genetic",
-            direction="perturbation_type",
-            direction_map={"CRISPRa": "overexpression (CRISPRa)"},
-            context=("cell_type",),
-        ),
+        columns=NORMAN_COLUMNS,
         citation="Norman et al. 2019, Science",
     ),
     "glioblastoma_panobinostat": EmbeddedDataset(
