@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cellduality.tasks import classification, generative
-from cellduality.tasks.common import TaskConfig, example_rng, join_genes, messages, pick, record, shuffled
+from cellduality.tasks.common import TaskConfig, example_rng, join_genes, messages, pick, record
 from cellduality.tasks.templates import PERTURBATION
 
 SPLIT = "predict"
@@ -62,10 +62,7 @@ def perturbation_example(
     rid = f"{dataset}/perturbation/{SPLIT}/{key}"
     rng = example_rng(cfg.seed, rid)
     n = cfg.answer_genes
-    others = [o for o in others if o != condition]
-    n_others = min(len(others), max(0, cfg.max_candidates - 2))
-    picked = rng.choice(len(others), size=n_others, replace=False).tolist() if n_others else []
-    candidates = shuffled(rng, [condition, str(control_value), *[others[k] for k in picked]])
+    candidates = generative.perturbation_candidates(rng, condition, str(control_value), others, cfg)
     cell = list(control_genes)[: cfg.top_k]
     prompt = pick(rng, PERTURBATION).format(
         cell=join_genes(cell), condition_text=condition_text, n=n, context=f" ({context})" if context else ""

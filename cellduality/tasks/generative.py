@@ -110,6 +110,18 @@ def perturbation_text(condition: str, columns: Columns, direction_value: str | N
     return f"{direction} of {' and '.join(targets)}"
 
 
+def perturbation_candidates(
+    rng: np.random.Generator, condition: str, control: str, perturbations: Sequence[str], cfg: TaskConfig
+) -> list[str]:
+    """The dual's answer choices for one perturbation example, shuffled: the perturbation, the control
+    and up to ``cfg.max_candidates - 2`` other perturbations of the same context, drawn without
+    replacement. Shared by training rows and ``cellduality predict`` so both ask the same question."""
+    others = [p for p in perturbations if p != condition]
+    n_others = min(len(others), max(0, cfg.max_candidates - 2))
+    picked = rng.choice(len(others), size=n_others, replace=False).tolist() if n_others else []
+    return shuffled(rng, [condition, control, *[others[k] for k in picked]])
+
+
 def _context_keys(obs: pd.DataFrame, columns: Columns) -> np.ndarray:
     if not columns.context:
         return np.zeros(len(obs), dtype=object)
@@ -171,10 +183,9 @@ def perturbation_rows(
         direction = str(obs.iloc[i][columns.direction]) if columns.direction else None
         dose = str(obs.iloc[i][columns.dose]) if columns.dose else None
         text = perturbation_text(condition, columns, direction, dose)
-        others = [p for p in perturbations_by_context[contexts[i]] if p != condition]
-        n_others = min(len(others), max(0, cfg.max_candidates - 2))
-        picked = rng.choice(len(others), size=n_others, replace=False).tolist() if n_others else []
-        candidates = shuffled(rng, [condition, str(columns.control_value), *[others[k] for k in picked]])
+        candidates = perturbation_candidates(
+            rng, condition, str(columns.control_value), perturbations_by_context[contexts[i]], cfg
+        )
         ctx = context_text(obs.iloc[i], columns.context)
         prompt = pick(rng, PERTURBATION).format(
             cell=join_genes(sentences[control][: cfg.top_k]),
