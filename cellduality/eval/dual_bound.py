@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, dual_score
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, control_cell_genes, dual_score
 
 Row = Mapping[str, Any]
 
@@ -83,8 +83,7 @@ class ReferenceReader:
             control = str(part_meta(dict(self.prepared.meta), dataset)["columns"]["control_value"])
             seen: set[tuple[str, ...]] = set()  # each control cell once: rows share a few control cells
             for r in rows:
-                n = int(r.get("n_genes") or 0) or None
-                cell = tuple(list(r["cell_genes"])[:n])
+                cell = tuple(control_cell_genes(r))
                 if cell not in seen:
                     seen.add(cell)
                     sentences.append(list(cell))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import numpy as np
 from cellduality.parsing import gene_vocabulary
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.oracle import Oracle
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, has_dual
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, control_cell_genes, has_dual
 
 Messages = list[dict[str, str]]
 Row = dict[str, Any]
@@ -150,16 +150,15 @@ def counterfactuals(rows: Sequence[Row], seed: int) -> dict[str, list[str | None
             if rows[j].get("context", "") == r.get("context", "") or r["task"] != "perturbation"
         ]
         cells = [str(rows[j]["answer"]) for j in pool]
-        n = int(r.get("n_genes") or 0) or None
         if r["task"] == "perturbation":
-            paired = " ".join(list(r["cell_genes"])[:n])
+            paired = " ".join(control_cell_genes(r))
             # the control value is a condition too: real control cells of the context, not the paired one
             cells += sorted(
                 {
-                    " ".join(list(o["cell_genes"])[:n])
+                    " ".join(control_cell_genes(o))
                     for o in rows
                     if o.get("context", "") == r.get("context", "")
-                    and list(o["cell_genes"])[:n] != paired.split()
+                    and control_cell_genes(o) != paired.split()
                 }
             )
             control.append(paired)
@@ -280,6 +279,16 @@ def _reference_reason(check: TaskCheck) -> str:
     return f" (the data allow it: a reader fitted on the training labels gets a gap of {g.gap:+.3f}; the policy has not learned to read the answer)"
 
 
+def _gaps(scored: Mapping[str, np.ndarray], config: DualCheckConfig) -> list[Gap]:
+    """Right vs each kind of wrong answer, over the rows where both were scored (NaN: not asked)."""
+    out = []
+    for kind, values in scored.items():
+        if kind != "right":
+            ok = ~np.isnan(values) & ~np.isnan(scored["right"])
+            out.append(paired_gap(scored["right"][ok], values[ok], kind, config.n_resamples, config.seed))
+    return out
+
+
 def check_task(
     rows: Sequence[Row],
     generate: GenerateFn,
@@ -307,24 +316,13 @@ def check_task(
         full = np.full(len(rows), np.nan)
         full[keep] = np.asarray(scores, dtype=float)
         scored[kind] = full
-    for kind in answers:
-        if kind == "right":
-            continue
-        ok = ~np.isnan(scored[kind]) & ~np.isnan(scored["right"])
-        result.gaps.append(
-            paired_gap(scored["right"][ok], scored[kind][ok], kind, config.n_resamples, config.seed)
-        )
+    result.gaps = _gaps(scored, config)
     if reference is not None:
         ref = {
             kind: np.asarray([reference.score(r, v) for r, v in zip(rows, values, strict=True)], dtype=float)
             for kind, values in answers.items()
         }
-        for kind in answers:
-            if kind != "right":
-                ok = ~np.isnan(ref[kind]) & ~np.isnan(ref["right"])
-                result.reference.append(
-                    paired_gap(ref["right"][ok], ref[kind][ok], kind, config.n_resamples, config.seed)
-                )
+        result.reference = _gaps(ref, config)
     if config.grpo_view and sample is not None and config.group_size > 1:
         g = config.group_size
         prompts = [list(r["prompt"]) for r in rows for _ in range(g)]

@@ -48,6 +48,16 @@ def forward_answer(
     return None
 
 
+def control_cell_genes(row: Mapping[str, Any]) -> list[str]:
+    """The paired control cell of a perturbation row, cut to the genes its answer names (``n_genes``).
+
+    As a forward answer it is the "nothing changed" guess: the dual check, the counterfactual SFT
+    examples and the data bound all compare against exactly this cell, so they share one definition.
+    """
+    n = int(row.get("n_genes") or 0) or None
+    return list(row.get("cell_genes") or [])[:n]
+
+
 def label_words(row: Mapping[str, Any], label: str) -> str:
     if row.get("task") == "drug_sensitivity":
         return f"{row.get('condition_text') or row.get('condition')}-{label}"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellduality.tasks.common import example_rng
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, has_dual
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, control_cell_genes, dual_prompt, has_dual
 from cellduality.teacher.offline import OfflineTeacher, completion, perturbation_rationale
 
 COUNTERFACTUAL = "counterfactual"
@@ -53,9 +53,8 @@ def counterfactual_examples(
         key = (str(r["dataset"]), str(r["task"]), str(r.get("context", "")), str(r["condition"]))
         by_condition.setdefault(key, []).append(str(r["answer"]))
         if r["task"] == "perturbation":  # the control cells the rows are paired with: real cells of `control`
-            n = int(r.get("n_genes") or 0) or None
             ctrl = (*key[:3], _control_value(meta, str(r["dataset"])))
-            cell = " ".join(list(r["cell_genes"])[:n])
+            cell = " ".join(control_cell_genes(r))
             if cell not in by_condition.setdefault(ctrl, []):
                 by_condition[ctrl].append(cell)
     out: list[dict[str, Any]] = []
@@ -120,8 +119,7 @@ def _one(
         return label, teacher.answer(row, dual_answer=label)
     dataset, context = str(row["dataset"]), str(row.get("context", ""))
     options: list[tuple[str, str]] = []  # (cell sentence, its true condition)
-    n = int(row.get("n_genes") or 0) or None
-    paired = " ".join(list(row.get("cell_genes") or [])[:n])
+    paired = " ".join(control_cell_genes(row))
     if kind == "own":
         options.append((str(row["answer"]), str(row["condition"])))
     if task == "perturbation" and kind == "control":
