@@ -49,6 +49,7 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     from transformers import set_seed
     from trl import SFTTrainer, get_peft_config
 
+    from cellduality.train.allocator import keep_freed_memory_on_cpu
     from cellduality.train.common import (
         RUN_META,
         check_resume,
@@ -59,6 +60,7 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     )
     from cellduality.train.data import load_task_data
 
+    keep_freed_memory_on_cpu(bool(training_args.use_cpu))
     set_seed(training_args.seed)
     prepared = load_task_data(cd_args, training_args)
     ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
