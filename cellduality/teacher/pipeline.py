@@ -433,8 +433,9 @@ class _Run:
         self.bar.set_postfix(postfix, refresh=False)
 
     def _drop_dual(self) -> None:
+        # no forced redraw: a rejected forward example would redraw the bar once each, which floods a log
+        # file (tqdm writes every redraw); the next update draws the smaller total within its interval
         self.bar.total -= 1
-        self.bar.refresh()
 
     # attempts ----------------------------------------------------------------------------------
     async def _append(self, record: AttemptRecord) -> None:
