@@ -431,18 +431,22 @@ def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -
         monitor = monitor_series(grpo.state.log_history)
         report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks, monitor)
     table = Table(title="CellDuality demo: headline (held-out cells)")
-    for col in ("task", "metric", *MODELS, "simplest baseline", "strongest baseline", "verdict"):
+    for col in ("task", "metric", *MODELS, "simplest baseline", "strongest baseline"):
         table.add_column(col)
-    for r in _headline(results):
+    headline = _headline(results)
+    for r in headline:
         table.add_row(
             r["task"],
             r["metric"],
             *[_fmt(r.get(m)) for m in MODELS],
             f"{r['baseline']} {_fmt(r['baseline value'])}",
             f"{r['strongest baseline']} {_fmt(r['strongest value'])}",
-            r["verdict"],
         )
     console.print(table)
+    # the verdicts are sentences: a seventh column squeezes every column to a few characters in an
+    # 80-column terminal, so they follow the table, one line per task
+    for r in headline:
+        console.print(f"  [bold]{r['task']}[/bold]: {r['verdict']}")
     console.print(f"[bold green]Report: {report / 'report.md'}")
     from cellduality.cli_common import saved_to
 
