@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dual_overhead.py
 	$(PY) benchmarks/teacher_throughput.py
 	$(PY) benchmarks/eval_speed.py
+	$(PY) benchmarks/cpu_allocator.py
 
 clean:
 	rm -rf $(VENV) demo_out
