@@ -44,6 +44,7 @@ class DemoPlan:
     eval_examples: int  # test examples per task
     check_rows: int = 60  # test examples per task for the dual check
     check_group: int = 4  # sampled forward answers per prompt in the dual check (GRPO's G)
+    grpo_lr: float = 3e-5
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
@@ -147,7 +148,7 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str =
     args = GRPOConfig(
         output_dir=str(out / name),
         max_steps=plan.grpo_steps,
-        learning_rate=3e-5,
+        learning_rate=plan.grpo_lr,
         beta=0.0,
         num_generations=4,
         per_device_train_batch_size=plan.grpo_batch,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -70,3 +71,8 @@ def test_tiny_ablation_resumes(tmp_path) -> None:
     run_ablation(config)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
     assert json.loads((report / "ablation.json").read_text())["rows"] == payload["rows"]
+    # resuming under another plan would mix two sizes in one table: refused in one line, nothing touched
+    other = replace(config, plan=replace(config.plan, grpo_steps=config.plan.grpo_steps + 1))
+    with pytest.raises(SystemExit, match="another plan \\(grpo_steps differ\\)"):
+        run_ablation(other)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
