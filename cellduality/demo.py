@@ -7,8 +7,9 @@ Data: ``pbmc68k`` (annotation, conditional generation), ``scad_plx4720`` (drug s
 ``glioblastoma_panobinostat`` (chemical perturbation response: the embedded perturbation data whose dual
 carries signal; on the genetic screens in ``norman_devel`` a reader fitted on the training labels names
 a perturbation from a cell barely better than chance at this size, see ``cellduality dual-check``). The model is the tiny offline Llama. ``--quick``
-shrinks every stage (a smoke run in about 2 minutes); the full demo takes about 6-8 minutes on
-2 cores. The same seed gives the same numbers.
+shrinks every stage (a smoke run in about 2 minutes); the full demo's SFT (8 epochs over about 2,400
+examples) is most of its time (``docs/quickstart.md`` has a measured run). The same seed gives the
+same numbers on one machine.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``test_full_demo_report`` checks what the full demo must show (SFT beats the majority baseline on
 annotation, dual rewards rise during GRPO, every task has SFT, GRPO and baselines side by side). It
-runs the full demo (6-8 minutes on 2 cores), so it is opt-in: ``make demo-check`` sets
+runs the full demo (13 minutes or more on 2 cores), so it is opt-in: ``make demo-check`` sets
 ``CELLDUALITY_FULL_DEMO`` to a report folder made by ``make demo`` (or to ``run`` to make one).
 """
 
@@ -87,7 +87,7 @@ def test_full_demo_report(tmp_path) -> None:
     where = os.environ.get("CELLDUALITY_FULL_DEMO")
     if not where:
         pytest.skip(
-            "opt-in (the full demo, 13 minutes on 2 idle cores): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>"
+            "opt-in (the full demo, 13 minutes or more on 2 cores): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>"
         )
     if where == "run":
         from cellduality.cli import main
