@@ -169,14 +169,18 @@ def hide_genes(
     if n < 2:
         return list(sentence), []
     n_hidden = min(n - 1, max(1, round(n * fraction)))
+    is_hidden = np.zeros(n, dtype=bool)
     if scores is None:
-        hidden_pos = set(rng.choice(n, size=n_hidden, replace=False).tolist())
+        is_hidden[rng.choice(n, size=n_hidden, replace=False)] = True
     else:
         jitter = rng.random(n)
-        order = sorted(range(n), key=lambda i: (-scores.get(sentence[i], 0.0), jitter[i]))
-        hidden_pos = set(order[:n_hidden])
-    visible = [g for i, g in enumerate(sentence) if i not in hidden_pos]
-    hidden = [g for i, g in enumerate(sentence) if i in hidden_pos]
+        get = scores.get
+        neg_scores = np.fromiter((-get(g, 0.0) for g in sentence), dtype=np.float64, count=n)
+        # by score (highest first), ties by the seeded jitter; lexsort is stable, like sorted()
+        is_hidden[np.lexsort((jitter, neg_scores))[:n_hidden]] = True
+    flags = is_hidden.tolist()
+    visible = [g for g, h in zip(sentence, flags, strict=True) if not h]
+    hidden = [g for g, h in zip(sentence, flags, strict=True) if h]
     return visible, hidden
 
 
