@@ -170,19 +170,26 @@ class Plan:
     split_info: dict[str, dict[str, Any]]
 
 
-def resolve_tasks(data: CellData, tasks: Sequence[str] | None) -> list[str]:
-    """The tasks to build (default: every one the dataset supports), checked against the obs columns."""
-    supported = data.columns.supported_tasks()
+def resolve_tasks(
+    data: CellData | None, tasks: Sequence[str] | None, *, columns: Any = None, obs_columns: Any = None
+) -> list[str]:
+    """The tasks to build (default: every one the dataset supports), checked against the obs columns.
+
+    ``columns`` / ``obs_columns`` stand in for ``data``'s (a file not read yet: its column names).
+    """
+    columns = columns if columns is not None else data.columns
+    obs_columns = list(obs_columns if obs_columns is not None else data.adata.obs.columns)
+    supported = columns.supported_tasks()
     if tasks is None:
         tasks = supported
         if not tasks:
             raise DataError(
                 "no task can be built: name at least one of the cell-type, drug+response or "
-                f"perturbation columns (obs columns: {', '.join(map(str, data.adata.obs.columns))})"
+                f"perturbation columns (obs columns: {', '.join(map(str, obs_columns))})"
             )
     tasks = list(dict.fromkeys(tasks))
     for task in tasks:
-        data.columns.require(task, data.adata.obs.columns)
+        columns.require(task, obs_columns)
     return tasks
 
 
