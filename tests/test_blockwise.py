@@ -129,7 +129,10 @@ def test_csc_file_refused_with_the_fix(tmp_path) -> None:
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     from cellduality.cli import main
 
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's one-line errors
+        code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
