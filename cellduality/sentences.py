@@ -318,7 +318,8 @@ def fit_rank_expression_rows(sub, top_k: int | None = None, seed: int = 0) -> Ra
     if lengths.sum() == 0:
         raise ValueError("cannot fit rank -> expression: no cell has an expressed gene")
     y = values.astype(np.float64)
-    x = np.log10(np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in lengths]))
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    x = np.log10((np.arange(y.size) - np.repeat(first, lengths) + 1).astype(np.float64))  # log10(rank)
     if np.ptp(x) == 0:
         slope, intercept = 0.0, float(y.mean())
     else:

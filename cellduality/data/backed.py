@@ -52,6 +52,7 @@ class BlockMatrix:
         self.sparse = True
         self._csr = sparse_dataset(elem)
         self._data = elem["data"]
+        self._indices = elem["indices"]
         self.indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
         self.shape = tuple(int(s) for s in self._csr.shape)
 

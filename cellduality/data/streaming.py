@@ -76,17 +76,36 @@ class _Scan:
             self.binary = bool(np.isin(values, (0.0, 1.0)).all())
 
 
-def _scan(matrix: BlockMatrix, block_cells: int) -> _Scan:
-    """Finite check, minimum, maximum and 0/1-ness of every stored value, reading values only."""
+def _scan(
+    matrix: BlockMatrix, block_cells: int, col_mask: np.ndarray | bool | None = None
+) -> tuple[_Scan, np.ndarray | None]:
+    """Finite check, minimum, maximum and 0/1-ness of every stored value; with ``col_mask`` (a mask of
+    the kept columns, or ``True`` for all of them) also, per row, whether it has a positive value in a
+    kept column (see :func:`_positive_rows`), in the same read. Reads the values, and the column
+    indices only when some columns are dropped."""
     scan = _Scan()
-    if matrix.sparse:
+    if col_mask is None and matrix.sparse:
         data = matrix._data
         for lo in range(0, int(data.shape[0]), _SCAN_VALUES):
             scan.add(data[lo : lo + _SCAN_VALUES])
-    else:
-        for start, stop in matrix.blocks(block_cells):
-            scan.add(matrix.rows(start, stop))
-    return scan
+        return scan, None
+    positive = np.zeros(matrix.n_rows, dtype=bool)
+    mask = None if col_mask is True else col_mask
+    for start, stop in matrix.blocks(block_cells):
+        if matrix.sparse:
+            lo, hi = int(matrix.indptr[start]), int(matrix.indptr[stop])
+            values = np.asarray(matrix._data[lo:hi])
+            scan.add(values)
+            hit = values > 0
+            if mask is not None:
+                hit &= mask[np.asarray(matrix._indices[lo:hi])]
+            ends = np.concatenate([[0], np.cumsum(hit)])[matrix.indptr[start : stop + 1] - lo]
+            positive[start:stop] = np.diff(ends) > 0
+        else:
+            block = np.asarray(matrix.rows(start, stop))
+            scan.add(block)
+            positive[start:stop] = ((block if mask is None else block[:, mask]) > 0).any(axis=1)
+    return scan, positive if col_mask is not None else None
 
 
 def _looks_like_counts(head: np.ndarray) -> bool:
@@ -173,6 +192,21 @@ def _positive_rows(matrix: BlockMatrix, block_cells: int, col_mask: np.ndarray |
                 block = block[:, col_mask]
             out[start:stop] = (block > 0).any(axis=1)
     return out
+
+
+def _known_columns(var: pd.DataFrame, gene_symbols: str | None) -> np.ndarray | bool | None:
+    """The kept columns when they are known from the var table alone (no symbol twice): all of them
+    (``True``) or a mask; ``None`` when only expression totals can tell (duplicates) or the symbols are
+    refused (the error is raised again, in its place, after the values are checked)."""
+    try:
+        symbols = _symbols(var, gene_symbols, [])
+    except DataError:
+        return None
+    keys = [s.casefold() for s in symbols if s is not None]
+    if len(set(keys)) != len(keys):
+        return None
+    mask = np.array([s is not None for s in symbols], dtype=bool)
+    return True if mask.all() else mask
 
 
 def _column_totals(source: StreamedSource) -> np.ndarray:
@@ -262,7 +296,7 @@ def _open(
     if layer is not None:
         notes.append(f"used layer {layer!r}")
     var = file.read_var()
-    scan = _scan(matrix, block_cells)
+    scan, positive = _scan(matrix, block_cells, _known_columns(var, gene_symbols))
     passes = 1
     if scan.n_bad:
         raise DataError(
@@ -273,7 +307,7 @@ def _open(
     if scan.n_values and scan.minimum < 0:
         if layer is None and file.has_raw():
             matrix = file.matrix(raw=True)
-            scan = _scan(matrix, block_cells)
+            scan, positive = _scan(matrix, block_cells, _known_columns(file.read_var(raw=True), gene_symbols))
             passes += 1
             if scan.n_bad:
                 raise DataError(
@@ -339,7 +373,10 @@ def _open(
     if source.keep_cols is not None:
         col_mask = np.zeros(matrix.shape[1], dtype=bool)
         col_mask[keep_cols] = True
-    source.keep_rows = _positive_rows(matrix, block_cells, col_mask)
+    if positive is None:  # the kept columns were known only after the duplicates' totals
+        positive = _positive_rows(matrix, block_cells, col_mask)
+        passes += 1
+    source.keep_rows = positive
     source.passes += passes
     n_empty = int((~source.keep_rows).sum())
     if n_empty:

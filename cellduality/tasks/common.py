@@ -6,6 +6,8 @@ import hashlib
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -174,13 +176,15 @@ def hide_genes(
         is_hidden[rng.choice(n, size=n_hidden, replace=False)] = True
     else:
         jitter = rng.random(n)
-        get = scores.get
-        neg_scores = np.fromiter((-get(g, 0.0) for g in sentence), dtype=np.float64, count=n)
+        try:  # one C-level lookup of every gene (the usual case: the scores cover the sentences)
+            values = itemgetter(*sentence)(scores)
+        except KeyError:
+            values = [scores.get(g, 0.0) for g in sentence]
+        neg_scores = -np.asarray(values, dtype=np.float64)
         # by score (highest first), ties by the seeded jitter; lexsort is stable, like sorted()
         is_hidden[np.lexsort((jitter, neg_scores))[:n_hidden]] = True
-    flags = is_hidden.tolist()
-    visible = [g for g, h in zip(sentence, flags, strict=True) if not h]
-    hidden = [g for g, h in zip(sentence, flags, strict=True) if h]
+    visible = list(compress(sentence, (~is_hidden).tolist()))
+    hidden = list(compress(sentence, is_hidden.tolist()))
     return visible, hidden
 
 
