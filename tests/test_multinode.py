@@ -1,11 +1,12 @@
-"""Two "machines" on localhost train dual GRPO through the shipped multi-node accelerate config.
+"""Two "machines" on localhost train SFT, then dual GRPO, through the shipped multi-node accelerate config.
 
 Each machine is its own ``accelerate launch --config_file accelerate_configs/multinode.yaml`` with its own
 ``--machine_rank`` (0 or 1), the same ``--main_process_ip 127.0.0.1`` / port and one process each, as
-``slurm/train.slurm`` starts them on a cluster; torch.distributed runs over gloo on the CPU. The run
-must train every step on both machines, make the same number of dual generation calls on each (rank
-symmetry: a missing collective would hang it, hence the timeout) and end with the same weights on both
-ranks, different from the weights it started from.
+``slurm/train.slurm`` starts them on a cluster; torch.distributed runs over gloo on the CPU. Each run
+must train every step on both machines and end with the same weights on both ranks (the digests of
+``ranks/rank<N>.json``), different from the weights it started from; the GRPO run must make the same
+number of dual generation calls on each (rank symmetry: a missing collective would hang it, hence the
+timeout).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny-cpu" / "grpo_dual.yaml"
+SFT_RECIPE = REPO / "recipes" / "tiny-cpu" / "sft.yaml"
 CONFIG = REPO / "accelerate_configs" / "multinode.yaml"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -45,9 +47,8 @@ def _digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def test_two_machines_on_localhost_train_in_sync(tmp_path) -> None:
-    steps = 4
-    out = tmp_path / "run"
+def _two_machines(tmp: Path, stage: str, recipe: Path, out: Path, *args: str) -> list[dict]:
+    """Launch ``stage`` as two machines of one process each; every rank's ``ranks/rank<N>.json``."""
     port = _free_port()
     env = {
         **os.environ,
@@ -77,22 +78,19 @@ def test_two_machines_on_localhost_train_in_sync(tmp_path) -> None:
             "--mixed_precision",
             "no",
             "-m",
-            "cellduality.train.grpo",
+            f"cellduality.train.{stage}",
             "--config",
-            str(RECIPE),
+            str(recipe),
             "--output_dir",
             str(out),
             "--prepared_dir",
-            str(tmp_path / "prepared"),
-            "--model_name_or_path",
-            str(tmp_path / "model"),
-            "--max_steps",
-            str(steps),
+            str(tmp / "prepared"),
             "--save_strategy",
             "no",
+            *args,
         ]
-        log = (tmp_path / f"machine{machine_rank}.log").open("w")
-        procs.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        log = (tmp / f"{stage}_machine{machine_rank}.log").open("w")
+        procs.append((subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     try:
         codes = [proc.wait(timeout=900) for proc, _ in procs]
     finally:
@@ -100,16 +98,51 @@ def test_two_machines_on_localhost_train_in_sync(tmp_path) -> None:
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    logs = [(tmp_path / f"machine{r}.log").read_text()[-4000:] for r in (0, 1)]
+    logs = [(tmp / f"{stage}_machine{r}.log").read_text()[-4000:] for r in (0, 1)]
     assert codes == [0, 0], "\n\n".join(logs)
-
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["machine_rank"] for r in ranks] == [0, 1]  # one rank per machine
-    assert [r["global_step"] for r in ranks] == [steps, steps]
-    assert ranks[0]["dual_calls"] == ranks[1]["dual_calls"] == steps
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]  # both ranks hold the same weights
     assert ranks[0]["params_sha256"] == _digest(out)  # ... the ones saved
-    assert _digest(tmp_path / "model") != ranks[0]["params_sha256"]  # and training changed them
+    return ranks
+
+
+def test_two_machines_on_localhost_train_sft_then_dual_grpo_in_sync(tmp_path) -> None:
+    # SFT first, so that the policy writes answers the rewards can score (an untrained model's rewards
+    # are all 0: GRPO would have no advantage to learn from); 8 per device on 2 ranks = the recipe's 16
+    sft = tmp_path / "sft"
+    ranks = _two_machines(
+        tmp_path,
+        "sft",
+        SFT_RECIPE,
+        sft,
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--per_device_train_batch_size",
+        "8",
+    )
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    assert _digest(tmp_path / "model") != ranks[0]["params_sha256"]  # SFT changed the weights
+
+    steps = 5
+    out = tmp_path / "grpo"
+    ranks = _two_machines(
+        tmp_path,
+        "grpo",
+        RECIPE,
+        out,
+        "--model_name_or_path",
+        str(sft),
+        "--max_steps",
+        str(steps),
+        "--max_completion_length",
+        "96",
+    )
+    assert [r["global_step"] for r in ranks] == [steps, steps]
+    assert ranks[0]["dual_calls"] == ranks[1]["dual_calls"] == steps
     calls = [json.loads((out / f"dual_calls_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(calls[0]) == len(calls[1]) == steps
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any(entry.get("grad_norm", 0) > 0 for entry in log), log
+    assert _digest(sft) != ranks[0]["params_sha256"]  # dual GRPO changed the weights
