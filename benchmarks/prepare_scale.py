@@ -23,6 +23,7 @@ sentences alone at least 100x cell2sentence.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -67,7 +68,9 @@ def write_counts_file(path: Path, n_cells: int, nnz: int, seed: int = 0, block: 
         group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
         group.attrs["shape"] = np.array([n_cells, N_GENES])
         data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indices = group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,)
+        )
         indptr = [np.zeros(1, dtype=np.int64)]
         total = 0
         for start in range(0, n_cells, block):
@@ -100,10 +103,8 @@ def _tree_rss(pid: int) -> int:
         return 0
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -176,7 +177,9 @@ def _json_run(python: str, script: str, path: Path, env: dict[str, str]) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--nnz", type=int, default=1_000, help="non-zeros per cell")
     parser.add_argument("--workers", type=int, default=1, help="prepare --workers")
@@ -235,7 +238,9 @@ def main() -> None:
                 if n != args.sizes[0]:
                     path.unlink()
 
-        print("\ncellduality prepare (top-100 sentences, annotation + generation), one fresh process per size")
+        print(
+            "\ncellduality prepare (top-100 sentences, annotation + generation), one fresh process per size"
+        )
         print(f"{'cells':>10} {'file GB':>8} {'seconds':>8} {'cells/s':>9} {'peak RSS GB':>12}")
         for n, size_gb, seconds, rate, peak_gb, _ in results:
             print(f"{n:>10,} {size_gb:>8.2f} {seconds:>8.1f} {rate:>9,.0f} {peak_gb:>12.2f}")

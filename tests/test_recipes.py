@@ -74,4 +74,6 @@ def test_vllm_server_recipe_generates_on_the_server() -> None:
     assert training_args.vllm_server_port == 8000 and training_args.vllm_server_timeout == 900
     moved = {"auto_vllm", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "output_dir"}
     moved |= {k for k in server if k.startswith("vllm_server")}
-    assert {k: v for k, v in server.items() if k not in moved} == {k: v for k, v in base.items() if k not in moved}
+    assert {k: v for k, v in server.items() if k not in moved} == {
+        k: v for k, v in base.items() if k not in moved
+    }
