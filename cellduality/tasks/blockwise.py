@@ -61,9 +61,10 @@ class SentenceStore(Sequence):
     def __init__(self, folder: Path, n_cells: int, width: int, names: Sequence[str]) -> None:
         self.names = np.asarray(names, dtype=object)
         dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
-        self.genes = np.lib.format.open_memmap(
+        self._map = np.lib.format.open_memmap(
             folder / "sentences.npy", mode="w+", dtype=dtype, shape=(n_cells, max(width, 1))
         )
+        self.genes = np.asarray(self._map)  # a plain view: slicing a memmap object costs microseconds
         self.counts = np.zeros(n_cells, dtype=np.int32)
 
     def __len__(self) -> int:
@@ -193,9 +194,11 @@ def _build_chunk(job: tuple[str, int, np.ndarray, str]) -> tuple[str, int, list,
     writer.write_table(rows_table(rows, FEATURES))
     writer.finalize()
     writer.close()
-    light = [{"task": r["task"], "cell_genes": r["cell_genes"], "answer": r["answer"]} for r in rows]
-    labels = [{"task": r["task"], "candidates": r["candidates"], "condition": r["condition"]} for r in rows]
-    return path, len(rows), light, labels if split == "train" else []
+    summary, labels = SummaryCounter(), LabelCollector()
+    summary.add(split, rows)
+    if split == "train":
+        labels.add(rows)
+    return path, len(rows), summary, labels  # sums and label sets only: the rows stay in the shard
 
 
 def _write_rows(
@@ -237,12 +240,12 @@ def _write_rows(
         ]
         try:
             with mp.get_context("fork").Pool(workers) as pool:
-                for (split, *_), (path, n, light, train_labels) in zip(
+                for (split, *_), (path, n, part_summary, part_labels) in zip(
                     paths, pool.imap(_build_chunk, paths), strict=True
                 ):
                     writer.add_file(split, Path(path), n)
-                    summary.add(split, light)
-                    labels.add(train_labels)
+                    summary.merge(part_summary)
+                    labels.merge(part_labels)
                     bar.update(n)
         finally:
             _WORKER.clear()

@@ -207,8 +207,11 @@ def record(**fields: Any) -> dict[str, Any]:
         "dataset": "",
         "neighbours": [],
     }
-    unknown = set(fields) - set(row)
+    unknown = fields.keys() - _RECORD_SET
     if unknown:
         raise KeyError(f"not record columns: {sorted(unknown)}")
     row.update(fields)
     return row
+
+
+_RECORD_SET = frozenset(RECORD_COLUMNS)

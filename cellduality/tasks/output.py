@@ -70,6 +70,16 @@ class SummaryCounter:
             sums[1] += n_cell
             sums[2] += len(answer.split())
 
+    def merge(self, other: SummaryCounter) -> None:
+        """Add another counter's sums (a worker's chunk)."""
+        for split in other._splits:
+            self.add_split(split)
+        for key, (n, cell, answer) in other._sums.items():
+            sums = self._sums.setdefault(key, [0, 0, 0])
+            sums[0] += n
+            sums[1] += cell
+            sums[2] += answer
+
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for split in self._splits:
@@ -100,6 +110,13 @@ class LabelCollector:
             task = str(row["task"])
             self._candidates.setdefault(task, set()).update(str(c) for c in row.get("candidates") or [])
             self._conditions.setdefault(task, set()).add(str(row["condition"]))
+
+    def merge(self, other: LabelCollector) -> None:
+        """Add another collector's labels (a worker's chunk)."""
+        for task, values in other._candidates.items():
+            self._candidates.setdefault(task, set()).update(values)
+        for task, values in other._conditions.items():
+            self._conditions.setdefault(task, set()).update(values)
 
     def rows(self) -> list[dict[str, Any]]:
         """Stand-in rows with the same candidate union and condition set per task."""
