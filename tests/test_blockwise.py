@@ -165,3 +165,20 @@ def test_cli_bad_file_is_one_line_before_any_bar(capsys, tmp_path) -> None:
         capsys, "prepare", "--dataset", str(path), "--cell-type-col", "ct", "--out", "o", "--block-cells", "0"
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--block-cells" in err
+
+
+def test_cli_blockwise_path_problems_are_the_in_memory_messages(capsys, tmp_path) -> None:
+    folder = tmp_path / "cells.h5ad"  # a folder with an .h5ad name
+    folder.mkdir()
+    damaged = tmp_path / "damaged.h5ad"
+    damaged.write_bytes(b"not an HDF5 file")
+    cases = [
+        (tmp_path / "missing.h5ad", "no such file"),
+        (folder, "is a folder, not an .h5ad file"),
+        (damaged, "could not be read as .h5ad"),
+    ]
+    for path, needle in cases:
+        code, out, err = _cli(
+            capsys, "prepare", "--dataset", str(path), "--cell-type-col", "ct", "--out", "o"
+        )
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err

@@ -93,14 +93,13 @@ class H5adFile:
     """An open ``.h5ad`` file: its obs and var tables on demand, its matrices as :class:`BlockMatrix`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        from cellduality.data.loading import check_h5ad_path, unreadable_h5ad
+
+        self.path = check_h5ad_path(path)  # the in-memory path's errors for a missing file or a folder
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise DataError(
-                f"{self.path} could not be opened as .h5ad (HDF5): {str(exc).splitlines()[0]} (a damaged or "
-                "truncated file? write it again with adata.write_h5ad)"
-            ) from exc
+            raise unreadable_h5ad(self.path, exc) from exc
         for key in ("obs", "var"):
             if key not in self._file:
                 self.close()
