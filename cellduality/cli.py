@@ -21,6 +21,7 @@ from cellduality.cli_common import (
     add_split_args,
     build_from_args,
     check_out_dir,
+    prepare_file_blockwise,
     saved_to,
 )
 
@@ -44,6 +45,25 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
         "--max-examples", type=int, default=None, help="cap on examples per task and split (default: all)"
     )
     p.add_argument("--seed", type=int, default=0, help="split, tie order, templates")
+    b = p.add_argument_group(
+        "reading an .h5ad file block by block (the default for files; embedded datasets are read whole)"
+    )
+    b.add_argument(
+        "--block-cells",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="cells read, normalised and turned into sentences at a time: peak memory grows with N, not "
+        "with the file",
+    )
+    b.add_argument(
+        "--workers", type=_positive_int, default=1, metavar="N", help="processes that build the examples"
+    )
+    b.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="read the whole file into memory first (the path before block-wise reading; same output)",
+    )
     add_neighbourhood_args(p.add_argument_group("neighbourhood editing (--tasks neighbourhood)"))
     g = p.add_argument_group(
         "columns of your own .h5ad (for an embedded dataset: overrides of its preset, the rest is kept)"
@@ -51,13 +71,28 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     add_column_args(g)
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return number
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from cellduality.data import EMBEDDED
     from cellduality.reporting import print_prepared
     from cellduality.tasks import save_prepared
 
     out = check_out_dir(args.out)
-    _, prepared = build_from_args(args, hidden_fraction=args.hidden_fraction)
-    out = save_prepared(prepared, out)
+    is_file = args.dataset not in EMBEDDED and Path(args.dataset).suffix.lower() == ".h5ad"
+    if is_file and not args.in_memory and "neighbourhood" not in (args.tasks or []):
+        prepared = prepare_file_blockwise(args, out)
+    else:
+        _, prepared = build_from_args(args, hidden_fraction=args.hidden_fraction)
+        out = save_prepared(prepared, out)
     print_prepared(prepared, out)
     print(saved_to("prepare", out, "data/ + meta.json"))
     return 0

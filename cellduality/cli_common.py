@@ -214,12 +214,10 @@ def columns_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
     return Columns(**values), []
 
 
-def build_from_args(args: argparse.Namespace, *, hidden_fraction: float | None = None):
-    """``(CellData, PreparedTasks)`` from the shared data flags (``prepare``, ``eval --dataset``)."""
-    from cellduality.data import load_dataset
-    from cellduality.tasks import TaskConfig, build_tasks
+def _task_config(args: argparse.Namespace, hidden_fraction: float | None):
+    from cellduality.tasks import TaskConfig
 
-    cfg = TaskConfig(  # checks the numbers before anything is read
+    return TaskConfig(  # checks the numbers before anything is read
         top_k=args.top_k,
         n_genes=args.n_genes,
         hidden_fraction=0.25 if hidden_fraction is None else hidden_fraction,
@@ -230,6 +228,14 @@ def build_from_args(args: argparse.Namespace, *, hidden_fraction: float | None =
         max_neighbours=getattr(args, "max_neighbours", 20),
         max_additions=getattr(args, "max_additions", 50),
     )
+
+
+def build_from_args(args: argparse.Namespace, *, hidden_fraction: float | None = None):
+    """``(CellData, PreparedTasks)`` from the shared data flags (``prepare``, ``eval --dataset``)."""
+    from cellduality.data import load_dataset
+    from cellduality.tasks import build_tasks
+
+    cfg = _task_config(args, hidden_fraction)
     columns, notes = columns_from_args(args)
     if columns is not None:
         columns.check()
@@ -245,6 +251,32 @@ def build_from_args(args: argparse.Namespace, *, hidden_fraction: float | None =
         data, args.tasks, split=args.split, config=cfg, test_fraction=args.test_fraction, holdout=args.holdout
     )
     return data, prepared
+
+
+def prepare_file_blockwise(args: argparse.Namespace, out: Path):
+    """``prepare`` of an ``.h5ad`` file read block by block into ``out`` (``PreparedTasks``, written)."""
+    from cellduality.tasks.blockwise import prepare_blockwise
+
+    cfg = _task_config(args, args.hidden_fraction)
+    columns, notes = columns_from_args(args)
+    if columns is not None:
+        columns.check()
+    return prepare_blockwise(
+        args.dataset,
+        columns,
+        out,
+        tasks=args.tasks,
+        split=args.split,
+        config=cfg,
+        test_fraction=args.test_fraction,
+        holdout=args.holdout,
+        layer=args.layer,
+        gene_symbols=args.gene_symbols,
+        allow_scaled=True if args.allow_scaled else None,
+        block_cells=args.block_cells,
+        workers=args.workers,
+        notes=notes,
+    )
 
 
 def check_out_dir(path: Path | str, flag: str = "--out") -> Path:

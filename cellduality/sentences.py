@@ -109,6 +109,39 @@ def _pad(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
 def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
     """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr).
 
+    The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`.
+    """
+    from cellduality.topk import top_keys_csr
+
+    data, indices, indptr = rows
+    counts = np.diff(indptr)
+    n = counts.size
+    width = int(counts.max()) if n else 0
+    kk = width if k is None else min(k, width)
+    if n == 0 or kk == 0:
+        return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+    keys = np.empty((n, kk), dtype=np.uint64)
+    found = np.empty(n, dtype=np.int64)
+    top_keys_csr(
+        bits,
+        np.ascontiguousarray(indices),
+        np.ascontiguousarray(indptr),
+        kk,
+        np.uint64(order.a),
+        np.uint64(order.b),
+        keys,
+        found,
+    )
+    keys = keys[:, : int(found.max())]
+    genes = order.decode(keys)
+    genes[keys == 0] = -1
+    return genes, found
+
+
+def _block_sparse_numpy(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
+    """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr).
+
     Two passes keep the expensive part small: a float32 partition finds each row's k-th largest value,
     then only the entries at or above it (k plus any ties at the cut) get 64-bit sort keys.
     """
@@ -249,18 +282,44 @@ def fit_rank_expression(
     adata, top_k: int | None = None, seed: int = 0, max_cells: int = 5000
 ) -> RankExpressionFit:
     """Fit expression against log10(rank) on (a seeded sample of) the dataset's cells."""
-    n_cells = adata.n_obs
+    sub = adata.X[fit_sample(adata.n_obs, seed, max_cells)]
+    return fit_rank_expression_rows(sub, top_k=top_k, seed=seed)
+
+
+def fit_sample(n_cells: int, seed: int = 0, max_cells: int = 5000) -> np.ndarray:
+    """The cells (sorted positions) :func:`fit_rank_expression` fits on: a seeded sample of at most
+    ``max_cells``; the block-wise ``prepare`` reads exactly these rows of a file."""
     rng = np.random.default_rng(seed)
-    cells = np.sort(rng.choice(n_cells, size=min(max_cells, n_cells), replace=False))
-    sub = adata.X[cells]
-    indices = top_gene_indices(sub, top_k=top_k, seed=seed)
-    lengths = np.array([len(i) for i in indices], dtype=np.int64)
+    return np.sort(rng.choice(n_cells, size=min(max_cells, n_cells), replace=False))
+
+
+def fit_rank_expression_rows(sub, top_k: int | None = None, seed: int = 0) -> RankExpressionFit:
+    """The fit of :func:`fit_rank_expression` on the sampled cells ``sub`` (rows of the matrix).
+
+    The expression at rank r of a cell is its r-th largest positive value, whichever gene a tie gives
+    that rank to, so the values are sorted per row (one lexsort) rather than looked up gene by gene.
+    ``seed`` (the tie order) therefore does not change the fit; it is kept for the signature.
+    """
+    del seed
+    sub = sp.csr_matrix(sub, dtype=np.float32)
+    if not sub.has_canonical_format:  # repeated entries of a gene are one value, as in the sentences
+        sub = sub.copy()
+        sub.sum_duplicates()
+    cell = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    expressed = sub.data > 0
+    values, cell = sub.data[expressed], cell[expressed]
+    order = np.lexsort((-values, cell))
+    values, cell = values[order], cell[order]
+    lengths = np.bincount(cell, minlength=sub.shape[0]).astype(np.int64)
+    if top_k is not None:
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        keep = np.arange(values.size) - np.repeat(first, lengths) < top_k
+        values, lengths = values[keep], np.minimum(lengths, top_k)
     if lengths.sum() == 0:
         raise ValueError("cannot fit rank -> expression: no cell has an expressed gene")
-    rows = np.repeat(np.arange(len(indices)), lengths)
-    cols = np.concatenate(indices)
-    y = np.asarray(sub[rows, cols], dtype=np.float64).ravel()
-    x = np.log10(np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in lengths]))
+    y = values.astype(np.float64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    x = np.log10((np.arange(y.size) - np.repeat(first, lengths) + 1).astype(np.float64))  # log10(rank)
     if np.ptp(x) == 0:
         slope, intercept = 0.0, float(y.mean())
     else:
@@ -269,7 +328,7 @@ def fit_rank_expression(
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-    max_rank = int(max(len(i) for i in indices))
+    max_rank = int(lengths.max())
     return RankExpressionFit(float(slope), float(intercept), float(r2), int(x.size), max_rank)
 
 

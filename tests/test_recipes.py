@@ -50,7 +50,7 @@ def test_paper_hyper_parameters() -> None:
     root = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.2-3b"
     sft = yaml.safe_load((root / "sft.yaml").read_text())
     assert sft["num_train_epochs"] == 3 and sft["learning_rate"] == 1e-5 and sft["bf16"] is True
-    for name in ("grpo_dual", "grpo_oracle", "grpo_neighbourhood"):
+    for name in ("grpo_dual", "grpo_oracle", "grpo_neighbourhood", "grpo_dual_vllm_server"):
         g = yaml.safe_load((root / f"{name}.yaml").read_text())
         gpus = 8
         per_optimizer_step = gpus * g["per_device_train_batch_size"] * g["gradient_accumulation_steps"]
@@ -60,3 +60,20 @@ def test_paper_hyper_parameters() -> None:
         assert per_generation // g["num_generations"] == 512  # prompts per RL step
         rl_steps = g["max_steps"] * per_optimizer_step // per_generation
         assert rl_steps == 200
+
+
+def test_vllm_server_recipe_generates_on_the_server() -> None:
+    """The server recipe is grpo_dual.yaml with generation moved to `trl vllm-serve`, nothing else."""
+    root = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.2-3b"
+    server = yaml.safe_load((root / "grpo_dual_vllm_server.yaml").read_text())
+    base = yaml.safe_load((root / "grpo_dual.yaml").read_text())
+    assert server["use_vllm"] is True and server["vllm_mode"] == "server" and server["auto_vllm"] is False
+    _, parsed = _parse(root / "grpo_dual_vllm_server.yaml")
+    training_args = parsed[-2]
+    assert training_args.use_vllm and training_args.vllm_mode == "server"
+    assert training_args.vllm_server_port == 8000 and training_args.vllm_server_timeout == 900
+    moved = {"auto_vllm", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "output_dir"}
+    moved |= {k for k in server if k.startswith("vllm_server")}
+    assert {k: v for k, v in server.items() if k not in moved} == {
+        k: v for k, v in base.items() if k not in moved
+    }

@@ -590,7 +590,7 @@ def test_offline_teacher_on_pbmc68k_feeds_the_sft_entry(
         output_dir=str(tmp_path / "run"),
         process_index=0,
         seed=0,
-        main_process_first=lambda desc: nullcontext(),
+        main_process_first=lambda local=True, desc="work": nullcontext(),  # TrainingArguments signature
     )
     prepared = load_prepared(prepared_dir)
     train = sft_examples(CellDualityArguments(tasks=None), SFTDataArguments(), prepared, training_args)

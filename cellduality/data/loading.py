@@ -313,6 +313,34 @@ def _first_line(exc: BaseException) -> str:
 
 def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
     """Read an ``.h5ad`` file with a one-line error when it is missing, a folder or not an ``.h5ad``."""
+    p = check_h5ad_path(path)
+    if p.suffix.lower() != ".h5ad":
+        suffix = p.suffix or "(no suffix)"
+        try:
+            return ad.read_h5ad(p, backed="r" if backed else None)
+        except Exception as exc:
+            raise DataError(
+                f"{p} ({suffix}) could not be read as .h5ad ({_first_line(exc)}); CellDuality reads .h5ad "
+                "files: convert it with scanpy first (sc.read_csv / sc.read_loom / sc.read_10x_h5 ... then "
+                ".write_h5ad)"
+            ) from exc
+    try:
+        return ad.read_h5ad(p, backed="r" if backed else None)
+    except Exception as exc:  # anndata and h5py raise many types, over several lines, for a bad file
+        raise unreadable_h5ad(p, exc) from exc
+
+
+def unreadable_h5ad(path: Path, exc: BaseException) -> DataError:
+    """The one-line error for an ``.h5ad`` that cannot be read (damaged, truncated, not HDF5)."""
+    return DataError(
+        f"{path} could not be read as .h5ad: {_first_line(exc)} (a damaged or truncated file? write it "
+        "again with adata.write_h5ad)"
+    )
+
+
+def check_h5ad_path(path: str | Path) -> Path:
+    """``path`` as a file to read, or a one-line error: missing, a folder (a prepared folder and a 10x
+    folder are named as such)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"no such file: {p}")
@@ -330,20 +358,4 @@ def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
         found = sorted(f.name for f in p.glob("*.h5ad"))[:5]
         hint = f" (it holds {', '.join(found)})" if found else ""
         raise DataError(f"{p} is a folder, not an .h5ad file{hint}: pass the path of one .h5ad file")
-    if p.suffix.lower() != ".h5ad":
-        suffix = p.suffix or "(no suffix)"
-        try:
-            return ad.read_h5ad(p, backed="r" if backed else None)
-        except Exception as exc:
-            raise DataError(
-                f"{p} ({suffix}) could not be read as .h5ad ({_first_line(exc)}); CellDuality reads .h5ad "
-                "files: convert it with scanpy first (sc.read_csv / sc.read_loom / sc.read_10x_h5 ... then "
-                ".write_h5ad)"
-            ) from exc
-    try:
-        return ad.read_h5ad(p, backed="r" if backed else None)
-    except Exception as exc:  # anndata and h5py raise many types, over several lines, for a bad file
-        raise DataError(
-            f"{p} could not be read as .h5ad: {_first_line(exc)} (a damaged or truncated file? write it "
-            "again with adata.write_h5ad)"
-        ) from exc
+    return p

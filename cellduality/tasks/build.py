@@ -10,9 +10,9 @@ this folder, so what they see is exactly what ``cellduality prepare`` reported.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +21,22 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets import Sequence as HFSequence
 
 from cellduality.data.loading import CellData
-from cellduality.data.perturbations import canonical_condition, missing_mask
-from cellduality.data.schema import TASKS, DataError
-from cellduality.data.splits import Split, split_cells
-from cellduality.sentences import cell_sentences, fit_rank_expression
-from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows
+from cellduality.data.schema import DataError
+from cellduality.sentences import RankExpressionFit, cell_sentences, fit_rank_expression
 from cellduality.tasks.common import TaskConfig, presence_scores, record
-from cellduality.tasks.generative import generation_rows, perturbation_rows
 from cellduality.tasks.neighbourhood import DELTA_TABLE, delta_table, neighbourhood_examples
+from cellduality.tasks.output import LabelCollector, SummaryCounter, rows_dataset
+from cellduality.tasks.plan import (  # noqa: F401  (split_key, candidate_pool: public names of this module)
+    candidate_pool,
+    label_columns,
+    plan_tasks,
+    resolve_tasks,
+    split_key,
+    subsample,
+)
 
 META_FILE = "meta.json"
 TABLES_DIR = "tables"
-
-BUILDERS = {
-    "annotation": annotation_rows,
-    "generation": generation_rows,
-    "drug_sensitivity": drug_sensitivity_rows,
-    "perturbation": perturbation_rows,
-    # built from the data and the split at once (both splits and its delta table): see build_tasks
-    "neighbourhood": neighbourhood_examples,
-}
 
 FEATURES = Features(
     {
@@ -80,82 +76,6 @@ class PreparedTasks:
         return list(self.meta.get("genes", []))
 
 
-def split_key(task: str, data: CellData) -> tuple[str | None, str | None]:
-    """Column an OOD split holds values of for ``task``, and the control value it never holds out."""
-    c = data.columns
-    if task in ("annotation", "generation"):
-        return c.cell_type, None
-    if task == "drug_sensitivity":
-        return c.drug, None
-    return c.perturbation, str(c.control_value)
-
-
-def candidate_pool(
-    task: str, obs: Any, columns: Any, train_cells: np.ndarray
-) -> list[str] | np.ndarray | None:
-    """What a task's candidate lists are drawn from: the *training* split only.
-
-    ``obs`` is the task's own cell table (cells without a label already dropped) and ``train_cells``
-    positions into it.
-
-    Cell-type tasks: the training cells' types. Perturbation: the training cells themselves (their
-    perturbations, per context). Drug sensitivity: both responses, always (``None``).
-    """
-    if task in ("annotation", "generation"):
-        return sorted(obs[columns.cell_type].astype(str).iloc[train_cells].unique())
-    if task == "perturbation":
-        return train_cells
-    return None
-
-
-def _subsample(cells: np.ndarray, limit: int | None, seed: int, task: str, split: str) -> np.ndarray:
-    if limit is None or cells.size <= limit:
-        return cells
-    rng = np.random.default_rng([seed, TASKS.index(task), 0 if split == "train" else 1])
-    return np.sort(rng.choice(cells, size=limit, replace=False))
-
-
-def _rows_dataset(rows: list[dict[str, Any]]) -> Dataset:
-    """Rows as a ``Dataset`` with the record features, also when there is none."""
-    if not rows:
-        return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
-    return Dataset.from_list(rows, features=FEATURES)
-
-
-def label_columns(task: str, columns: Any) -> list[str]:
-    """The obs columns whose value is the label (or condition) of a ``task`` example."""
-    return [c for c in columns.required_for(task) if c]
-
-
-def _task_cells(data: CellData, tasks: Sequence[str], notes: list[str]) -> dict[str, np.ndarray]:
-    """Per task, positions of the cells whose label columns have a value (NaN / blank dropped, noted)."""
-    obs = data.adata.obs
-    missing_by_column: dict[str, np.ndarray] = {}
-    used_by: dict[str, list[str]] = {}
-    out: dict[str, np.ndarray] = {}
-    for task in tasks:
-        ok = np.ones(len(obs), dtype=bool)
-        for column in label_columns(task, data.columns):
-            if column not in missing_by_column:
-                missing_by_column[column] = missing_mask(obs[column])
-            used_by.setdefault(column, []).append(task)
-            ok &= ~missing_by_column[column]
-        if not ok.any():
-            names = ", ".join(repr(c) for c in label_columns(task, data.columns))
-            raise DataError(
-                f"task {task!r}: no cell has a value in {names} (every value is NaN or blank); name a "
-                "column that holds the labels"
-            )
-        out[task] = np.flatnonzero(ok)
-    for column, missing in missing_by_column.items():
-        if missing.any():
-            notes.append(
-                f"dropped {int(missing.sum())} of {len(missing)} cells whose {column!r} is NaN or blank from "
-                f"{', '.join(used_by[column])} (a missing label is not a class)"
-            )
-    return out
-
-
 def build_tasks(
     data: CellData,
     tasks: Sequence[str] | None = None,
@@ -165,24 +85,15 @@ def build_tasks(
     test_fraction: float = 0.2,
     holdout: Sequence[str] | None = None,
 ) -> PreparedTasks:
-    """Examples of every requested task (default: all the dataset supports), split into train/test."""
+    """Examples of every requested task (default: all the dataset supports), split into train/test.
+
+    The in-memory path: the whole matrix is in ``data``. ``cellduality.tasks.blockwise`` builds the same
+    rows from an ``.h5ad`` file read block by block; both plan with :func:`plan_tasks`.
+    """
     cfg = config or TaskConfig()
-    supported = data.columns.supported_tasks()
-    if tasks is None:
-        tasks = supported
-        if not tasks:
-            raise DataError(
-                "no task can be built: name at least one of the cell-type, drug+response or "
-                f"perturbation columns (obs columns: {', '.join(map(str, data.adata.obs.columns))})"
-            )
-    tasks = list(dict.fromkeys(tasks))
-    for task in tasks:
-        data.columns.require(task, data.adata.obs.columns)
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    notes: list[str] = []
-    cells_of = _task_cells(data, tasks, notes)
-    obs_all = data.adata.obs
+    tasks = resolve_tasks(data, tasks)
+    plan = plan_tasks(data, tasks, split=split, config=cfg, test_fraction=test_fraction, holdout=holdout)
+    notes = list(plan.notes)
     sentences = cell_sentences(
         data.adata,
         top_k=max(cfg.top_k, cfg.answer_genes),
@@ -190,73 +101,51 @@ def build_tasks(
         allow_scaled=data.value_type != "log-normalised",
     )
     fit = fit_rank_expression(data.adata, seed=cfg.seed)
-    if cfg.hidden_rule not in ("informative", "random"):
-        raise DataError(f"hidden_rule must be 'informative' or 'random', got {cfg.hidden_rule!r}")
     # label-free: only the sentences are read (see presence_scores)
     gene_scores = (
         presence_scores([s[: cfg.top_k] for s in sentences]) if cfg.hidden_rule == "informative" else None
     )
     parts: dict[str, list[Dataset]] = {"train": [], "test": []}
     tables: dict[str, Dataset] = {}
-    split_info: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        positions = cells_of[task]
-        obs = obs_all.iloc[positions]
-        task_sentences = [sentences[i] for i in positions]
-        key, control = split_key(task, data)
-        task_holdout = holdout
-        if holdout is not None and task in ("perturbation", "neighbourhood"):
-            c = data.columns
-            task_holdout = [
-                canonical_condition(h, str(c.control_value), c.combo_sep, c.perturbation_kind)
-                for h in holdout
-            ]
-        s: Split = split_cells(
-            obs,
-            mode=split,
-            key=key,
-            test_fraction=test_fraction,
-            seed=cfg.seed,
-            holdout=task_holdout,
-            control_value=control,
-        )
-        split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
-        if task == "neighbourhood":  # reads the whole table: the split's positions made absolute
-            absolute = replace(s, train=positions[s.train], test=positions[s.test])
-            built = neighbourhood_examples(data, absolute, cfg)
+    for task_plan in plan.plans:
+        if task_plan.task == "neighbourhood":
+            built = neighbourhood_examples(data, task_plan.split, cfg)
             for name in ("train", "test"):
                 rows = built.rows[name]
-                keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
-                parts[name].append(_rows_dataset([rows[k] for k in keep]))
+                keep = subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task_plan.task, name)
+                parts[name].append(rows_dataset([rows[k] for k in keep], FEATURES))
             tables[DELTA_TABLE] = delta_table(built.table)
-            split_info[task]["graph"] = built.graph
+            plan.split_info[task_plan.task]["graph"] = built.graph
             notes += built.notes
             continue
-        pool = candidate_pool(task, obs, data.columns, s.train)
-        for name, cells in (("train", s.train), ("test", s.test)):
-            extra = {"pool": pool, "gene_scores": gene_scores}
-            if task == "perturbation":
-                rows = perturbation_rows(
-                    obs, task_sentences, cells, data.columns, data.name, name, cfg, **extra
-                )
-                keep = _subsample(np.arange(len(rows)), cfg.max_examples, cfg.seed, task, name)
-                rows = [rows[k] for k in keep]
-            else:
-                cells = _subsample(cells, cfg.max_examples, cfg.seed, task, name)
-                rows = BUILDERS[task](obs, task_sentences, cells, data.columns, data.name, name, cfg, **extra)
-            if not rows:
-                raise DataError(
-                    f"task {task!r} has no {name} example ({len(positions)} usable cells): too few cells "
-                    "or conditions for a train/test split; use more cells, another --test-fraction or "
-                    "--split id"
-                )
-            parts[name].append(_rows_dataset(rows))
+        for name in ("train", "test"):
+            rows = task_plan.rows(name, task_plan.cells[name], sentences, data, cfg, gene_scores)
+            parts[name].append(rows_dataset(rows, FEATURES))
     dd = DatasetDict(
-        {name: concatenate_datasets(ds) if ds else _rows_dataset([]) for name, ds in parts.items()}
+        {name: concatenate_datasets(ds) if ds else rows_dataset([], FEATURES) for name, ds in parts.items()}
     )
-    meta = {
+    labels = LabelCollector()
+    labels.add(dd["train"].select_columns(["task", "candidates", "condition"]).to_list())
+    meta = prepared_meta(data, tasks, cfg, notes, fit, plan.split_info, gene_scores, test_fraction)
+    meta["summary"] = summarise(dd)
+    finish_meta(meta, data, tasks, plan.split_info, labels, gene_scores)
+    return PreparedTasks(dd, meta, tables)
+
+
+def prepared_meta(
+    data: CellData,
+    tasks: Sequence[str],
+    cfg: TaskConfig,
+    notes: Sequence[str],
+    fit: RankExpressionFit,
+    split_info: dict[str, Any],
+    gene_scores: Mapping[str, float] | None,
+    test_fraction: float,
+) -> dict[str, Any]:
+    """``meta.json`` of a preparation, up to its summary (key order kept: it is the file's order)."""
+    return {
         "dataset": data.name,
-        "tasks": tasks,
+        "tasks": list(tasks),
         "value_type": data.value_type,
         "notes": [*data.notes, *notes],
         "n_cells": int(data.adata.n_obs),
@@ -276,37 +165,31 @@ def build_tasks(
         },
         "test_fraction": test_fraction,
         "source": data.source,
-        "summary": summarise(dd),
     }
+
+
+def finish_meta(
+    meta: dict[str, Any],
+    data: CellData,
+    tasks: Sequence[str],
+    split_info: dict[str, Any],
+    labels: LabelCollector,
+    gene_scores: Mapping[str, float] | None,
+) -> None:
+    """The keys after the summary: the labels a prediction may ask about, the hidden-gene scores."""
     from cellduality.tasks.labels import task_labels  # what a prediction may ask this dataset's model
 
-    train_rows = dd["train"].select_columns(["task", "candidates", "condition"]).to_list()
-    meta["labels"] = task_labels(train_rows, data, tasks, split_info)
+    meta["labels"] = task_labels(labels.rows(), data, tasks, split_info)
     meta["hidden_genes"]["scores"] = {g: round(v, 6) for g, v in (gene_scores or {}).items()}
-    return PreparedTasks(dd, meta, tables)
 
 
 def summarise(dd: DatasetDict) -> list[dict[str, Any]]:
     """Rows per task and split, with the mean length of input and answer sentences."""
-    out = []
+    counter = SummaryCounter()
     for split_name, ds in dd.items():
-        if len(ds) == 0:
-            continue
-        tasks = np.asarray(ds["task"])
-        cell_len = np.asarray([len(g) for g in ds["cell_genes"]])
-        ans_len = np.asarray([len(a.split()) for a in ds["answer"]])
-        for task in sorted(set(tasks), key=TASKS.index):
-            m = tasks == task
-            out.append(
-                {
-                    "task": str(task),
-                    "split": split_name,
-                    "rows": int(m.sum()),
-                    "input_genes": float(cell_len[m].mean()),
-                    "answer_genes": float(ans_len[m].mean()),
-                }
-            )
-    return out
+        if len(ds):
+            counter.add_table(split_name, ds.data.table)
+    return counter.summary()
 
 
 @contextmanager

@@ -6,6 +6,8 @@ import hashlib
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -169,14 +171,20 @@ def hide_genes(
     if n < 2:
         return list(sentence), []
     n_hidden = min(n - 1, max(1, round(n * fraction)))
+    is_hidden = np.zeros(n, dtype=bool)
     if scores is None:
-        hidden_pos = set(rng.choice(n, size=n_hidden, replace=False).tolist())
+        is_hidden[rng.choice(n, size=n_hidden, replace=False)] = True
     else:
         jitter = rng.random(n)
-        order = sorted(range(n), key=lambda i: (-scores.get(sentence[i], 0.0), jitter[i]))
-        hidden_pos = set(order[:n_hidden])
-    visible = [g for i, g in enumerate(sentence) if i not in hidden_pos]
-    hidden = [g for i, g in enumerate(sentence) if i in hidden_pos]
+        try:  # one C-level lookup of every gene (the usual case: the scores cover the sentences)
+            values = itemgetter(*sentence)(scores)
+        except KeyError:
+            values = [scores.get(g, 0.0) for g in sentence]
+        neg_scores = -np.asarray(values, dtype=np.float64)
+        # by score (highest first), ties by the seeded jitter; lexsort is stable, like sorted()
+        is_hidden[np.lexsort((jitter, neg_scores))[:n_hidden]] = True
+    visible = list(compress(sentence, (~is_hidden).tolist()))
+    hidden = list(compress(sentence, is_hidden.tolist()))
     return visible, hidden
 
 
@@ -199,8 +207,11 @@ def record(**fields: Any) -> dict[str, Any]:
         "dataset": "",
         "neighbours": [],
     }
-    unknown = set(fields) - set(row)
+    unknown = fields.keys() - _RECORD_SET
     if unknown:
         raise KeyError(f"not record columns: {sorted(unknown)}")
     row.update(fields)
     return row
+
+
+_RECORD_SET = frozenset(RECORD_COLUMNS)

@@ -8,12 +8,13 @@ response.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from cellduality.data.schema import Columns, DataError
-from cellduality.tasks.classification import context_text
+from cellduality.tasks.classification import context_texts
 from cellduality.tasks.common import (
     TaskConfig,
     example_rng,
@@ -46,15 +47,17 @@ def generation_rows(
     labels = obs[columns.cell_type].astype(str)
     candidates = sorted(pool) if pool is not None else sorted(labels.iloc[cells].unique())
     n = cfg.answer_genes
+    known = set(candidates)
+    ids = obs.index[cells].astype(str).tolist()
+    own_labels = labels.iloc[cells].tolist()
     rows = []
-    for i in cells:
-        cell_id = str(obs.index[i])
-        label = labels.iloc[i]
+    for k, i in enumerate(np.asarray(cells).tolist()):
+        cell_id, label = ids[k], own_labels[k]
         rows.append(
             generation_example(
                 cell_id,
                 label,
-                candidates if label in candidates else sorted([*candidates, label]),
+                candidates if label in known else sorted([*candidates, label]),
                 cfg,
                 dataset,
                 split=split,
@@ -123,14 +126,143 @@ def perturbation_candidates(
 
 
 def _context_keys(obs: pd.DataFrame, columns: Columns) -> np.ndarray:
+    """Per cell, its context values joined by ``|`` (the key control cells are matched on).
+
+    Joined column by column (a row-wise ``agg`` costs microseconds per cell, seconds on an atlas);
+    the same strings as ``obs[context].astype(str).agg("|".join, axis=1)``.
+    """
     if not columns.context:
         return np.zeros(len(obs), dtype=object)
-    return obs[list(columns.context)].astype(str).agg("|".join, axis=1).to_numpy()
+    parts = [obs[c].astype(str).to_numpy(dtype=object) for c in columns.context]
+    keys = parts[0].copy()
+    for part in parts[1:]:
+        keys = keys + "|" + part
+    return keys
+
+
+@dataclass
+class PerturbationPlan:
+    """What every perturbation example of one split draws from, fixed before any row is built.
+
+    Built once from the whole split (:func:`perturbation_plan`), so that rows can then be built for any
+    chunk of its cells (:meth:`rows`) and come out as they would in one call over all of them.
+    """
+
+    conditions: np.ndarray
+    is_control: np.ndarray
+    contexts: np.ndarray
+    controls_by_context: dict[object, np.ndarray]
+    any_controls: np.ndarray
+    perturbations_by_context: dict[object, list[str]]
+    split: str
+
+    def perturbed(self, cells: np.ndarray) -> np.ndarray:
+        """The cells of ``cells`` that get an example: those that are not controls, in order."""
+        cells = np.asarray(cells, dtype=np.int64)
+        return cells[~self.is_control[cells]]
+
+    def rows(
+        self,
+        obs: pd.DataFrame,
+        sentences: Sequence[Sequence[str]],
+        cells: np.ndarray,
+        columns: Columns,
+        dataset: str,
+        cfg: TaskConfig,
+    ) -> list[dict]:
+        """The examples of the perturbed cells among ``cells`` (positions into ``obs``/``sentences``)."""
+        split = self.split
+        n = cfg.answer_genes
+        cells = self.perturbed(cells)
+        ids = obs.index[cells].astype(str).tolist()
+        directions = obs[columns.direction].iloc[cells].astype(str).tolist() if columns.direction else None
+        doses = obs[columns.dose].iloc[cells].astype(str).tolist() if columns.dose else None
+        ctx_texts = context_texts(obs, cells, columns.context)
+        rows = []
+        for k, i in enumerate(cells.tolist()):
+            cell_id = ids[k]
+            rng = example_rng(cfg.seed, f"{dataset}/perturbation/{split}/{cell_id}")
+            ctrl_pool = self.controls_by_context[self.contexts[i]]
+            ctrl_pool = ctrl_pool if ctrl_pool.size else self.any_controls
+            control = int(ctrl_pool[int(rng.integers(ctrl_pool.size))])
+            condition = self.conditions[i]
+            text = perturbation_text(
+                condition, columns, directions[k] if directions else None, doses[k] if doses else None
+            )
+            candidates = perturbation_candidates(
+                rng,
+                condition,
+                str(columns.control_value),
+                self.perturbations_by_context[self.contexts[i]],
+                cfg,
+            )
+            ctx = ctx_texts[k]
+            control_genes = list(sentences[control])[: cfg.top_k]
+            prompt = pick(rng, PERTURBATION).format(
+                cell=join_genes(control_genes),
+                condition_text=text,
+                n=n,
+                context=f" ({ctx})" if ctx else "",
+            )
+            rows.append(
+                record(
+                    id=opaque_id(cfg.seed, dataset, "perturbation", split, cell_id),
+                    task="perturbation",
+                    prompt=messages(prompt),
+                    answer=join_genes(list(sentences[i])[:n]),
+                    candidates=candidates,
+                    condition=condition,
+                    condition_text=text,
+                    cell_genes=control_genes,
+                    n_genes=n,
+                    context=ctx,
+                    cell_id=cell_id,
+                    dataset=dataset,
+                )
+            )
+        return rows
+
+
+def perturbation_plan(
+    obs: pd.DataFrame,
+    cells: np.ndarray,
+    columns: Columns,
+    split: str,
+    pool: Sequence[int] | None = None,
+) -> PerturbationPlan:
+    """The control cells per context of the split's ``cells`` and the training perturbations per context
+    (``pool``: positions of the training cells; default ``cells``); refuses a split without controls."""
+    conditions = obs[columns.perturbation].astype(str).to_numpy()
+    is_control = conditions == str(columns.control_value)
+    if not is_control.any():
+        raise DataError(
+            f"no control cell: no value of {columns.perturbation!r} equals the control value "
+            f"{columns.control_value!r}; values present include {sorted(set(conditions))[:10]} "
+            "(set --control-value)"
+        )
+    contexts = _context_keys(obs, columns)
+    in_split = np.zeros(len(obs), dtype=bool)
+    in_split[np.asarray(cells, dtype=int)] = True
+    unique_contexts = np.unique(contexts)
+    controls_by_context: dict[object, np.ndarray] = {}
+    for ctx in unique_contexts:
+        controls_by_context[ctx] = np.flatnonzero(is_control & in_split & (contexts == ctx))
+    any_controls = np.flatnonzero(is_control & in_split)
+    if any_controls.size == 0:
+        raise DataError(f"the {split} split has no control cell to condition on")
+    in_pool = np.zeros(len(obs), dtype=bool)
+    in_pool[np.asarray(pool if pool is not None else cells, dtype=int)] = True
+    perturbations_by_context: dict[object, list[str]] = {
+        ctx: sorted(set(conditions[(contexts == ctx) & ~is_control & in_pool])) for ctx in unique_contexts
+    }
+    return PerturbationPlan(
+        conditions, is_control, contexts, controls_by_context, any_controls, perturbations_by_context, split
+    )
 
 
 def perturbation_rows(
     obs: pd.DataFrame,
-    sentences: list[list[str]],
+    sentences: Sequence[Sequence[str]],
     cells: np.ndarray,
     columns: Columns,
     dataset: str,
@@ -147,66 +279,5 @@ def perturbation_rows(
     ``pool``: positions of the training split's cells; the dual's distractor perturbations are drawn
     from their perturbations only, so a held-out (OOD) perturbation never appears in a training prompt.
     """
-    conditions = obs[columns.perturbation].astype(str).to_numpy()
-    is_control = conditions == str(columns.control_value)
-    if not is_control.any():
-        raise DataError(
-            f"no control cell: no value of {columns.perturbation!r} equals the control value "
-            f"{columns.control_value!r}; values present include {sorted(set(conditions))[:10]} "
-            "(set --control-value)"
-        )
-    contexts = _context_keys(obs, columns)
-    in_split = np.zeros(len(obs), dtype=bool)
-    in_split[cells] = True
-    controls_by_context: dict[object, np.ndarray] = {}
-    for ctx in np.unique(contexts):
-        controls_by_context[ctx] = np.flatnonzero(is_control & in_split & (contexts == ctx))
-    any_controls = np.flatnonzero(is_control & in_split)
-    if any_controls.size == 0:
-        raise DataError(f"the {split} split has no control cell to condition on")
-    in_pool = np.zeros(len(obs), dtype=bool)
-    in_pool[np.asarray(pool if pool is not None else cells, dtype=int)] = True
-    perturbations_by_context: dict[object, list[str]] = {
-        ctx: sorted(set(conditions[(contexts == ctx) & ~is_control & in_pool])) for ctx in np.unique(contexts)
-    }
-    n = cfg.answer_genes
-    rows = []
-    for i in cells:
-        if is_control[i]:
-            continue
-        cell_id = str(obs.index[i])
-        rng = example_rng(cfg.seed, f"{dataset}/perturbation/{split}/{cell_id}")
-        ctrl_pool = controls_by_context[contexts[i]]
-        ctrl_pool = ctrl_pool if ctrl_pool.size else any_controls
-        control = int(ctrl_pool[int(rng.integers(ctrl_pool.size))])
-        condition = conditions[i]
-        direction = str(obs.iloc[i][columns.direction]) if columns.direction else None
-        dose = str(obs.iloc[i][columns.dose]) if columns.dose else None
-        text = perturbation_text(condition, columns, direction, dose)
-        candidates = perturbation_candidates(
-            rng, condition, str(columns.control_value), perturbations_by_context[contexts[i]], cfg
-        )
-        ctx = context_text(obs.iloc[i], columns.context)
-        prompt = pick(rng, PERTURBATION).format(
-            cell=join_genes(sentences[control][: cfg.top_k]),
-            condition_text=text,
-            n=n,
-            context=f" ({ctx})" if ctx else "",
-        )
-        rows.append(
-            record(
-                id=opaque_id(cfg.seed, dataset, "perturbation", split, cell_id),
-                task="perturbation",
-                prompt=messages(prompt),
-                answer=join_genes(sentences[i][:n]),
-                candidates=candidates,
-                condition=condition,
-                condition_text=text,
-                cell_genes=sentences[control][: cfg.top_k],
-                n_genes=n,
-                context=ctx,
-                cell_id=cell_id,
-                dataset=dataset,
-            )
-        )
-    return rows
+    plan = perturbation_plan(obs, cells, columns, split, pool)
+    return plan.rows(obs, sentences, cells, columns, dataset, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def ensure_model(
     if cd_args.tiny_seen_genes_only:
         seen = {w.strip(",.;:").casefold() for text in texts for w in text.split()} | input_genes(prepared)
         genes = [g for g in genes if g.casefold() in seen]
-    with training_args.main_process_first(desc="building the tiny model"):
+    with training_args.main_process_first(local=False, desc="building the tiny model"):
         ensure_tiny_model(
             model_path,
             genes,
@@ -307,3 +308,48 @@ def check_resume(path: str | None) -> None:
             "interrupted); name an earlier checkpoint-N, or leave resume_from_checkpoint out to use the "
             "newest complete one"
         )
+
+
+#: per-rank records of a run on several processes: ``<output_dir>/ranks/rank<N>.json``
+RANKS_DIR = "ranks"
+
+
+def write_rank_state(trainer: Any, output_dir: str, extra: dict[str, Any] | None = None) -> Path | None:
+    """What this rank ended with, when the run has several ranks: its machine, step and a digest of its
+    full parameters, so that a multi-machine run can be checked for ranks that drifted apart (DDP keeps
+    every rank's weights identical; a digest that differs means they were not in sync).
+
+    Under ZeRO-3 a rank holds only a shard of each parameter, so no digest is taken (``None``).
+    Nothing is written for a single-process run.
+    """
+    import hashlib
+    import socket
+
+    accelerator = trainer.accelerator
+    if accelerator.num_processes <= 1:
+        return None
+    model = accelerator.unwrap_model(trainer.model)
+    params = sorted(model.named_parameters(), key=lambda item: item[0])
+    sharded = any(hasattr(p, "ds_id") for _, p in params)
+    digest = None
+    if not sharded:
+        h = hashlib.sha256()
+        for name, p in params:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        digest = h.hexdigest()
+    state = {
+        "rank": accelerator.process_index,
+        "local_rank": accelerator.local_process_index,
+        "world_size": accelerator.num_processes,
+        "machine": socket.gethostname(),
+        "machine_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)) or 0),
+        "global_step": int(trainer.state.global_step),
+        "params_sha256": digest,
+        **(extra or {}),
+    }
+    folder = Path(output_dir) / RANKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank{accelerator.process_index}.json"
+    path.write_text(json.dumps(state, indent=1))
+    return path

@@ -51,7 +51,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         from cellduality.tasks import save_prepared
 
         folder = Path(training_args.output_dir) / "prepared_for_verifiers"
-        with training_args.main_process_first(desc="saving data for the verifier rewards"):
+        with training_args.main_process_first(local=False, desc="saving data for the verifier rewards"):
             if training_args.process_index == 0:
                 save_prepared(prepared, folder)
         register_verifier_rewards(folder)
@@ -70,7 +70,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         train, monitor = split_monitor_rows(train, cd_args.monitor_rows, training_args.seed)
         if len(monitor):  # none when no task of the run has a dual (neighbourhood editing alone)
             monitor_dir = Path(training_args.output_dir) / MONITOR_DIR
-            with training_args.main_process_first(desc="writing the monitor split"):
+            with training_args.main_process_first(local=False, desc="writing the monitor split"):
                 if training_args.process_index == 0:
                     monitor.save_to_disk(str(monitor_dir))
         del monitor  # only its folder is kept: the trainer holds no labelled rows
@@ -145,7 +145,13 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     """Train, resuming from the newest checkpoint of ``output_dir`` if a run was interrupted."""
     from cellduality.train.allocator import keep_freed_memory_on_cpu
-    from cellduality.train.common import RUN_META, check_resume, last_checkpoint, write_run_meta
+    from cellduality.train.common import (
+        RUN_META,
+        check_resume,
+        last_checkpoint,
+        write_rank_state,
+        write_run_meta,
+    )
 
     keep_freed_memory_on_cpu(bool(training_args.use_cpu))
     trainer = build_grpo_trainer(cd_args, training_args, model_args)
@@ -160,6 +166,7 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         rank = trainer.accelerator.process_index
         calls = Path(training_args.output_dir) / f"dual_calls_rank{rank}.json"
         calls.write_text(json.dumps(dual.history))
+    write_rank_state(trainer, training_args.output_dir, {"dual_calls": len(dual.history) if dual else 0})
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         write_run_meta(

@@ -22,7 +22,7 @@ def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any)
     from cellduality.teacher.pipeline import GenerationConfig, load_sft_dataset, run_generation
 
     folder = Path(sft_args.sft_data or Path(training_args.output_dir) / "sft_data")
-    with training_args.main_process_first(desc="making SFT data with the offline teacher"):
+    with training_args.main_process_first(local=False, desc="making SFT data with the offline teacher"):
         if not (folder / "dataset").exists() and training_args.process_index == 0:
             prepared_dir = Path(training_args.output_dir) / "prepared"
             if not (prepared_dir / "meta.json").exists():
@@ -56,6 +56,7 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
         ensure_model,
         last_checkpoint,
         load_model_and_tokenizer,
+        write_rank_state,
         write_run_meta,
     )
     from cellduality.train.data import load_task_data
@@ -85,6 +86,7 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    write_rank_state(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
         out = Path(training_args.output_dir)
         if model_args.use_peft and sft_args.merge_lora:

@@ -1,0 +1,263 @@
+"""Which examples a preparation builds, decided from the obs table alone, before any row exists.
+
+``plan_tasks`` takes every decision of ``build_tasks`` that reads labels: the cells each task can use,
+the train/test split, the candidate pools, the ``--max-examples`` sample and the perturbation pairing
+pools. It reads no expression, so the block-wise ``prepare`` plans an atlas, refuses a bad split, and
+only then reads the matrix; and since an example depends only on the plan, its cell and the sentences,
+:meth:`TaskPlan.rows` can build the rows of any chunk of cells and they come out as the rows of one
+call over all of them (the in-memory path makes that one call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellduality.data.loading import CellData
+from cellduality.data.perturbations import canonical_condition, missing_mask
+from cellduality.data.schema import TASKS, DataError
+from cellduality.data.splits import Split, split_cells
+from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows, response_labels
+from cellduality.tasks.common import TaskConfig
+from cellduality.tasks.generative import PerturbationPlan, generation_rows, perturbation_plan
+
+#: row builders of the tasks built cell by cell (perturbation: :class:`PerturbationPlan`; neighbourhood
+#: is built from the whole matrix, see ``cellduality.tasks.build``)
+CELL_BUILDERS = {
+    "annotation": annotation_rows,
+    "generation": generation_rows,
+    "drug_sensitivity": drug_sensitivity_rows,
+}
+
+
+def split_key(task: str, data: CellData) -> tuple[str | None, str | None]:
+    """Column an OOD split holds values of for ``task``, and the control value it never holds out."""
+    c = data.columns
+    if task in ("annotation", "generation"):
+        return c.cell_type, None
+    if task == "drug_sensitivity":
+        return c.drug, None
+    return c.perturbation, str(c.control_value)
+
+
+def candidate_pool(
+    task: str, obs: Any, columns: Any, train_cells: np.ndarray
+) -> list[str] | np.ndarray | None:
+    """What a task's candidate lists are drawn from: the *training* split only.
+
+    ``obs`` is the task's own cell table (cells without a label already dropped) and ``train_cells``
+    positions into it.
+
+    Cell-type tasks: the training cells' types. Perturbation: the training cells themselves (their
+    perturbations, per context). Drug sensitivity: both responses, always (``None``).
+    """
+    if task in ("annotation", "generation"):
+        return sorted(obs[columns.cell_type].astype(str).iloc[train_cells].unique())
+    if task == "perturbation":
+        return train_cells
+    return None
+
+
+def subsample(cells: np.ndarray, limit: int | None, seed: int, task: str, split: str) -> np.ndarray:
+    """``--max-examples``: a seeded sample of ``cells`` (sorted), or all of them."""
+    if limit is None or cells.size <= limit:
+        return cells
+    rng = np.random.default_rng([seed, TASKS.index(task), 0 if split == "train" else 1])
+    return np.sort(rng.choice(cells, size=limit, replace=False))
+
+
+def label_columns(task: str, columns: Any) -> list[str]:
+    """The obs columns whose value is the label (or condition) of a ``task`` example."""
+    return [c for c in columns.required_for(task) if c]
+
+
+def task_cells(data: CellData, tasks: Sequence[str], notes: list[str]) -> dict[str, np.ndarray]:
+    """Per task, positions of the cells whose label columns have a value (NaN / blank dropped, noted)."""
+    obs = data.adata.obs
+    missing_by_column: dict[str, np.ndarray] = {}
+    used_by: dict[str, list[str]] = {}
+    out: dict[str, np.ndarray] = {}
+    for task in tasks:
+        ok = np.ones(len(obs), dtype=bool)
+        for column in label_columns(task, data.columns):
+            if column not in missing_by_column:
+                missing_by_column[column] = missing_mask(obs[column])
+            used_by.setdefault(column, []).append(task)
+            ok &= ~missing_by_column[column]
+        if not ok.any():
+            names = ", ".join(repr(c) for c in label_columns(task, data.columns))
+            raise DataError(
+                f"task {task!r}: no cell has a value in {names} (every value is NaN or blank); name a "
+                "column that holds the labels"
+            )
+        out[task] = np.flatnonzero(ok)
+    for column, missing in missing_by_column.items():
+        if missing.any():
+            notes.append(
+                f"dropped {int(missing.sum())} of {len(missing)} cells whose {column!r} is NaN or blank from "
+                f"{', '.join(used_by[column])} (a missing label is not a class)"
+            )
+    return out
+
+
+class TaskSentences(Sequence):
+    """The sentences of one task's cells: ``sentences[positions[i]]``, without copying them."""
+
+    def __init__(self, sentences: Sequence[Sequence[str]], positions: np.ndarray) -> None:
+        self._sentences = sentences
+        self._positions = positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._sentences[int(self._positions[i])]
+
+
+@dataclass
+class TaskPlan:
+    """One task's share of a preparation: its cells, split, candidate pool and the cells of each split
+    that get an example (``cells``, positions into ``obs``, in row order)."""
+
+    task: str
+    positions: np.ndarray
+    obs: pd.DataFrame
+    split: Split
+    pool: Any = None
+    cells: dict[str, np.ndarray] = field(default_factory=dict)
+    perturbation: dict[str, PerturbationPlan] = field(default_factory=dict)
+
+    def rows(
+        self,
+        split_name: str,
+        cells: np.ndarray,
+        sentences: Sequence[Sequence[str]],
+        data: CellData,
+        cfg: TaskConfig,
+        gene_scores: Mapping[str, float] | None,
+    ) -> list[dict[str, Any]]:
+        """The examples of ``cells`` (a chunk of ``self.cells[split_name]``); ``sentences`` are the
+        whole dataset's (indexed like ``data.adata.obs``)."""
+        task_sentences = TaskSentences(sentences, self.positions)
+        if self.task == "perturbation":
+            plan = self.perturbation[split_name]
+            return plan.rows(self.obs, task_sentences, cells, data.columns, data.name, cfg)
+        builder = CELL_BUILDERS[self.task]
+        return builder(
+            self.obs,
+            task_sentences,
+            cells,
+            data.columns,
+            data.name,
+            split_name,
+            cfg,
+            pool=self.pool,
+            gene_scores=gene_scores,
+        )
+
+
+@dataclass
+class Plan:
+    """Every task's plan, the notes planning wrote and ``meta['split']``."""
+
+    tasks: list[str]
+    plans: list[TaskPlan]
+    notes: list[str]
+    split_info: dict[str, dict[str, Any]]
+
+
+def resolve_tasks(
+    data: CellData | None, tasks: Sequence[str] | None, *, columns: Any = None, obs_columns: Any = None
+) -> list[str]:
+    """The tasks to build (default: every one the dataset supports), checked against the obs columns.
+
+    ``columns`` / ``obs_columns`` stand in for ``data``'s (a file not read yet: its column names).
+    """
+    columns = columns if columns is not None else data.columns
+    obs_columns = list(obs_columns if obs_columns is not None else data.adata.obs.columns)
+    supported = columns.supported_tasks()
+    if tasks is None:
+        tasks = supported
+        if not tasks:
+            raise DataError(
+                "no task can be built: name at least one of the cell-type, drug+response or "
+                f"perturbation columns (obs columns: {', '.join(map(str, obs_columns))})"
+            )
+    tasks = list(dict.fromkeys(tasks))
+    for task in tasks:
+        columns.require(task, obs_columns)
+    return tasks
+
+
+def plan_tasks(
+    data: CellData,
+    tasks: Sequence[str],
+    *,
+    split: str = "id",
+    config: TaskConfig | None = None,
+    test_fraction: float = 0.2,
+    holdout: Sequence[str] | None = None,
+) -> Plan:
+    """Plan every task of ``tasks`` (see :func:`resolve_tasks`); raises what ``build_tasks`` raises about
+    labels and splits, in the same order."""
+    cfg = config or TaskConfig()
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if cfg.hidden_rule not in ("informative", "random"):
+        raise DataError(f"hidden_rule must be 'informative' or 'random', got {cfg.hidden_rule!r}")
+    notes: list[str] = []
+    cells_of = task_cells(data, tasks, notes)
+    obs_all = data.adata.obs
+    plans: list[TaskPlan] = []
+    split_info: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        positions = cells_of[task]
+        obs = obs_all.iloc[positions]
+        key, control = split_key(task, data)
+        task_holdout = holdout
+        if holdout is not None and task in ("perturbation", "neighbourhood"):
+            c = data.columns
+            task_holdout = [
+                canonical_condition(h, str(c.control_value), c.combo_sep, c.perturbation_kind)
+                for h in holdout
+            ]
+        s: Split = split_cells(
+            obs,
+            mode=split,
+            key=key,
+            test_fraction=test_fraction,
+            seed=cfg.seed,
+            holdout=task_holdout,
+            control_value=control,
+        )
+        split_info[task] = {"mode": s.mode, "key": s.key, "holdout": list(s.holdout)}
+        if task == "neighbourhood":  # reads the whole table: the split's positions made absolute
+            absolute = replace(s, train=positions[s.train], test=positions[s.test])
+            plans.append(TaskPlan(task, positions, obs, absolute))
+            continue
+        plan = TaskPlan(task, positions, obs, s, pool=candidate_pool(task, obs, data.columns, s.train))
+        for name, cells in (("train", s.train), ("test", s.test)):
+            if task == "perturbation":
+                pp = perturbation_plan(obs, cells, data.columns, name, pool=plan.pool)
+                plan.perturbation[name] = pp
+                perturbed = pp.perturbed(cells)
+                chosen = perturbed[
+                    subsample(np.arange(perturbed.size), cfg.max_examples, cfg.seed, task, name)
+                ]
+            else:
+                if task == "drug_sensitivity":
+                    response_labels(obs, data.columns)  # unknown response values: refused here
+                chosen = subsample(cells, cfg.max_examples, cfg.seed, task, name)
+            if chosen.size == 0:
+                raise DataError(
+                    f"task {task!r} has no {name} example ({len(positions)} usable cells): too few cells "
+                    "or conditions for a train/test split; use more cells, another --test-fraction or "
+                    "--split id"
+                )
+            plan.cells[name] = chosen
+        plans.append(plan)
+    return Plan(list(tasks), plans, notes, split_info)
