@@ -24,36 +24,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _sft(out: Path, work: Path, steps: int):
-    """The demo's SFT arguments, ``steps`` optimizer steps into ``out``."""
-    from trl import ModelConfig, SFTConfig
+def _demo_sft(out: Path, work: Path, steps: int):
+    """The demo's SFT (``cellduality.demo._sft``), ``steps`` optimizer steps into ``out``."""
+    from cellduality.demo import FULL, _sft
 
-    from cellduality.demo import FULL, _common_train_args
-    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
-    from cellduality.train.sft import run_sft
-
-    folders = json.loads((work / "folders.json").read_text())
-    cd = CellDualityArguments(
-        dataset=folders,
-        build_tiny_model=True,
-        tiny_hidden_size=FULL.hidden_size,
-        tiny_num_layers=FULL.num_layers,
-        tiny_seen_genes_only=True,
-        prepared_dir=str(work / "train_prepared"),
+    folders = [Path(f) for f in json.loads((work / "folders.json").read_text())]
+    return _sft(
+        work, folders, FULL, 0, name=out.name, max_steps=steps, logging_steps=10_000, disable_tqdm=True
     )
-    data = SFTDataArguments(sft_data=str(work / "sft_data"), sft_limit=FULL.sft_limit, sft_concise=True)
-    common = {**_common_train_args(0), "disable_tqdm": True}
-    args = SFTConfig(
-        output_dir=str(out),
-        max_steps=steps,
-        learning_rate=3e-3,
-        per_device_train_batch_size=32,
-        max_length=512,
-        logging_steps=10_000,
-        save_strategy="no",
-        **common,
-    )
-    return run_sft(cd, data, args, ModelConfig(model_name_or_path=str(work / "model"), dtype="float32"))
 
 
 def _child(work: Path, steps: int, tag: str) -> None:
@@ -62,7 +40,7 @@ def _child(work: Path, steps: int, tag: str) -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    trainer = _sft(work / f"run-{tag}-{os.getpid()}", work, steps)
+    trainer = _demo_sft(work / f"run-{tag}-{os.getpid()}", work, steps)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     runtime = next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h)
@@ -91,7 +69,7 @@ def _setup(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     folders = [str(f) for f in _prepare(work, FULL, 0, Console())]
     (work / "folders.json").write_text(json.dumps(folders))
-    _sft(work / "setup-run", work, 1)
+    _demo_sft(work / "setup-run", work, 1)
 
 
 def main() -> None:

@@ -98,7 +98,9 @@ def _common_train_args(seed: int) -> dict[str, Any]:
     }
 
 
-def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
+def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int, name: str = "sft", **overrides: Any):
+    """SFT into ``out/<name>``; ``overrides`` replace SFTConfig fields (the allocator benchmark's
+    ``max_steps``), every other setting is the demo's."""
     from trl import ModelConfig, SFTConfig
 
     from cellduality.train.configs import CellDualityArguments, SFTDataArguments
@@ -113,18 +115,18 @@ def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int):
         prepared_dir=str(out / "train_prepared"),
     )
     data = SFTDataArguments(sft_data=str(out / "sft_data"), sft_limit=plan.sft_limit, sft_concise=True)
-    args = SFTConfig(
-        output_dir=str(out / "sft"),
-        num_train_epochs=plan.sft_epochs,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=10,
-        per_device_train_batch_size=32,
-        max_length=512,
-        logging_steps=10,
-        save_strategy="no",
+    settings: dict[str, Any] = {
+        "num_train_epochs": plan.sft_epochs,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 10,
+        "per_device_train_batch_size": 32,
+        "max_length": 512,
+        "logging_steps": 10,
+        "save_strategy": "no",
         **_common_train_args(seed),
-    )
+    }
+    args = SFTConfig(output_dir=str(out / name), **{**settings, **overrides})
     model = ModelConfig(model_name_or_path=str(out / "model"), dtype="float32")
     return run_sft(cd, data, args, model)
 
