@@ -306,18 +306,18 @@ def check_plan(out: Path, plan: DemoPlan) -> None:
     The stage markers say that a stage finished, not with which sizes: a run resumed under another plan
     (``--tiny`` into a full run's folder, or a changed default) would mix the two in one table.
     """
-    path = out / PLAN_FILE
+    path, now = out / PLAN_FILE, asdict(plan)
     if path.exists():
         before = json.loads(path.read_text())
-        if before != asdict(plan):
-            changed = ", ".join(k for k in asdict(plan) if before.get(k) != asdict(plan)[k])
+        if before != now:
+            changed = ", ".join(k for k in now if before.get(k) != now[k])
             raise SystemExit(
                 f"cellduality ablation: error: {out} holds a run with another plan ({changed} differ); "
                 "give a new --out"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    path.write_text(json.dumps(now, indent=1) + "\n")
 
 
 def run_ablation(config: AblationConfig) -> Path:

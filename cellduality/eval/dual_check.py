@@ -135,7 +135,9 @@ def counterfactuals(rows: Sequence[Row], seed: int) -> dict[str, list[str | None
     by_condition: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(rows):
         by_condition.setdefault((str(r["dataset"]), str(r.get("condition", ""))), []).append(i)
-    for r in rows:
+    # each row's paired control cell, once (every perturbation row compares against all of them)
+    controls = [control_cell_genes(r) if r["task"] == "perturbation" else [] for r in rows]
+    for r, own_control in zip(rows, controls, strict=True):
         right.append(str(r["answer"]))
         if r["task"] in CLASSIFICATION_TASKS:
             others = [c for c in r["candidates"] if c != r["answer"]]
@@ -151,17 +153,17 @@ def counterfactuals(rows: Sequence[Row], seed: int) -> dict[str, list[str | None
         ]
         cells = [str(rows[j]["answer"]) for j in pool]
         if r["task"] == "perturbation":
-            paired = " ".join(control_cell_genes(r))
             # the control value is a condition too: real control cells of the context, not the paired one
             cells += sorted(
                 {
-                    " ".join(control_cell_genes(o))
-                    for o in rows
-                    if o.get("context", "") == r.get("context", "")
-                    and control_cell_genes(o) != paired.split()
+                    " ".join(genes)
+                    for o, genes in zip(rows, controls, strict=True)
+                    if o["task"] == "perturbation"
+                    and o.get("context", "") == r.get("context", "")
+                    and genes != own_control
                 }
             )
-            control.append(paired)
+            control.append(" ".join(own_control))
         else:
             control.append(None)
         wrong.append(cells[int(rng.integers(len(cells)))] if cells else None)
