@@ -633,10 +633,28 @@ def test_offline_teacher_on_pbmc68k_feeds_the_sft_entry(
     # a second run finds everything done: no new attempt, the same dataset
     store = folder / STORE_FILE
     before = store.read_bytes()
+    written = {p: p.stat().st_mtime_ns for p in (folder / "dataset").rglob("*") if p.is_file()}
     again = run_generation(
         GenerationConfig(data=str(tmp_path / "run" / "prepared"), out=folder, progress=False)
     )
     assert store.read_bytes() == before and again["totals"] == summary["totals"]
+    assert load_sft_dataset(folder)["train"].to_list() == train.to_list()
+    # ... written once: the second run rewrote nothing and set nothing aside
+    arrow = {p: p.stat().st_mtime_ns for p in (folder / "dataset").rglob("*") if p.is_file()}
+    assert arrow == written and not (folder / "previous").exists()
+
+    # nothing an earlier run made is deleted: an interrupted run's temporary folder stays byte for byte,
+    # and a dataset whose rows differ from this run's (here: marked as another version's) is set aside
+    stale = folder / ".dataset.tmp"
+    stale.mkdir()
+    (stale / "half-written.arrow").write_bytes(b"\x00partial")
+    (folder / "dataset" / "cellduality-rows.sha256").write_text("0" * 64 + "\n")
+    run_generation(GenerationConfig(data=str(tmp_path / "run" / "prepared"), out=folder, progress=False))
+    assert (stale / "half-written.arrow").read_bytes() == b"\x00partial"
+    (aside,) = (folder / "previous").iterdir()
+    assert {p.relative_to(aside) for p in aside.rglob("*") if p.is_file()} == {
+        p.relative_to(folder / "dataset") for p in arrow
+    }
     assert load_sft_dataset(folder)["train"].to_list() == train.to_list()
 
 

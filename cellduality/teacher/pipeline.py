@@ -34,7 +34,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -604,17 +603,42 @@ def build_dataset(rows: Sequence[Mapping[str, Any]], store: AttemptStore, seed: 
     return Dataset.from_list(out, features=features)
 
 
+ROWS_DIGEST_FILE = "cellduality-rows.sha256"
+PREVIOUS_DIR = "previous"
+
+
+def _rows_digest(dataset: Dataset) -> str:
+    """A digest of the rows, so a rerun that changes nothing rewrites (and sets aside) nothing."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in dataset:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def _save_dataset(dataset: Dataset, out: Path) -> Path:
-    """Write ``OUT/dataset`` atomically: a killed save never leaves a folder that looks finished."""
+    """Write ``OUT/dataset`` atomically, deleting nothing that an earlier run made.
+
+    A killed save never leaves a folder that looks finished: the rows go to a temporary folder named for
+    this process, which is renamed into place only once complete. A dataset an earlier run wrote is
+    kept: when the rows are unchanged it stays as it is, otherwise it is moved to
+    ``OUT/previous/dataset-<UTC time>`` (the user deletes it when sure). A temporary folder that an
+    interrupted earlier run left is reported, not removed.
+    """
     from datasets import DatasetDict
     from datasets.utils import logging as ds_logging
 
     target = out / DATASET_DIR
-    tmp = out / f".{DATASET_DIR}.tmp"
-    old = out / f".{DATASET_DIR}.old"
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    digest = _rows_digest(dataset)
+    marker = target / ROWS_DIGEST_FILE
+    if marker.is_file() and marker.read_text().strip() == digest:
+        logger.info("%s already holds these %d rows: left as it is", target, len(dataset))
+        return target
+    for stale in sorted(out.glob(f".{DATASET_DIR}.tmp*")) + sorted(out.glob(f".{DATASET_DIR}.old*")):
+        logger.warning("%s was left by an interrupted earlier run; it is not used (delete it by hand)", stale)
+    tmp = out / f".{DATASET_DIR}.tmp-{os.getpid()}-{time.time_ns()}"
     was_enabled = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
@@ -622,11 +646,18 @@ def _save_dataset(dataset: Dataset, out: Path) -> Path:
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
+    (tmp / ROWS_DIGEST_FILE).write_text(digest + "\n")
     if target.exists():
-        target.rename(old)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = out / PREVIOUS_DIR / f"{DATASET_DIR}-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = out / PREVIOUS_DIR / f"{DATASET_DIR}-{stamp}-{n}"
+        aside.parent.mkdir(exist_ok=True)
+        target.rename(aside)
+        logger.warning("the earlier dataset in %s is kept at %s (its rows differ from this run's)", out, aside)
     tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
     return target
 
 
