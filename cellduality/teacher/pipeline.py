@@ -656,7 +656,9 @@ def _save_dataset(dataset: Dataset, out: Path) -> Path:
             aside = out / PREVIOUS_DIR / f"{DATASET_DIR}-{stamp}-{n}"
         aside.parent.mkdir(exist_ok=True)
         target.rename(aside)
-        logger.warning("the earlier dataset in %s is kept at %s (its rows differ from this run's)", out, aside)
+        logger.warning(
+            "the earlier dataset in %s is kept at %s (its rows differ from this run's)", out, aside
+        )
     tmp.rename(target)
     return target
 
