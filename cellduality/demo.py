@@ -46,6 +46,7 @@ class DemoPlan:
     check_rows: int = 60  # test examples per task for the dual check
     check_group: int = 4  # sampled forward answers per prompt in the dual check (GRPO's G)
     grpo_lr: float = 3e-5
+    grpo_generations: int = 4  # completions per prompt (GRPO's G); grpo_batch / G prompts per step
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
@@ -153,7 +154,7 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str =
         max_steps=plan.grpo_steps,
         learning_rate=plan.grpo_lr,
         beta=0.0,
-        num_generations=4,
+        num_generations=plan.grpo_generations,
         per_device_train_batch_size=plan.grpo_batch,
         max_completion_length=2 * plan.top_k + 8,
         temperature=1.0,
