@@ -2,11 +2,12 @@
 
 Per seed, on the demo's embedded data (no out-of-distribution split: the perturbation data whose dual
 carries signal, glioblastoma_panobinostat, has a single perturbation to hold out), one SFT
-checkpoint, then two GRPO runs from it with the same steps, data and settings: self-supervised dual
-rewards (no labels) and the oracle's ground-truth rewards. All three are evaluated on held-out cells
+checkpoint of the demo's size, then two GRPO runs from it with the same steps, data and settings:
+self-supervised dual rewards (no labels) and the oracle's ground-truth rewards. All three are evaluated on held-out cells
 next to the baselines, and the dual reward is validated on the SFT and the dual GRPO checkpoints
 (``cellduality dual-check``). The report gives, per task, the mean and 95% interval across seeds, and
-the share of the SFT -> oracle gap that dual GRPO closes (undefined where the oracle does not beat SFT).
+the share of the SFT -> oracle gap that dual GRPO closes (undefined where the oracle does not beat SFT),
+and the goal judged part by part with the measured reasons (``cellduality.ablation_goal``).
 
 Every stage writes a ``.done`` marker after its outputs, so running the same command again resumes
 where it stopped: finished stages are read back, never redone, and nothing a stage did not write is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown
 from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
 
 # The demo's SFT (250 forward examples per task, 16-gene sentences, 8 epochs): at the previous plan's 80
@@ -197,8 +200,20 @@ def _fmt(triple: Sequence[float] | None) -> str:
     return f"{mean:.3f}" if low == high else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def plot_curves(seeds: list[dict[str, Any]], path: Path) -> None:
-    """Dual and oracle reward per task over GRPO steps: mean across seeds and a min-max band."""
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average that ignores missing steps (a task is not in every step's batch)."""
+    out = np.full(values.shape, np.nan)
+    for k in range(values.size):
+        chunk = values[max(0, k - window + 1) : k + 1]
+        if np.isfinite(chunk).any():
+            out[k] = np.nanmean(chunk)
+    return out
+
+
+def plot_curves(seeds: list[dict[str, Any]], path: Path, window: int = 10) -> None:
+    """Dual and oracle reward per task over GRPO steps: each seed's curve smoothed over ``window`` steps,
+    then the mean across seeds and a min-max band (raw per-step rewards of 4 prompts are too noisy to
+    read a trend from)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,15 +228,18 @@ def plot_curves(seeds: list[dict[str, Any]], path: Path) -> None:
             if not steps:
                 continue
             values = np.array([[c.get(st, np.nan) for st in steps] for c in series], dtype=float)
-            mean = np.nanmean(values, axis=0)
-            ax.plot(
-                steps, mean, style, label=f"{arm} ({'dual' if arm.startswith('dual') else 'oracle'} reward)"
-            )
-            ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+            smooth = np.array([_smooth(v, window) for v in values])
+            with warnings.catch_warnings():  # a step no seed logged is NaN, and stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(smooth, axis=0)
+                low, high = np.nanmin(smooth, axis=0), np.nanmax(smooth, axis=0)
+            reward = "dual" if arm.startswith("dual") else "oracle"
+            ax.plot(steps, mean, style, label=f"{arm} ({reward} reward)")
+            ax.fill_between(steps, low, high, alpha=0.2)
         ax.set_title(task)
         ax.set_xlabel("GRPO step")
         ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("reward (mean over seeds, band = min-max)")
+    axes[0][0].set_ylabel(f"reward, {window}-step mean\n(mean over seeds, band = min-max)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -229,22 +247,46 @@ def plot_curves(seeds: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_arms(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per task, SFT / dual / oracle means with their 95% intervals."""
+    """Per task: SFT / dual / oracle means with their 95% intervals (top), and each GRPO arm's paired
+    difference from the same seed's SFT (bottom: one dot per seed, the mean and its interval), which is
+    what the comparison rests on: the seeds' test cells differ, so the absolute intervals mostly show
+    how hard each seed's test cells are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(3.2 * max(1, len(rows)), 3.2), squeeze=False)
-    for ax, row in zip(axes[0], rows, strict=False):
+    colours = {"SFT": "#999999", "dual GRPO": "#1f77b4", "oracle GRPO": "#ff7f0e"}
+    n = max(1, len(rows))
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.8), squeeze=False)
+    for k, row in enumerate(rows):
+        ax, diff_ax = axes[0][k], axes[1][k]
         means = [row[a][0] for a in ARMS]
         errs = [
             [max(0.0, row[a][0] - row[a][1]) for a in ARMS],
             [max(0.0, row[a][2] - row[a][0]) for a in ARMS],
         ]
-        ax.bar(range(3), means, yerr=errs, color=["#999999", "#1f77b4", "#ff7f0e"], capsize=3)
+        ax.bar(range(3), means, yerr=errs, color=[colours[a] for a in ARMS], capsize=3)
         ax.set_xticks(range(3), ["SFT", "dual", "oracle"])
         ax.set_title(f"{row['task']}\n{row['metric']}", fontsize=9)
+        diff_ax.axhline(0.0, color="#999999", lw=1)
+        for x, arm in enumerate(("dual GRPO", "oracle GRPO")):
+            diffs = [
+                a - s
+                for a, s in zip(row["per_seed"][arm], row["per_seed"]["SFT"], strict=True)
+                if a is not None and s is not None
+            ]
+            if not diffs:
+                continue
+            diff_ax.scatter([x] * len(diffs), diffs, color=colours[arm], alpha=0.6, s=18)
+            mean, low, high = interval(diffs)
+            diff_ax.errorbar(
+                [x + 0.15], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=3
+            )
+        diff_ax.set_xticks(range(2), ["dual − SFT", "oracle − SFT"])
+        diff_ax.set_xlim(-0.5, 1.5)
+    axes[0][0].set_ylabel("mean [95% CI] over seeds")
+    axes[1][0].set_ylabel("per seed: arm − SFT\n(dots), mean [95% CI]")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,14 +300,22 @@ def write_report(out: Path, seeds: list[dict[str, Any]], config: AblationConfig)
     report.mkdir(parents=True, exist_ok=True)
     plot_curves(seeds, report / "reward_curves.png")
     plot_arms(rows, report / "arms.png")
-    payload = {"seeds": list(config.seeds), "plan": asdict(config.plan), "rows": rows, "runs": seeds}
+    goal = assess(rows, seeds)
+    payload = {
+        "seeds": list(config.seeds),
+        "plan": asdict(config.plan),
+        "rows": rows,
+        "goal": goal,
+        "runs": seeds,
+    }
     (report / "ablation.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     lines = [
         "# CellDuality ablation: SFT vs dual GRPO vs oracle GRPO",
         "",
         f"Seeds {', '.join(map(str, config.seeds))}; per seed one SFT checkpoint, then dual GRPO (self-supervised, "
         "no labels) and oracle GRPO (ground-truth rewards) from it with the same steps, data and settings "
-        f"({config.plan.grpo_steps} steps, learning rate {config.plan.grpo_lr:g}). Held-out test cells (no out-of-distribution split: the "
+        f"({config.plan.grpo_steps} steps, learning rate {config.plan.grpo_lr:g}, "
+        f"{config.plan.grpo_generations} completions per prompt). Held-out test cells (no out-of-distribution split: the "
         "perturbation data whose dual carries signal has a single perturbation). Mean [95% t-interval across seeds]; higher is better for every metric.",
         "",
         "| dataset | task | metric | SFT | dual GRPO | oracle GRPO | gap closed by dual | best baseline |",
@@ -285,13 +335,21 @@ def write_report(out: Path, seeds: list[dict[str, Any]], config: AblationConfig)
         "*Gap closed* = (dual − SFT) / (oracle − SFT) per seed, over the seeds where the oracle beats SFT "
         "(undefined where it never does).",
         "",
-        "![SFT, dual and oracle per task](arms.png)",
+        "![SFT, dual and oracle per task; below, each arm minus the same seed's SFT](arms.png)",
         "",
+        *goal_markdown(goal),
         "## Rewards during GRPO",
         "",
         "![dual and oracle rewards per task](reward_curves.png)",
         "",
-        f"## Dual check before and after GRPO (seed {seeds[0]['seed']})",
+        "## Dual check before and after GRPO",
+        "",
+        "Gap of the dual reward between a right and a wrong forward answer (95% bootstrap interval), SFT "
+        "checkpoint → dual GRPO checkpoint, per seed:",
+        "",
+        *dual_check_by_seed(seeds),
+        "",
+        f"Every table of seed {seeds[0]['seed']} (the others are in `seed<N>/report/dual_check/`):",
         "",
     ]
     for name, checks in seeds[0]["dual_check"].items():
