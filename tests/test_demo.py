@@ -87,7 +87,7 @@ def test_full_demo_report(tmp_path) -> None:
     where = os.environ.get("CELLDUALITY_FULL_DEMO")
     if not where:
         pytest.skip(
-            "opt-in (the full demo, 13 minutes or more on 2 cores): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>"
+            "opt-in (the full demo, about 10 minutes on 2 idle cores): make demo-check, or CELLDUALITY_FULL_DEMO=run|<report folder>"
         )
     if where == "run":
         from cellduality.cli import main
