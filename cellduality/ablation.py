@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown
+from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval
 from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
 
 # The demo's SFT (250 forward examples per task, 16-gene sentences, 8 epochs): at the previous plan's 80
@@ -128,20 +128,6 @@ def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str
 
     checks = _stage(out / "report" / "dual_check", "dual check", check, console, label)["result"]
     return {"seed": seed, "metrics": metrics, "curves": curves, "dual_check": checks}
-
-
-def interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of ``values`` (NaN-free); a single value has no interval."""
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size < 2 or np.allclose(x, x[0]):
-        return (mean, mean, mean)
-    low, high = stats.t.interval(0.95, x.size - 1, loc=mean, scale=stats.sem(x))
-    return (mean, float(low), float(high))
 
 
 def gap_closed(sft: float, dual: float, oracle: float) -> float | None:

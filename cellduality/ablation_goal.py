@@ -34,6 +34,20 @@ MIN_DEFINED = 2
 TASKS_GOAL = 3
 
 
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of ``values`` (NaN-free); a single value has no interval."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if x.size < 2 or np.allclose(x, x[0]):
+        return (mean, mean, mean)
+    low, high = stats.t.interval(0.95, x.size - 1, loc=mean, scale=stats.sem(x))
+    return (mean, float(low), float(high))
+
+
 def _checks(run: dict[str, Any], checkpoint: str) -> dict[str, dict[str, Any]]:
     """``task -> dual check`` of one seed's ``checkpoint`` ("SFT" or "dual GRPO")."""
     return {c["task"]: c for c in run.get("dual_check", {}).get(checkpoint, [])}
@@ -52,8 +66,6 @@ def _group_stats(runs: Sequence[dict[str, Any]], task: str) -> tuple[float, floa
 
 def _diff(row: dict[str, Any], arm: str) -> tuple[float, float, float] | None:
     """Mean and 95% interval of ``arm - SFT`` over the seeds where both are defined."""
-    from cellduality.ablation import interval
-
     pairs = [
         (a, s)
         for a, s in zip(row["per_seed"][arm], row["per_seed"]["SFT"], strict=True)
@@ -64,8 +76,6 @@ def _diff(row: dict[str, Any], arm: str) -> tuple[float, float, float] | None:
 
 def assess(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Each part of the goal: met or not, the per-task figures behind it, and the measured reasons."""
-    from cellduality.ablation import interval
-
     tasks = []
     for row in rows:
         task = row["task"]
