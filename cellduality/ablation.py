@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval
+from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval, paired_differences
 from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
 
 # The demo's SFT (250 forward examples per task, 16-gene sentences, 8 epochs): at the previous plan's 80
@@ -173,6 +173,7 @@ def summarise(seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "per_seed": arms,
                     "gap_closed": interval(defined) if defined else None,
                     "gap_closed_defined": f"{len(defined)}/{len(closed)} seeds",
+                    "gap_closed_n": len(defined),
                     "baselines": baselines,
                 }
             )
@@ -188,12 +189,9 @@ def _fmt(triple: Sequence[float] | None) -> str:
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average that ignores missing steps (a task is not in every step's batch)."""
-    out = np.full(values.shape, np.nan)
-    for k in range(values.size):
-        chunk = values[max(0, k - window + 1) : k + 1]
-        if np.isfinite(chunk).any():
-            out[k] = np.nanmean(chunk)
-    return out
+    import pandas as pd
+
+    return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
 
 
 def plot_curves(seeds: list[dict[str, Any]], path: Path, window: int = 10) -> None:
@@ -257,11 +255,7 @@ def plot_arms(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{row['task']}\n{row['metric']}", fontsize=9)
         diff_ax.axhline(0.0, color="#999999", lw=1)
         for x, arm in enumerate(("dual GRPO", "oracle GRPO")):
-            diffs = [
-                a - s
-                for a, s in zip(row["per_seed"][arm], row["per_seed"]["SFT"], strict=True)
-                if a is not None and s is not None
-            ]
+            diffs = paired_differences(row, arm)
             if not diffs:
                 continue
             diff_ax.scatter([x] * len(diffs), diffs, color=colours[arm], alpha=0.6, s=18)

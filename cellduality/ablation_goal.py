@@ -64,14 +64,19 @@ def _group_stats(runs: Sequence[dict[str, Any]], task: str) -> tuple[float, floa
     return (float(np.mean(parsed)) if parsed else math.nan, float(np.mean(zero)) if zero else math.nan)
 
 
-def _diff(row: dict[str, Any], arm: str) -> tuple[float, float, float] | None:
-    """Mean and 95% interval of ``arm - SFT`` over the seeds where both are defined."""
-    pairs = [
-        (a, s)
+def paired_differences(row: dict[str, Any], arm: str) -> list[float]:
+    """``arm - SFT`` per seed (the same seed's test cells), over the seeds where both are defined."""
+    return [
+        a - s
         for a, s in zip(row["per_seed"][arm], row["per_seed"]["SFT"], strict=True)
         if a is not None and s is not None
     ]
-    return interval([a - s for a, s in pairs]) if pairs else None
+
+
+def _diff(row: dict[str, Any], arm: str) -> tuple[float, float, float] | None:
+    """Mean and 95% interval of ``arm - SFT`` over the seeds where both are defined."""
+    diffs = paired_differences(row, arm)
+    return interval(diffs) if diffs else None
 
 
 def assess(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -87,10 +92,6 @@ def assess(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> di
         rises = [v for v in per_seed_rise if not math.isnan(v)]
         parsed, zero = _group_stats(runs, task)
         closed = row.get("gap_closed")
-        n_defined = sum(
-            o is not None and s is not None and o > s
-            for o, s in zip(row["per_seed"]["oracle GRPO"], row["per_seed"]["SFT"], strict=True)
-        )
         tasks.append(
             {
                 "dataset": row["dataset"],
@@ -103,7 +104,7 @@ def assess(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> di
                 # the share is a ratio: it means something only where its denominator, the oracle's gain
                 # over SFT, is above seed noise, and on more than one seed
                 "gap_measurable": closed is not None
-                and n_defined >= MIN_DEFINED
+                and row["gap_closed_n"] >= MIN_DEFINED
                 and oracle_gain is not None
                 and oracle_gain[1] > 0,
                 "dual_check_passes": bool(signal) and all(signal),

@@ -105,6 +105,7 @@ def _row(sft: list, dual: list, oracle: list) -> dict:
         "per_seed": {"SFT": sft, "dual GRPO": dual, "oracle GRPO": oracle},
         "gap_closed": interval(closed) if closed else None,
         "gap_closed_defined": f"{len(closed)}/{len(sft)} seeds",
+        "gap_closed_n": len(closed),
     }
 
 
