@@ -44,6 +44,23 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-examples", type=int, default=None, help="cap on examples per task and split (default: all)"
     )
+    p.add_argument(
+        "--sft-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the paper's data design: N labelled training cells per task form the SFT set (split "
+        "'train': the teacher, SFT and every label-fitted statistic read it only); the rest of the "
+        "training cells form the RL pool (split 'rl': GRPO's prompts, no label read by a "
+        "self-supervised reward). Default: no RL pool, GRPO trains on the train split",
+    )
+    p.add_argument(
+        "--rl-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --sft-examples: cap on RL-pool prompt cells per task (seeded sample; default all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="split, tie order, templates")
     b = p.add_argument_group(
         "reading an .h5ad file block by block (the default for files; embedded datasets are read whole)"
@@ -139,7 +156,14 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
     if not args.seeds:
         raise SystemExit("cellduality ablation: error: give at least one --seeds value")
-    run_ablation(AblationConfig(out=args.out, seeds=tuple(args.seeds), plan=TINY if args.tiny else ABLATION))
+    plan = TINY if args.tiny else ABLATION
+    if any(size < 1 for size in args.pool_sizes):
+        raise SystemExit(
+            "cellduality ablation: error: --pool-sizes are prompt cells per task, each at least 1"
+        )
+    run_ablation(
+        AblationConfig(out=args.out, seeds=tuple(args.seeds), plan=plan, pool_sizes=tuple(args.pool_sizes))
+    )
     return 0
 
 
@@ -197,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, default=Path("ablation_out"), help="run folder (reused to resume)")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed")
     a.add_argument("--tiny", action="store_true", help="a tiny budget (minutes): checks the pipeline only")
+    a.add_argument(
+        "--pool-sizes",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also train dual GRPO with RL pools of N prompt cells per task (the label-efficiency curve: "
+        "dual GRPO − SFT against the unlabelled pool's size, pool_sizes.png in the report)",
+    )
     a.set_defaults(func=cmd_ablation)
     from cellduality.eval.dual_check_command import add_parser as add_dual_check
 

@@ -222,6 +222,8 @@ def _task_config(args: argparse.Namespace, hidden_fraction: float | None):
         n_genes=args.n_genes,
         hidden_fraction=0.25 if hidden_fraction is None else hidden_fraction,
         max_examples=args.max_examples,
+        sft_examples=getattr(args, "sft_examples", None),
+        rl_examples=getattr(args, "rl_examples", None),
         seed=args.seed,
         graph=str(Path(args.graph).resolve()) if getattr(args, "graph", None) else None,
         graph_min_weight=getattr(args, "graph_min_weight", None),

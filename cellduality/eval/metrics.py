@@ -425,26 +425,40 @@ def knn_accuracy(
     requested type?". Rows with non-finite values (invalid outputs) count as misses. No generated cells
     -> ``nan``.
     """
+    hits = knn_hits(real, real_labels, generated, conditions, k, embedder)
+    return NAN if hits is None else float(hits.mean())
+
+
+def knn_hits(
+    real: Matrix,
+    real_labels: Sequence[Hashable],
+    generated: Matrix,
+    conditions: Sequence[Hashable],
+    k: int = 3,
+    embedder: Embedder | Callable[[Matrix], np.ndarray] | None = None,
+) -> np.ndarray | None:
+    """Per generated cell, whether the kNN fitted on real cells labels it as prompted (the terms of
+    :func:`knn_accuracy`, for differences paired cell by cell); ``None`` where the accuracy is ``nan``."""
     from sklearn.neighbors import KNeighborsClassifier
 
     real_x, real_ok = _finite_rows(real)
     gen_x, gen_ok = _finite_rows(generated)
     cond = np.asarray([str(c) for c in conditions], dtype=object)
     if len(cond) == 0 or gen_x.shape[0] == 0:
-        return NAN
+        return None
     if gen_x.shape[0] != len(cond):
         raise ValueError(f"{gen_x.shape[0]} generated cells but {len(cond)} conditions")
     labels = np.asarray([str(v) for v in real_labels], dtype=object)[real_ok]
     if labels.size == 0:
-        return NAN
+        return None
+    hits = np.zeros(len(cond), dtype=bool)
     if not gen_ok.any():
-        return 0.0
+        return hits
     emb = embedder if embedder is not None else fit_pca_embedder(real_x[real_ok])
     knn = KNeighborsClassifier(n_neighbors=max(1, min(k, labels.size)))
     knn.fit(np.asarray(emb(real_x[real_ok])), labels)
-    hits = np.zeros(len(cond), dtype=bool)
     hits[gen_ok] = knn.predict(np.asarray(emb(gen_x[gen_ok]))) == cond[gen_ok]
-    return float(hits.mean())
+    return hits
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ def metrics_payload(tasks: Mapping[str, TaskResult], info: Mapping[str, Any]) ->
                 item["confusion"] = {"labels": [*result.labels, "(invalid)"], "matrix": score.confusion}
             if score.note:
                 item["note"] = score.note
+            if score.per_row is not None and score.kind == "model":
+                item["per_row"] = score.per_row
             methods[score.name] = item
         out["tasks"][name] = {"n_examples": result.n_examples, "info": result.info, "methods": methods}
     return _jsonable(out)

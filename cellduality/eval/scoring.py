@@ -71,6 +71,9 @@ class MethodScore:
     points: np.ndarray | None = None  # 2-D PCA coordinates of the generated cells
     point_labels: list[str] | None = None
     note: str = ""
+    #: one score per test row (a model's): right/wrong, kNN hit, the cell's Pearson delta on DE genes;
+    #: what two models' differences are paired on, row by row
+    per_row: list[float] | None = None
 
 
 @dataclass
@@ -268,7 +271,8 @@ def score_classification(
     y_true = [str(r.get("answer", "")) for r in rows]
     preds = [None if p is None else str(p) for p in predictions]
     metrics = m.classification_metrics(y_true, preds, labels, completions)
-    return MethodScore(name, kind, metrics, confusion=m.confusion(y_true, preds, labels))
+    per_row = [float(p is not None and p == t) for p, t in zip(preds, y_true, strict=True)]
+    return MethodScore(name, kind, metrics, confusion=m.confusion(y_true, preds, labels), per_row=per_row)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,10 +335,9 @@ class GenerationReference:
             return MethodScore(name, kind, metrics)
         fids = m.scfid_by_condition(self.real_x, self.conditions, gen, self.conditions, self.embedder)
         rwjs = m.rwjs_nearest(sentences, self.conditions, self.real_sentences, self.conditions)
+        hits = m.knn_hits(self.real_x, self.conditions, gen, self.conditions, self.k, self.embedder)
         metrics.update(
-            knn_accuracy=m.knn_accuracy(
-                self.real_x, self.conditions, gen, self.conditions, self.k, self.embedder
-            ),
+            knn_accuracy=NAN if hits is None else float(hits.mean()),
             scfid=_mean(list(fids.values())),
             rwjs_nearest=_mean(rwjs),
             n=float(len(self.rows)),
@@ -356,6 +359,7 @@ class GenerationReference:
             per_condition=per,
             points=_project(self.pca2, gen),
             point_labels=[c for c, v in zip(self.conditions, ok, strict=True) if v],
+            per_row=None if hits is None else hits.astype(float).tolist(),
         )
 
 
@@ -494,6 +498,13 @@ class PerturbationReference:
         )
         metrics["n"] = float(len(self.rows))
         ok = np.isfinite(gen).all(axis=1)
+        de = {g: m.de_gene_indices(self.observed_delta[g], self.n_de) for g in self.groups}
+        per_row = [
+            m.verifier_pearson_de(
+                cell if valid else None, self.control_mean[g], self.observed_delta[g], de[g]
+            )
+            for cell, valid, g in zip(gen, ok, self.row_groups, strict=True)
+        ]
         return MethodScore(
             name,
             kind,
@@ -501,6 +512,7 @@ class PerturbationReference:
             per_condition=per,
             points=_project(self.pca2, gen),
             point_labels=[g for g, v in zip(self.row_groups, ok, strict=True) if v],
+            per_row=per_row,
         )
 
     def score_profiles(

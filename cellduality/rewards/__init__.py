@@ -29,6 +29,7 @@ _EXPORTS = {
     "NeighbourhoodValidity": "neighbourhood",
     "Oracle": "oracle",
     "OracleAccuracy": "oracle",
+    "OracleEval": "aligned",
     "OracleRWJS": "oracle",
 }
 

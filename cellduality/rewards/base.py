@@ -43,6 +43,7 @@ class RowReward:
         rows = rows_from_columns(len(completions), columns)
         scores = [self.score(row, completion) for row, completion in zip(rows, completions, strict=True)]
         log_per_task(self.name, rows, scores, columns.get("log_metric"))
+        log_zero_std(self.name, rows, scores, columns.get("log_metric"))
         return scores
 
 
@@ -66,3 +67,29 @@ def log_per_task(
             by_task.setdefault(str(row["task"]), []).append(float(value))
     for task, values in sorted(by_task.items()):
         log_metric(f"{name}/{task}/{suffix}", sum(values) / len(values))
+
+
+def log_zero_std(
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    scores: Sequence[float | None],
+    log_metric: Callable[[str, float], None] | None,
+) -> None:
+    """Per task, the share of this batch's prompt groups (the completions of one row ``id``) whose scores
+    are all equal, as ``{name}/{task}/zero_std``: such a group has no advantage, so it teaches nothing.
+
+    TRL logs ``frac_reward_zero_std`` for the weighted sum over all tasks; this says which task's
+    groups are the silent ones. Computed on this rank's completions.
+    """
+    if log_metric is None:
+        return
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row, value in zip(rows, scores, strict=True):
+        if value is not None and row.get("task") and row.get("id") is not None:
+            groups.setdefault((str(row["task"]), str(row["id"])), []).append(float(value))
+    by_task: dict[str, list[bool]] = {}
+    for (task, _), values in groups.items():
+        if len(values) > 1:
+            by_task.setdefault(task, []).append(max(values) - min(values) < 1e-12)
+    for task, flags in sorted(by_task.items()):
+        log_metric(f"{name}/{task}/zero_std", sum(flags) / len(flags))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cellduality.rewards.base import RowReward, log_per_task, rows_from_columns
+from cellduality.rewards.base import RowReward, log_per_task, log_zero_std, rows_from_columns
 from cellduality.tasks.dual import (
     CLASSIFICATION_TASKS,
     GENERATION_TASKS,
@@ -193,6 +193,7 @@ class DualReward(RowReward):
         """Per-task dual metrics, and the dual completions next to the forward ones in TRL's table."""
         log_metric = columns.get("log_metric")
         log_per_task(self.name, rows, result, log_metric, "reward")
+        log_zero_std(self.name, rows, result, log_metric)
         classification = [
             r if row.get("task") in CLASSIFICATION_TASKS else None
             for row, r in zip(rows, result, strict=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from cellduality.rewards.aligned import OracleEval
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.format import FormatReward
 from cellduality.rewards.neighbourhood import NeighbourhoodFormat, NeighbourhoodGain, NeighbourhoodValidity
@@ -23,6 +24,8 @@ REWARDS: dict[str, RewardFactory] = {
     "oracle": Oracle,
     "oracle_accuracy": OracleAccuracy,
     "oracle_rwjs": OracleRWJS,
+    # the oracle that rewards what eval scores, from the RL pool's labels (the ablation's upper reference)
+    "oracle_eval": OracleEval,
     "dual": DualReward,
     # knowledge-graph neighbourhood editing (cellduality.rewards.neighbourhood)
     "neighbourhood_format": NeighbourhoodFormat,
@@ -36,6 +39,7 @@ USES_LABELS = frozenset(
         "oracle",
         "oracle_accuracy",
         "oracle_rwjs",
+        "oracle_eval",
         # verifier rewards (cellduality.eval.verifier_rewards) compare with observed perturbed cells
         "verifier_pearson",
         "verifier_rmse",

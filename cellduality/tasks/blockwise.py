@@ -48,7 +48,15 @@ from cellduality.tasks.build import (
 )
 from cellduality.tasks.common import TaskConfig
 from cellduality.tasks.output import LabelCollector, ShardWriter, SummaryCounter, rows_table
-from cellduality.tasks.plan import Plan, TaskPlan, plan_tasks, resolve_tasks
+from cellduality.tasks.plan import (
+    REFERENCE_TABLE,
+    RL_SPLIT,
+    Plan,
+    TaskPlan,
+    plan_tasks,
+    reference_rows,
+    resolve_tasks,
+)
 
 #: examples built and written at a time (per worker job)
 CHUNK_ROWS = 5_000
@@ -214,12 +222,12 @@ def _write_rows(
     summary, labels = SummaryCounter(), LabelCollector()
     jobs = [
         (split, index, chunk)
-        for split in ("train", "test")
+        for split in plan.splits
         for index, task_plan in enumerate(plan.plans)
-        for chunk in _chunks(task_plan.cells[split], CHUNK_ROWS)
+        for chunk in _chunks(task_plan.cells.get(split, np.arange(0)), CHUNK_ROWS)
     ]
     total = sum(len(chunk) for *_, chunk in jobs)
-    for split in ("train", "test"):
+    for split in plan.splits:
         summary.add_split(split)
     with _bar("examples", total, "rows", progress) as bar:
         if workers <= 1 or len(jobs) < 2:
@@ -321,7 +329,7 @@ def prepare_blockwise(
         "check_s": round(checked - started, 3),
         "total_s": round(time.perf_counter() - started, 3),
     }
-    _write_meta(out, prepared.meta)
+    _write_meta(out, prepared.meta, prepared.tables)
     return prepared
 
 
@@ -337,7 +345,7 @@ def _build(source, data, plan, cfg, tasks, test_fraction, out, scratch, workers,
     fit = fit_rank_expression_rows(sub, seed=cfg.seed)
     gene_scores = presence.scores(data.genes) if presence is not None else None
     clock.append(time.perf_counter())
-    writer = ShardWriter(out / "data", FEATURES, ["train", "test"])
+    writer = ShardWriter(out / "data", FEATURES, list(plan.splits))
     with _quiet_datasets():
         summary, labels = _write_rows(plan, store, data, cfg, gene_scores, writer, workers, progress)
         writer.close()
@@ -349,11 +357,17 @@ def _build(source, data, plan, cfg, tasks, test_fraction, out, scratch, workers,
     meta["streaming"] = dict(
         zip(("sentences_s", "fit_s", "examples_s"), np.round(np.diff(clock), 3).tolist(), strict=True)
     )
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
-    return PreparedTasks(load_from_disk(str(out / "data")), meta, {})
+    tables = {}
+    reference = reference_rows(plan, data) if RL_SPLIT in plan.splits else None
+    if reference and reference["cell_id"]:  # the RL pool's labelled cells, for the aligned oracle (obs only)
+        tables[REFERENCE_TABLE] = Dataset.from_dict(reference)
+        with _quiet_datasets():
+            tables[REFERENCE_TABLE].save_to_disk(str(out / TABLES_DIR / REFERENCE_TABLE))
+    return PreparedTasks(load_from_disk(str(out / "data")), meta, tables)
 
 
-def _write_meta(out: Path, meta: dict[str, Any]) -> None:
-    """``meta.json`` as ``save_prepared`` writes it (no side table: the list is empty)."""
-    (out / META_FILE).write_text(json.dumps({**meta, TABLES_DIR: []}, indent=1))
+def _write_meta(out: Path, meta: dict[str, Any], tables: Sequence[str] = ()) -> None:
+    """``meta.json`` as ``save_prepared`` writes it, with the side tables this call wrote."""
+    (out / META_FILE).write_text(json.dumps({**meta, TABLES_DIR: sorted(tables)}, indent=1))

@@ -27,9 +27,12 @@ from cellduality.tasks.common import TaskConfig, presence_scores, record
 from cellduality.tasks.neighbourhood import DELTA_TABLE, delta_table, neighbourhood_examples
 from cellduality.tasks.output import LabelCollector, SummaryCounter, rows_dataset
 from cellduality.tasks.plan import (  # noqa: F401  (split_key, candidate_pool: public names of this module)
+    REFERENCE_TABLE,
+    RL_SPLIT,
     candidate_pool,
     label_columns,
     plan_tasks,
+    reference_rows,
     resolve_tasks,
     split_key,
     subsample,
@@ -105,8 +108,11 @@ def build_tasks(
     gene_scores = (
         presence_scores([s[: cfg.top_k] for s in sentences]) if cfg.hidden_rule == "informative" else None
     )
-    parts: dict[str, list[Dataset]] = {"train": [], "test": []}
+    parts: dict[str, list[Dataset]] = {name: [] for name in plan.splits}
     tables: dict[str, Dataset] = {}
+    reference = reference_rows(plan, data) if RL_SPLIT in plan.splits else None
+    if reference and reference["cell_id"]:  # an empty table does not survive save/load: none is written
+        tables[REFERENCE_TABLE] = Dataset.from_dict(reference)
     for task_plan in plan.plans:
         if task_plan.task == "neighbourhood":
             built = neighbourhood_examples(data, task_plan.split, cfg)
@@ -118,7 +124,7 @@ def build_tasks(
             plan.split_info[task_plan.task]["graph"] = built.graph
             notes += built.notes
             continue
-        for name in ("train", "test"):
+        for name in task_plan.cells:
             rows = task_plan.rows(name, task_plan.cells[name], sentences, data, cfg, gene_scores)
             parts[name].append(rows_dataset(rows, FEATURES))
     dd = DatasetDict(

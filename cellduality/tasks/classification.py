@@ -56,11 +56,13 @@ def annotation_rows(
     *,
     pool: Sequence[str] | None = None,
     gene_scores: Mapping[str, float] | None = None,
+    closed: bool = False,
 ) -> list[dict]:
     """One annotation example per cell in ``cells`` (positions into ``obs``/``sentences``).
 
     ``pool``: the candidate labels (the training split's; default all labels of ``cells``); a cell
-    whose own label is missing from it gets it added, so every question is answerable. ``gene_scores``:
+    whose own label is missing from it gets it added, so every question is answerable, unless
+    ``closed`` (the RL pool: a prompt must not depend on its cell's label). ``gene_scores``:
     which genes the in-painting dual hides (:func:`cellduality.tasks.common.hide_genes`).
     """
     labels = obs[columns.cell_type].astype(str)
@@ -76,7 +78,7 @@ def annotation_rows(
             annotation_example(
                 cell_id,
                 sentences[i],
-                candidates if own in known else sorted([*candidates, own]),
+                candidates if closed or own in known else sorted([*candidates, own]),
                 cfg,
                 dataset,
                 split=split,

@@ -47,6 +47,11 @@ class TaskConfig:
     (``None``: GO BP from the embedded knowledge tables) and ``graph_min_weight`` drops lighter edges;
     ``max_neighbours`` caps the neighbourhood shown (by edge weight, seeded without weights);
     ``max_additions`` caps the training perturbations offered for addition (0: all of them).
+
+    The paper's data design (``sft_examples``): the training split of each task is divided, seeded and
+    without reading a label, into a labelled *SFT set* of ``sft_examples`` cells (the ``train`` split:
+    everything fitted on labels reads it only) and a disjoint *RL pool* (the ``rl`` split: GRPO's
+    prompts). ``rl_examples`` caps the RL pool's rows per task. ``None``: no RL pool, as before.
     """
 
     top_k: int = 100
@@ -60,6 +65,8 @@ class TaskConfig:
     graph_min_weight: float | None = None
     max_neighbours: int = 20
     max_additions: int = 50
+    sft_examples: int | None = None
+    rl_examples: int | None = None
 
     def __post_init__(self) -> None:
         from cellduality.data.schema import DataError
@@ -84,6 +91,13 @@ class TaskConfig:
         if self.max_examples is not None and not positive(self.max_examples):
             raise DataError(
                 f"--max-examples must be a positive integer, got {self.max_examples} (leave it out for all)"
+            )
+        for flag, value in (("--sft-examples", self.sft_examples), ("--rl-examples", self.rl_examples)):
+            if value is not None and not positive(value):
+                raise DataError(f"{flag} must be a positive integer, got {value} (leave it out for none)")
+        if self.rl_examples is not None and self.sft_examples is None:
+            raise DataError(
+                "--rl-examples caps the RL pool, which only --sft-examples creates: add --sft-examples"
             )
         if not positive(self.max_candidates) or self.max_candidates < 2:
             raise DataError(f"max_candidates must be at least 2, got {self.max_candidates}")

@@ -69,6 +69,25 @@ def generation_rows(
     return rows
 
 
+def generation_prompts(
+    obs: pd.DataFrame, cells: np.ndarray, dataset: str, cfg: TaskConfig, pool: Sequence[str] | None
+) -> list[dict]:
+    """The RL pool's generation prompts: one per pool cell, each asking for a type of the SFT set
+    (``pool``) drawn from the cell's seeded stream, never the cell's own type: a prompt reads no label of
+    the pool, so permuting the pool's labels leaves every prompt as it was. No answer: the oracle
+    scores a generated cell against the pool's real cells (``rl_reference``)."""
+    candidates = sorted(pool or [])
+    if not candidates:
+        return []
+    ids = obs.index[cells].astype(str).tolist()
+    rows = []
+    for cell_id in ids:
+        key = opaque_id(cfg.seed, dataset, "generation", "rl", cell_id)
+        condition = candidates[int(example_rng(cfg.seed, key).integers(len(candidates)))]
+        rows.append(generation_example(key, condition, candidates, cfg, dataset, split="rl", stored_id=key))
+    return rows
+
+
 def generation_example(
     key: str,
     condition: str,
@@ -155,6 +174,9 @@ class PerturbationPlan:
     any_controls: np.ndarray
     perturbations_by_context: dict[object, list[str]]
     split: str
+    #: per (context, perturbation) of the pool, a pool cell of it (its direction and dose name the
+    #: perturbation in RL prompts, which have no perturbed cell of their own)
+    pool_cells: dict[tuple[object, str], int] | None = None
 
     def perturbed(self, cells: np.ndarray) -> np.ndarray:
         """The cells of ``cells`` that get an example: those that are not controls, in order."""
@@ -222,6 +244,65 @@ class PerturbationPlan:
             )
         return rows
 
+    def rl_rows(
+        self,
+        obs: pd.DataFrame,
+        sentences: Sequence[Sequence[str]],
+        cells: np.ndarray,
+        columns: Columns,
+        dataset: str,
+        cfg: TaskConfig,
+    ) -> list[dict]:
+        """The RL pool's prompts: each control cell of ``cells`` with each perturbation the SFT set has in
+        its context. No perturbed cell and no answer: the oracle compares a generated cell with the
+        pool's perturbed cells of that perturbation (``rl_reference``)."""
+        n = cfg.answer_genes
+        cells = np.asarray(cells, dtype=np.int64)
+        cells = cells[self.is_control[cells]]
+        ids = obs.index[cells].astype(str).tolist()
+        ctx_texts = context_texts(obs, cells, columns.context)
+        rows = []
+        for k, i in enumerate(cells.tolist()):
+            ctx_key = self.contexts[i]
+            control_genes = list(sentences[i])[: cfg.top_k]
+            for condition in self.perturbations_by_context[ctx_key]:
+                example = self.pool_cells[(ctx_key, condition)] if self.pool_cells else None
+                text = perturbation_text(
+                    condition,
+                    columns,
+                    str(obs[columns.direction].iloc[example])
+                    if columns.direction and example is not None
+                    else None,
+                    str(obs[columns.dose].iloc[example]) if columns.dose and example is not None else None,
+                )
+                key = opaque_id(cfg.seed, dataset, "perturbation", "rl", f"{ids[k]}|{condition}")
+                rng = example_rng(cfg.seed, key)
+                candidates = perturbation_candidates(
+                    rng, condition, str(columns.control_value), self.perturbations_by_context[ctx_key], cfg
+                )
+                ctx = ctx_texts[k]
+                prompt = pick(rng, PERTURBATION).format(
+                    cell=join_genes(control_genes),
+                    condition_text=text,
+                    n=n,
+                    context=f" ({ctx})" if ctx else "",
+                )
+                rows.append(
+                    record(
+                        id=key,
+                        task="perturbation",
+                        prompt=messages(prompt),
+                        candidates=candidates,
+                        condition=condition,
+                        condition_text=text,
+                        cell_genes=control_genes,
+                        n_genes=n,
+                        context=ctx,
+                        dataset=dataset,
+                    )
+                )
+        return rows
+
 
 def perturbation_plan(
     obs: pd.DataFrame,
@@ -255,8 +336,18 @@ def perturbation_plan(
     perturbations_by_context: dict[object, list[str]] = {
         ctx: sorted(set(conditions[(contexts == ctx) & ~is_control & in_pool])) for ctx in unique_contexts
     }
+    pool_cells: dict[tuple[object, str], int] = {}
+    for i in np.flatnonzero(in_pool & ~is_control).tolist():
+        pool_cells.setdefault((contexts[i], conditions[i]), i)
     return PerturbationPlan(
-        conditions, is_control, contexts, controls_by_context, any_controls, perturbations_by_context, split
+        conditions,
+        is_control,
+        contexts,
+        controls_by_context,
+        any_controls,
+        perturbations_by_context,
+        split,
+        pool_cells,
     )
 
 

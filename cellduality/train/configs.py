@@ -37,6 +37,16 @@ class CellDualityArguments:
     )
     max_train_examples: int | None = field(default=None, metadata={"help": "cap on training rows per task"})
     data_split: str = field(default="id", metadata={"help": "id or ood, when building from raw data"})
+    sft_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "when building from raw data: labelled training cells per task in the SFT set; the rest "
+            "form the RL pool GRPO trains on (the paper's design; `cellduality prepare --sft-examples`)"
+        },
+    )
+    rl_examples: int | None = field(
+        default=None, metadata={"help": "with sft_examples: cap on RL-pool prompt cells per task"}
+    )
     prepared_dir: str | None = field(
         default=None,
         metadata={"help": "where to cache examples built from raw data (default: <output_dir>/prepared)"},
@@ -81,6 +91,16 @@ class CellDualityArguments:
         },
     )
     monitor_steps: int = field(default=10, metadata={"help": "steps between two monitor checks"})
+    collapse_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "flag a task whose share of parseable answers falls below this fraction of the share GRPO "
+            "started with (log, console, <output_dir>/collapse.json); 0 turns the guard off"
+        },
+    )
+    collapse_stop: bool = field(
+        default=False, metadata={"help": "stop training when a task collapses (collapse_ratio)"}
+    )
     auto_vllm: bool = field(
         default=False, metadata={"help": "turn use_vllm on when vLLM is installed and CUDA is available"}
     )

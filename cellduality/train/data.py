@@ -35,7 +35,13 @@ def _load_one(args: CellDualityArguments, source: str, cache: Path, training_arg
     """
     if (Path(source) / META_FILE).exists():
         return load_prepared(source)
-    config = TaskConfig(top_k=args.sentence_genes, n_genes=args.n_genes, seed=training_args.seed)
+    config = TaskConfig(
+        top_k=args.sentence_genes,
+        n_genes=args.n_genes,
+        seed=training_args.seed,
+        sft_examples=args.sft_examples,
+        rl_examples=args.rl_examples,
+    )
     with training_args.main_process_first(local=False, desc=f"preparing {source}"):
         return prepare_cached(
             source,

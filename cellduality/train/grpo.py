@@ -28,6 +28,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
     from cellduality.parsing import gene_vocabulary
     from cellduality.rewards import DualReward, build_rewards
+    from cellduality.tasks.plan import REFERENCE_TABLE, RL_SPLIT
     from cellduality.train.common import (
         apply_auto_vllm,
         ensure_model,
@@ -60,14 +61,20 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         model_args.model_name_or_path, prepared.meta, "this GRPO run's data", training_args
     )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    # the paper's design: GRPO's prompts are the RL pool (``rl``), never the SFT set's labelled rows
+    pool = RL_SPLIT if RL_SPLIT in prepared.datasets else "train"
     train = training_rows(
-        prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed
+        prepared, cd_args.tasks, cd_args.task_weights, cd_args.max_train_examples, training_args.seed, pool
     )
     monitor_dir = None
     if cd_args.monitor_rows > 0:
         from cellduality.train.monitor import MONITOR_DIR, split_monitor_rows
 
-        train, monitor = split_monitor_rows(train, cd_args.monitor_rows, training_args.seed)
+        if pool == RL_SPLIT:  # labelled monitor rows come from the SFT set: the RL pool's labels stay unread
+            sft_set = training_rows(prepared, cd_args.tasks, None, None, training_args.seed, "train")
+            _, monitor = split_monitor_rows(sft_set, cd_args.monitor_rows, training_args.seed)
+        else:
+            train, monitor = split_monitor_rows(train, cd_args.monitor_rows, training_args.seed)
         if len(monitor):  # none when no task of the run has a dual (neighbourhood editing alone)
             monitor_dir = Path(training_args.output_dir) / MONITOR_DIR
             with training_args.main_process_first(local=False, desc="writing the monitor split"):
@@ -75,8 +82,10 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
                     monitor.save_to_disk(str(monitor_dir))
         del monitor  # only its folder is kept: the trainer holds no labelled rows
     if cd_args.reward_mode == "self_supervised":
-        # no label reaches a reward: not the answer, not the original cell id (it can encode one)
+        # no label reaches a reward: not the answer, not the original cell id (it can encode one), not the
+        # RL pool's reference cells
         train = train.remove_columns([c for c in LABEL_COLUMNS if c in train.column_names])
+        prepared.tables.pop(REFERENCE_TABLE, None)
     generator = PolicyGenerator(
         tokenizer,
         max_new_tokens=cd_args.dual_max_new_tokens,
@@ -132,6 +141,12 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         )
         monitor_callback.log_metric = lambda key, value: trainer._metrics["train"][key].append(value)
         trainer.add_callback(monitor_callback)
+    if cd_args.collapse_ratio > 0 and "format" in cd_args.reward_funcs:
+        from cellduality.train.collapse import CollapseGuard
+
+        trainer.add_callback(
+            CollapseGuard(training_args.output_dir, ratio=cd_args.collapse_ratio, stop=cd_args.collapse_stop)
+        )
     from cellduality.train.progress import use_compact_progress
 
     use_compact_progress(trainer, training_args.output_dir)
