@@ -42,11 +42,18 @@ class DemoPlan:
     num_layers: int
     grpo_steps: int
     grpo_batch: int  # completions per step (prompts x num_generations)
-    eval_examples: int  # test examples per task
+    eval_examples: int | None  # test examples per task (None: all)
     check_rows: int = 60  # test examples per task for the dual check
     check_group: int = 4  # sampled forward answers per prompt in the dual check (GRPO's G)
     grpo_lr: float = 3e-5
     grpo_generations: int = 4  # completions per prompt (GRPO's G); grpo_batch / G prompts per step
+    # the paper's data design: labelled cells per task in the SFT set, the rest of the training split is
+    # the RL pool (GRPO's prompts), capped at ``rl_examples`` prompt cells per task; None: no RL pool
+    sft_examples: int | None = None
+    rl_examples: int | None = None
+    grpo_schedule: str = "linear"  # GRPO's learning-rate schedule (transformers' lr_scheduler_type)
+    oracle_reward: str = "oracle"  # the oracle arm's reward (oracle_eval: what eval scores)
+    eval_sampled: bool = False  # also evaluate sampled answers (T = 1, GRPO's own temperature)
 
 
 FULL = DemoPlan(16, 400, 250, 8, 128, 4, 60, 32, 120)
@@ -79,7 +86,13 @@ def _prepare(
 
     folders = []
     for name in DEMO_DATASETS:
-        cfg = TaskConfig(top_k=plan.top_k, max_examples=plan.max_examples, seed=seed)
+        cfg = TaskConfig(
+            top_k=plan.top_k,
+            max_examples=plan.max_examples,
+            seed=seed,
+            sft_examples=plan.sft_examples,
+            rl_examples=plan.rl_examples,
+        )
         prepared = build_tasks(load_dataset(name), config=cfg, split=(splits or {}).get(name, "id"))
         folder = save_prepared(prepared, out / "prepared" / name)
         print_prepared(prepared, folder, console)
@@ -143,7 +156,7 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str =
     cd = CellDualityArguments(
         dataset=[str(f) for f in folders],
         reward_mode="self_supervised" if mode == "dual" else "oracle",
-        reward_funcs=["format", "dual"] if mode == "dual" else ["format", "oracle"],
+        reward_funcs=["format", "dual"] if mode == "dual" else ["format", plan.oracle_reward],
         dual_max_new_tokens=2 * plan.top_k + 8,
         prepared_dir=str(out / "train_prepared"),
         monitor_rows=8,
@@ -153,6 +166,8 @@ def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str =
         output_dir=str(out / name),
         max_steps=plan.grpo_steps,
         learning_rate=plan.grpo_lr,
+        lr_scheduler_type=plan.grpo_schedule,
+        warmup_steps=min(5, plan.grpo_steps // 10) if plan.grpo_schedule != "linear" else 0,
         beta=0.0,
         num_generations=plan.grpo_generations,
         per_device_train_batch_size=plan.grpo_batch,
@@ -222,17 +237,26 @@ def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict
 
 
 def _evaluate_models(
-    out: Path, folders: list[Path], plan: DemoPlan, seed: int, models: list[tuple[str, str]]
+    out: Path,
+    folders: list[Path],
+    plan: DemoPlan,
+    seed: int,
+    models: list[tuple[str, str]],
+    temperature: float = 0.0,
+    report: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the checkpoints ``out/<folder>`` (as ``name``) next to the baselines."""
+    """Evaluate the checkpoints ``out/<folder>`` (as ``name``) next to the baselines, into ``report``
+    (default ``out/report``); ``temperature`` > 0 scores sampled answers (seeded) instead of greedy ones."""
     from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval_many
 
     config = EvalConfig(
-        out_dir=out / "report",
+        out_dir=report or out / "report",
         models=[ModelSpec(str(out / folder), name=name) for name, folder in models],
         max_examples=plan.eval_examples,
-        generation=GenerationSettings(max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed),
+        generation=GenerationSettings(
+            max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed, temperature=temperature
+        ),
         cache_dir=out / "eval_cache",
         backend="hf",
         seed=seed,

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from cellduality.ablation import gap_closed, interval
@@ -45,7 +46,7 @@ def test_summarise_over_seeds() -> None:
 def test_tiny_ablation_resumes(tmp_path) -> None:
     from cellduality.ablation import run_ablation, tiny_config
 
-    config = tiny_config(tmp_path / "abl", seeds=(0,))
+    config = replace(tiny_config(tmp_path / "abl", seeds=(0,)), pool_sizes=(4,))
     report = run_ablation(config)
     payload = json.loads((report / "ablation.json").read_text())
     rows = {(r["dataset"], r["task"]): r for r in payload["rows"]}
@@ -64,8 +65,21 @@ def test_tiny_ablation_resumes(tmp_path) -> None:
     assert run["curves"]["dual GRPO"] and run["curves"]["oracle GRPO"]
     text = (report / "report.md").read_text()
     assert "gap closed" in text and "| perturbation |" in text and "## Against the goal" in text
-    assert len(payload["goal"]["parts"]) == 3 and len(payload["goal"]["tasks"]) == 4
-    for png in ("arms.png", "reward_curves.png"):
+    assert len(payload["goal"]["parts"]) == 4 and len(payload["goal"]["tasks"]) == 4
+    assert payload["goal"]["mode"] == "sampled" and payload["sampled_rows"]
+    # the paper's data design: an RL pool per task, GRPO's prompts from it, the oracle aligned with eval
+    assert set(meta["split"]["perturbation"]) >= {"sft_examples", "rl_pool"}
+    assert run["training"]["oracle GRPO"]["frac_reward_zero_std"]
+    assert set(run["training"]["dual GRPO"]) >= {"zero_std", "parsed", "collapse"}
+    annotation = payload["runs"][0]["metrics"]["pbmc68k"]["tasks"]["annotation"]
+    assert len(annotation["methods"]["SFT"]["per_row"]) == annotation["n_examples"]  # one score per test cell
+    # the label-efficiency curve: the extra pool size trained from the seed's own SFT checkpoint (linked)
+    pool = tmp_path / "abl" / "pool_sizes" / "rl4" / "seed0"
+    assert (pool / "sft").is_symlink() and (pool / "grpo" / "model.safetensors").is_file()
+    curve = payload["pool_curve"]["pbmc68k/annotation"]
+    assert set(curve) == {"4", str(config.plan.rl_examples)}
+    assert "## Label efficiency" in text
+    for png in ("arms.png", "reward_curves.png", "pool_sizes.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
     # run again: every stage is read back from its marker, nothing is trained again
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")}
@@ -79,58 +93,67 @@ def test_tiny_ablation_resumes(tmp_path) -> None:
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
 
 
-def _run(seed: int, rise: float, signal: bool, zero: float) -> dict:
-    """One seed's curves and dual checks, as ``run_seed`` returns them (dual reward rising by ``rise``)."""
+def _metrics(sft: list, dual: list, oracle: list) -> dict:
+    """One seed's evaluation with per-test-cell scores, as ``run_eval`` writes it."""
+    methods = {
+        arm: {"kind": "model", "metrics": {"accuracy": sum(v) / len(v)}, "per_row": v}
+        for arm, v in (("SFT", sft), ("dual GRPO", dual), ("oracle GRPO", oracle))
+    }
+    return {"pbmc68k": {"tasks": {"annotation": {"methods": methods}}}}
+
+
+def _run(seed: int, rise: float, signal: bool, cells: tuple[list, list, list], zero: float = 0.2) -> dict:
+    """One seed as ``run_seed`` returns it: curves (dual reward rising by ``rise``), dual checks, the
+    per-cell scores of each arm (greedy and sampled alike) and the training figures."""
     curve = [(s, 0.3 + rise * s / 9) for s in range(1, 10)]
     check = {
         "task": "annotation",
         "carries_signal": signal,
         "gaps": [{"gap": 0.2, "ci_low": 0.1, "ci_high": 0.3}],
-        "grpo": {"parsed": 0.9, "zero_variance": zero},
+        "grpo": {"parsed": 0.9, "zero_variance": 0.4},
     }
+    training = {"zero_std": {"annotation": [(1, zero), (2, zero)]}, "parsed": {}, "collapse": {}}
     return {
         "seed": seed,
+        "metrics": _metrics(*cells),
+        "sampled": _metrics(*cells),
         "curves": {"dual GRPO": {"annotation": curve}, "oracle GRPO": {"annotation": curve}},
+        "training": {"dual GRPO": training, "oracle GRPO": training},
         "dual_check": {"SFT": [check], "dual GRPO": [check]},
     }
 
 
-def _row(sft: list, dual: list, oracle: list) -> dict:
-    from cellduality.ablation import gap_closed, interval
-
-    closed = [c for c in map(gap_closed, sft, dual, oracle) if c is not None]
-    return {
-        "dataset": "pbmc68k",
-        "task": "annotation",
-        "per_seed": {"SFT": sft, "dual GRPO": dual, "oracle GRPO": oracle},
-        "gap_closed": interval(closed) if closed else None,
-        "gap_closed_defined": f"{len(closed)}/{len(sft)} seeds",
-        "gap_closed_n": len(closed),
-    }
-
-
 def test_goal_parts_follow_the_measured_numbers() -> None:
-    """Each part of the goal is judged from the run: met when the numbers say so, else the reason."""
-    from cellduality.ablation_goal import assess, goal_markdown
+    """Each part of the goal is judged from paired per-cell differences: met when they say so, else why."""
+    from cellduality.ablation import summarise
+    from cellduality.ablation_goal import assess, goal_markdown, paired_bootstrap, pooled_cells
 
-    runs = [_run(s, 0.1, True, 0.2) for s in range(3)]
-    good = assess([_row([0.5, 0.5, 0.6], [0.6, 0.575, 0.675], [0.7, 0.65, 0.75])], runs)
+    rng = np.random.default_rng(0)
+    sft = (rng.random(60) < 0.4).astype(float).tolist()
+    # the oracle fixes 30 of the wrong cells, dual 15 of those: half the gap, both clearly above 0
+    wrong = [i for i, v in enumerate(sft) if v == 0]
+    oracle = [1.0 if i in wrong[:30] else v for i, v in enumerate(sft)]
+    dual = [1.0 if i in wrong[:15] else v for i, v in enumerate(sft)]
+    runs = [_run(s, 0.1, True, (sft, dual, oracle)) for s in range(3)]
+    cells = pooled_cells(runs, "sampled", "pbmc68k", "annotation")
+    assert cells.shape == (180, 3)
+    boot = paired_bootstrap(cells)
+    assert boot["dual_minus_sft"][1] > 0 and boot["oracle_minus_sft"][1] > 0
+    assert boot["gap_closed"][0] == pytest.approx(0.5) and boot["gap_closed"][1] < 0.5 < boot["gap_closed"][2]
+    good = assess(summarise(runs), runs)
     (t,) = good["tasks"]
-    assert t["dual_at_least_sft"] and t["gap_closed"] == pytest.approx(0.5) and t["dual_reward_rise"][0] > 0
-    assert [p["met"] for p in good["parts"]] == [False, True, True]  # one task of the 3 needed for part 1
-    # a share defined on two seeds over an oracle gain within seed noise is a ratio of noise: not measured
-    noisy = assess([_row([0.5, 0.5, 0.5], [0.55, 0.6, 0.5], [0.6, 0.51, 0.3])], runs)
-    assert noisy["tasks"][0]["gap_closed"] is not None and noisy["parts"][1]["measured"] == "none measurable"
-    assert noisy["parts"][1]["why"].startswith("the oracle's gain over SFT is within seed noise")
+    assert t["dual_beats_sft"] and t["oracle_beats_sft"] and t["dual_reward_rise"][0] > 0
+    # one task of the two needed for parts 1 and 2; half the gap closed; the dual reward rises
+    assert [p["met"] for p in good["parts"]] == [False, False, True, True]
 
-    # dual below SFT, the oracle no better than SFT, the dual reward falling on a check that passes,
-    # one seed's perturbation-style undefined metric: every part fails and the table says why
-    falling = [_run(s, -0.1, True, 0.8) for s in range(3)]
-    bad = assess([_row([0.5, 0.5, 0.6], [0.4, None, 0.5], [0.5, 0.5, 0.6])], falling)
-    assert [p["met"] for p in bad["parts"]] == [False, False, False]
+    # dual no better than SFT on a cell, the oracle within noise, the dual reward falling: every part
+    # fails and the table says why (zero-variance groups on the RL pool's prompts)
+    flat = [_run(s, -0.1, True, (sft, sft, [*sft[:1], 1.0, *sft[2:]]), zero=0.8) for s in range(3)]
+    bad = assess(summarise(flat), flat)
+    assert [p["met"] for p in bad["parts"]] == [False, False, False, False]
+    assert bad["parts"][2]["measured"] == "none measurable"
     text = "\n".join(goal_markdown(bad))
-    assert "80% of sampled groups have zero dual-reward variance" in text
-    assert "undefined, for dual GRPO on 1 seed" in text and "within seed noise" in text
-    # a dual check that fails on one seed removes the task from part 3 (nothing to rise there)
-    mixed = [_run(0, -0.1, False, 0.8), *falling[1:]]
-    assert assess([_row([0.5] * 3, [0.5] * 3, [0.5] * 3)], mixed)["parts"][2]["measured"].startswith("0 of 0")
+    assert "zero-variance groups on RL-pool prompts: dual GRPO 80%, oracle GRPO 80%" in text
+    # a dual check that fails on one seed removes the task from part 4 (nothing to rise there)
+    mixed = [_run(0, -0.1, False, (sft, sft, sft)), *flat[1:]]
+    assert assess(summarise(mixed), mixed)["parts"][3]["measured"].startswith("0 of 0")
