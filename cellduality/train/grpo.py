@@ -37,6 +37,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
+    from cellduality.train.launch_guard import check_training_setup
 
     verifiers = any(name.startswith("verifier_") for name in cd_args.reward_funcs)
     if verifiers:
@@ -46,6 +47,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
+    check_training_setup(training_args)  # ZeRO-3 + HF generation without the gather: refused
     prepared = load_task_data(cd_args, training_args)
     if verifiers:  # they read observed cells from a prepared folder: bind the one this run trains on
         from cellduality.tasks import save_prepared
@@ -135,6 +137,10 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.progress import use_compact_progress
 
     use_compact_progress(trainer, training_args.output_dir)
+    if training_args.use_vllm:  # a ratio far from 1 in the logs: the engine's weights are stale
+        from cellduality.train.monitor import ImportanceRatioWatch
+
+        trainer.add_callback(ImportanceRatioWatch())
     # the run metadata only (genes, fit, split): the trainer never holds train or test answers
     trainer.cellduality_meta = prepared.meta
     del prepared

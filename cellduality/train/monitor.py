@@ -18,6 +18,7 @@ generation calls (collective under ZeRO-3 or vLLM) happen the same number of tim
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,46 @@ import numpy as np
 from transformers import TrainerCallback
 
 MONITOR_DIR = "monitor"
+#: TRL's mean importance-sampling ratio (trainer policy / vLLM sampler, per token or sequence)
+IS_RATIO_KEY = "sampling/importance_sampling_ratio/mean"
+#: outside this range the vLLM engine is not generating with the trainer's weights
+IS_RATIO_RANGE = (0.5, 2.0)
+
+logger = logging.getLogger(__name__)
+
+
+def importance_ratio_problem(logs: Mapping[str, Any]) -> str | None:
+    """One line when a log's mean importance-sampling ratio leaves ``IS_RATIO_RANGE``, else ``None``.
+
+    With vLLM the rollouts are sampled by the engine and scored by the trainer; the ratio of the two
+    probabilities stays near 1 while both hold the same weights. A ratio far from 1 means the engine
+    holds other weights: sleep mode without a re-push (huggingface/trl#5312 logged a mean of 0.03),
+    or a resumed run whose engine still holds the starting checkpoint.
+    """
+    value = logs.get(IS_RATIO_KEY)
+    if not isinstance(value, (int, float)) or value != value:  # absent or NaN
+        return None
+    low, high = IS_RATIO_RANGE
+    if low <= value <= high:
+        return None
+    return (
+        f"importance-sampling ratio {value:.3g} is outside [{low:g}, {high:g}]: vLLM is probably generating "
+        "with weights other than the trainer's (weights not pushed after sleep mode or after a resume)"
+    )
+
+
+class ImportanceRatioWatch(TrainerCallback):
+    """Warn, in the log, whenever TRL's logged importance-sampling ratio says vLLM is out of sync."""
+
+    def __init__(self) -> None:
+        self.warnings: list[tuple[int, str]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
+        problem = importance_ratio_problem(logs or {})
+        if problem is not None and state.is_world_process_zero:
+            self.warnings.append((state.global_step, problem))
+            logger.warning("step %d: %s", state.global_step, problem)
+        return control
 
 
 def split_monitor_rows(train: Any, per_task: int, seed: int) -> tuple[Any, Any]:

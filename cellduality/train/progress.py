@@ -31,6 +31,12 @@ def summary(logs: dict[str, Any]) -> dict[str, str]:
     for key in _KEEP:
         if isinstance(logs.get(key), (int, float)):
             out[key] = f"{logs[key]:.3g}"
+    from cellduality.train.monitor import IS_RATIO_KEY, importance_ratio_problem
+
+    if isinstance(logs.get(IS_RATIO_KEY), (int, float)):
+        out["is_ratio"] = f"{logs[IS_RATIO_KEY]:.3g}"
+        if importance_ratio_problem(logs) is not None:  # the bar says it too, not only the log
+            out["WARNING"] = "vLLM weights out of sync"
     return out
 
 
