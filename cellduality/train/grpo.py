@@ -132,7 +132,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
             group_size=training_args.num_generations,
             every=cd_args.monitor_steps,
         )
-        monitor_callback.log_metric = lambda key, value: trainer._metrics["train"][key].append(value)
+        monitor_callback.trainer = trainer  # logs through the trainer's public log
         trainer.add_callback(monitor_callback)
     from cellduality.train.progress import use_compact_progress
 

@@ -10,6 +10,12 @@ with the oracle, and logs per task:
 - ``monitor/<task>/dual_gap``: dual reward of the better minus the worse answers inside mixed groups;
 - ``monitor/<task>/oracle``: the oracle reward of the sampled answers (how good the policy is).
 
+The figures are logged through the trainer's public ``log`` (transformers' ``Trainer.log``, what every
+reporter, the progress bar and ``log_history`` read), as an entry of their own at the step they were
+measured. TRL hands its public ``log_metric`` to reward functions only, and GRPO's own ``log`` override
+would fold in and reset the running averages of the step's rewards, so the base ``Trainer.log`` is
+called; nothing is written into TRL's private ``_metrics``.
+
 Labels stay out of the trainer: the monitor rows are written to ``<output_dir>/monitor`` when the run
 starts, and the callback keeps only that path. At each check the rows are read from disk, used, and
 dropped; no reward ever receives them. Every rank runs the same checks on the same rows, so the
@@ -86,6 +92,18 @@ def split_monitor_rows(train: Any, per_task: int, seed: int) -> tuple[Any, Any]:
     return train.select(keep), train.select(sorted(picked))
 
 
+def publish(trainer: Any, figures: Mapping[str, float]) -> None:
+    """Log ``figures`` as an entry of their own through the public ``transformers.Trainer.log``.
+
+    Not ``trainer.log``: ``GRPOTrainer.log`` averages and clears the step's reward metrics into whatever
+    it logs, so the trainer's own entry at a logging step would lose them.
+    """
+    from transformers import Trainer
+
+    if figures:
+        Trainer.log(trainer, dict(figures))
+
+
 class DualMonitor(TrainerCallback):
     """Agreement of the dual reward with the truth on held-out labelled rows, every ``every`` steps."""
 
@@ -104,15 +122,15 @@ class DualMonitor(TrainerCallback):
         self.vocabulary = dict(vocabulary)
         self.group_size = group_size
         self.every = every
-        # where the figures go: the trainer's metric store (TRL's ``_metrics``), logged with the step
-        self.log_metric: Callable[[str, float], None] | None = None
+        # the trainer whose public ``log`` receives the figures (set once the trainer is built)
+        self.trainer: Any = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.every > 0 and state.global_step % self.every == 0:
-            for key, value in self.check().items():
-                if self.log_metric is not None:
-                    self.log_metric(key, value)
-            control.should_log = True
+            figures = self.check()  # on every rank: its generation is collective
+            if self.trainer is None:
+                raise RuntimeError("DualMonitor.trainer is not set: give it the trainer once it is built")
+            publish(self.trainer, figures)
         return control
 
     def check(self) -> dict[str, float]:
