@@ -189,6 +189,9 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         from cellduality.cli_common import saved_to
 
         print(saved_to("grpo", training_args.output_dir, f"model, tokenizer, {RUN_META}"), flush=True)
+    from cellduality.train.model_card import finish_run  # README.md; --push_to_hub through the trainer
+
+    finish_run(trainer, "grpo", cd_args, model_args)
     return trainer
 
 
