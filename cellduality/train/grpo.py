@@ -172,7 +172,10 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         rank = trainer.accelerator.process_index
         calls = Path(training_args.output_dir) / f"dual_calls_rank{rank}.json"
         calls.write_text(json.dumps(dual.history))
-    write_rank_state(trainer, training_args.output_dir, {"dual_calls": len(dual.history) if dual else 0})
+    counts = {"dual_calls": len(dual.history) if dual else 0}
+    if dual is not None:  # the policy's generation calls on this rank, fillers included
+        counts["policy_generations"] = getattr(dual.generate, "generations", None)
+    write_rank_state(trainer, training_args.output_dir, counts)
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         write_run_meta(
