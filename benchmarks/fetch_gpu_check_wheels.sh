@@ -4,38 +4,45 @@
 #
 #   benchmarks/fetch_gpu_check_wheels.sh                 # for this machine's Python version
 #   PY=3.12 benchmarks/fetch_gpu_check_wheels.sh         # for the GPU machine's Python (major.minor)
+#   LIST=benchmarks/gpu_check_wheels_device.txt PY=3.12 benchmarks/fetch_gpu_check_wheels.sh
+#                                                        # for the device machines of these sessions
 #
 # Binary wheels only (--only-binary :all:), no dependencies resolved here (--no-deps): the list is
-# benchmarks/gpu_check_wheels.txt, measured against a Python holding torch, transformers, accelerate,
-# peft, numpy, scipy and pandas. DeepSpeed ships only a source archive: it is built into a wheel here
+# benchmarks/gpu_check_wheels.txt (measured against a Python holding only torch, transformers,
+# accelerate, peft, numpy, scipy and pandas) or, with LIST=, benchmarks/gpu_check_wheels_device.txt
+# (what the device machines' image lacks). DeepSpeed ships only a source archive: it is built into a wheel here
 # with this checkout's .venv (which has torch), without build isolation (no torch download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
 BUILD_PYTHON=${BUILD_PYTHON:-.venv/bin/python}
 PIP_PYTHON=${PIP_PYTHON:-python3}
-mkdir -p .whl
+LIST=${LIST:-benchmarks/gpu_check_wheels.txt}
+WHL=${WHL:-.whl}  # the folder; gpu_check.py --wheels reads it
+mkdir -p "$WHL"
 # a second run: back to one flat folder (pip download skips what is there), split again below
-find .whl -mindepth 2 -name '*.whl' -exec mv -f {} .whl/ \;
-find .whl -mindepth 1 -type d -empty -delete
+find "$WHL" -mindepth 2 -name '*.whl' -exec mv -f {} "$WHL"/ \;
+find "$WHL" -mindepth 1 -type d -empty -delete
 pins=$(mktemp)
-grep -vE '^\s*(#|$)' benchmarks/gpu_check_wheels.txt | grep -v '^deepspeed' > "$pins"
+grep -vE '^\s*(#|$)' "$LIST" | grep -v '^deepspeed' > "$pins"
 "$PIP_PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
-  --implementation cp -d .whl -r "$pins"
+  --implementation cp -d "$WHL" -r "$pins"
 rm -f "$pins"
-ds=$(grep '^deepspeed' benchmarks/gpu_check_wheels.txt)
-if ! find .whl -name 'deepspeed-*.whl' | grep -q .; then
-  "$BUILD_PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation "$ds" -w .whl
+ds=$(grep '^deepspeed' "$LIST")
+if ! find "$WHL" -name 'deepspeed-*.whl' | grep -q .; then
+  "$BUILD_PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation "$ds" -w "$WHL"
 fi
-# The device machines take at most 64 MiB of ignored files per call: split the wheels into parts of
-# at most 60 MiB (.whl/part-1, part-2, ...), one part carried per call (docs/recipes.md, "GPU check").
-"$PIP_PYTHON" - <<'PY'
+# A device call of these sessions carries at most 64 MiB, the checkout (about 9 MiB) included: split
+# the wheels into parts of at most PART_MIB (default 50) MiB, .whl/part-1, part-2, ..., one part
+# carried per call (docs/recipes.md, "GPU check"). A wheel larger than that gets a part of its own.
+WHL="$WHL" PART_MIB=${PART_MIB:-50} "$PIP_PYTHON" - <<'PY'
+import os
 from pathlib import Path
 
-limit = 60 * 2**20
-root = Path(".whl")
+limit = int(os.environ["PART_MIB"]) * 2**20
+root = Path(os.environ["WHL"])
 sizes = {p: p.stat().st_size for p in root.rglob("*.whl")}
 parts: list[list[Path]] = []
 for wheel in sorted(sizes, key=lambda p: -sizes[p]):
@@ -51,4 +58,4 @@ for k, part in enumerate(parts, 1):
             wheel.rename(folder / wheel.name)
     print(f"{folder}: {len(part)} wheels, {sum(sizes[w] for w in part) / 2**20:.1f} MiB")
 PY
-echo "wheels for Python $PY in .whl/: $(find .whl -type f -name '*.whl' | wc -l) files, $(du -sh .whl | cut -f1)"
+echo "wheels for Python $PY in $WHL: $(find "$WHL" -type f -name '*.whl' | wc -l) files, $(du -sh "$WHL" | cut -f1)"

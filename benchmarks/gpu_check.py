@@ -1,17 +1,21 @@
 """The GPU check in one command: SFT, dual GRPO, oracle GRPO and ZeRO-2 on one GPU, one JSON out.
 
-Made for a GPU machine with no network whose Python holds only torch, transformers, accelerate,
-peft, numpy, scipy and pandas. The rest (trl, datasets, anndata, scanpy, deepspeed, ...) comes from
-wheels fetched beforehand, on a machine with network, into the repository's ignored ``.whl/`` folder
-(``benchmarks/fetch_gpu_check_wheels.sh``, pinned in ``benchmarks/gpu_check_wheels.txt``). Then:
+Made for a GPU machine with no network whose Python holds torch, transformers, accelerate, peft,
+numpy, scipy and pandas. What else the check needs (trl, datasets, anndata, scanpy, openai,
+deepspeed and whatever of theirs the machine lacks) comes from wheels fetched beforehand, on a machine
+with network, into the repository's ignored ``.whl/`` folder by ``benchmarks/fetch_gpu_check_wheels.sh``
+from a list: ``benchmarks/gpu_check_wheels.txt`` for a Python with only those seven packages (184 MiB
+for Python 3.11), ``benchmarks/gpu_check_wheels_device.txt`` for the device machines' image, which
+has most of the heavy ones (21 MiB for Python 3.12). Then:
 
     python benchmarks/gpu_check.py --out gpu_check_out          # on the GPU machine, about 5 minutes
     python benchmarks/gpu_check.py --out /tmp/gc --cpu-smoke    # tiny shapes on a CPU: the script runs
 
 What it does, each phase timed and recorded even when a later one fails:
 
-1. installs what is missing from ``.whl/`` (``pip install --no-index --find-links .whl``; nothing
-   else is reached) and imports CellDuality from this checkout (no install of the package itself);
+1. installs ``REQUIREMENTS`` from ``.whl/`` (``pip install --no-index --find-links``: the machine's
+   own packages where they satisfy, the folder's wheels where not; nothing else is reached) and
+   imports CellDuality from this checkout (the package itself is not installed);
 2. builds a ~0.5B Llama from a config (hidden 1536, 20 layers, 12 heads / 4 key-value heads,
    intermediate 4096; no download) with CellDuality's gene-symbol tokenizer, in bf16;
 3. SFT steps in bf16 with gradient checkpointing on offline-teacher traces (embedded pbmc68k), at a
@@ -50,7 +54,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
-PINS = REPO / "benchmarks" / "gpu_check_wheels.txt"
+#: what the check installs, at the versions of the tested stack (the rest of the stack's packages the
+#: machine has, or the wheel folder holds: benchmarks/gpu_check_wheels*.txt)
+REQUIREMENTS = (
+    "trl==1.16.0",
+    "datasets==5.2.0",
+    "anndata==0.12.19",
+    "scanpy==1.11.5",
+    "openai==3.52.0",
+    "scikit-learn",
+    "matplotlib",
+)
+DEEPSPEED = "deepspeed==0.19.8"
 #: import name -> what the check needs importable (beyond the machine's torch/transformers/...)
 NEEDED = ("trl", "datasets", "anndata", "scanpy", "yaml", "rich", "tqdm", "openai", "sklearn", "matplotlib")
 #: a ~0.5B Llama (20 x 25M per layer + embeddings of the small gene vocabulary)
@@ -72,7 +87,9 @@ def missing_modules() -> list[str]:
 
 
 def install_from_wheels(wheels: Path) -> dict[str, Any]:
-    """Install the pinned packages from ``wheels`` only (no index): what the machine lacks."""
+    """Install ``REQUIREMENTS`` from ``wheels`` only (no index). pip takes each dependency from the
+    machine where an installed version satisfies it and from the folder where not, so the folder
+    needs only what the machine lacks (the lists in ``benchmarks/gpu_check_wheels*.txt``)."""
     before = missing_modules()
     if not before:
         return {"needed": [], "installed": False}
@@ -81,30 +98,29 @@ def install_from_wheels(wheels: Path) -> dict[str, Any]:
             f"gpu_check: {', '.join(before)} not importable and no wheels in {wheels}: run "
             "benchmarks/fetch_gpu_check_wheels.sh on a machine with network first"
         )
-    pins = [line.split("#")[0].strip() for line in PINS.read_text().splitlines()]
-    pins = [p for p in pins if p and not p.startswith("deepspeed")]
     # the fetch script splits the wheels into parts (.whl/part-N) that are carried over one by one
     links = [str(d) for d in (wheels, *sorted(p for p in wheels.iterdir() if p.is_dir()))]
-    find_links = [arg for d in links for arg in ("--find-links", d)]
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", *find_links, *pins]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        *(a for d in links for a in ("--find-links", d)),
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([*pip, *REQUIREMENTS], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(
             f"gpu_check: installing from {wheels} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         )
-    ds = [p for p in PINS.read_text().split() if p.startswith("deepspeed")]
-    ds_proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-index", *find_links, *ds],
-        capture_output=True,
-        text=True,
-    )
+    ds = subprocess.run([*pip, DEEPSPEED], capture_output=True, text=True)  # optional: ZeRO-2 phase only
     importlib.invalidate_caches()
     return {
         "needed": before,
         "installed": True,
         "seconds": round(time.perf_counter() - start, 1),
-        "deepspeed": "installed" if ds_proc.returncode == 0 else ds_proc.stderr.strip().splitlines()[-1:],
+        "deepspeed": "installed" if ds.returncode == 0 else (ds.stdout + ds.stderr).strip().splitlines()[-1:],
         "still_missing": missing_modules(),
     }
 
@@ -348,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json (and the runs)")
     parser.add_argument("--wheels", type=Path, default=WHEELS, help="the fetched wheels (default: .whl/)")
+    parser.add_argument(
+        "--work", type=Path, help="where the runs' models and data go (default: <out>/runs; large)"
+    )
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--sft-lr", type=float, default=1e-4)
     parser.add_argument("--grpo-steps", type=int, default=6)
@@ -375,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     result["versions"] = {
         p: version(p) for p in ("torch", "transformers", "trl", "accelerate", "peft", "datasets")
     } | {"deepspeed": version("deepspeed") if importlib.util.find_spec("deepspeed") else None}
-    work = args.out / "runs"
+    work = args.work or args.out / "runs"
     built = phases.run("model", build_model, work, args.cpu_smoke)
     if built is None or "_path" not in built:
         return 1

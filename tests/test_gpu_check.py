@@ -23,20 +23,31 @@ def _gpu_check():
     return module
 
 
-def test_wheel_list_is_the_tested_stack() -> None:
+def _pins(name: str) -> dict[str, str]:
     pins = {}
-    for line in (REPO / "benchmarks" / "gpu_check_wheels.txt").read_text().splitlines():
+    for line in (REPO / "benchmarks" / name).read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            name, version = line.split("==")
-            pins[name.lower().replace("_", "-")] = version
-    for name in ("trl", "datasets", "anndata", "scanpy", "openai", "scikit-learn", "matplotlib", "deepspeed"):
-        assert name in pins, f"{name} is missing from benchmarks/gpu_check_wheels.txt"
-        assert pins[name] == metadata.version(name), (
-            f"{name}: wheel list {pins[name]}, tested {metadata.version(name)}"
+            package, version = line.split("==")
+            pins[package.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_wheel_lists_are_the_tested_stack() -> None:
+    gc = _gpu_check()
+    wanted = dict(r.split("==") for r in (*gc.REQUIREMENTS, gc.DEEPSPEED) if "==" in r)
+    for name, version in wanted.items():
+        assert version == metadata.version(name), (
+            f"gpu_check installs {name} {version}, tests ran {metadata.version(name)}"
         )
     base = {"torch", "transformers", "accelerate", "peft", "numpy", "scipy", "pandas"}
-    assert not base & set(pins), "the machine's own packages must not be replaced"
+    for listing in ("gpu_check_wheels.txt", "gpu_check_wheels_device.txt"):
+        pins = _pins(listing)
+        for name, version in wanted.items():
+            assert pins.get(name) == version, (
+                f"{listing}: {name} {pins.get(name)}, gpu_check installs {version}"
+            )
+        assert not base & set(pins), f"{listing}: the machine's own packages must not be replaced"
 
 
 def test_figures_from_a_log_history() -> None:
