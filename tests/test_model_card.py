@@ -187,3 +187,35 @@ def test_sft_writes_a_card_and_pushes_it_through_the_trainer(tmp_path, monkeypat
     assert last["repo_id"] == "me/cellduality-tiny-sft"
     assert {"cellduality_run.json", CARD, "config.json"} <= set(last["files"])
     assert last["card"] == card  # not TRL's draft card
+
+
+def test_grpo_card_names_the_sft_base_and_the_weighted_rewards(tmp_path) -> None:
+    """A GRPO run starts from a local SFT folder: its card names the base model the SFT card names."""
+    from cellduality.train.model_card import card_from_trainer
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / CARD).write_text(render_card(sft, "sft", RUN_META, {}, "meta-llama/Llama-3.2-3B-Instruct"))
+    out = tmp_path / "grpo"
+    out.mkdir()
+    (out / "cellduality_run.json").write_text(json.dumps(RUN_META))
+    args = types.SimpleNamespace(
+        learning_rate=1e-6, num_generations=8, beta=0.0, reward_weights=[0.1, 1.0], hub_model_id=None
+    )
+    cd_args = types.SimpleNamespace(
+        reward_funcs=["format", "dual"], dual_max_new_tokens=512, dual_do_sample=False
+    )
+    text = card_from_trainer(
+        types.SimpleNamespace(args=args),
+        "grpo",
+        cd_args,
+        types.SimpleNamespace(model_name_or_path=str(sft)),
+        out,
+    )
+    assert _front(text)["base_model"] == "meta-llama/Llama-3.2-3B-Instruct"
+    assert f"(loaded from `{sft}`)" in text
+    assert (
+        "| `format` | 0.1 |" in text
+        and "| `dual` | 1 |" in text
+        and "| `dual_max_new_tokens` | 512 |" in text
+    )
