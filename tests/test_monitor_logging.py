@@ -49,3 +49,20 @@ def test_monitor_figures_go_through_the_public_log(tmp_path, monkeypatch) -> Non
     assert trainer.seen_by_callbacks and figures.items() <= trainer.seen_by_callbacks[0].items()
     assert not trainer._metrics["train"]  # TRL's private store untouched
     assert not control.should_log  # the trainer's own logging cadence is left alone
+
+
+def test_a_monitor_entry_keeps_the_progress_bar_figures(tmp_path) -> None:
+    """The monitor's entry of its own carries no reward or loss: the bar keeps showing the last ones."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from cellduality.train.progress import CompactProgress
+
+    progress = CompactProgress(tmp_path)
+    progress.training_bar = tqdm(total=10, file=io.StringIO())
+    state = types.SimpleNamespace(is_world_process_zero=True, global_step=2)
+    progress.on_log(None, state, None, logs={"loss": 0.5, "reward": 0.25})
+    progress.on_log(None, state, None, logs={"monitor/annotation/oracle": 0.7})
+    assert "reward=0.25" in progress.training_bar.postfix
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 2  # both entries logged

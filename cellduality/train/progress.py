@@ -53,8 +53,9 @@ class CompactProgress(ProgressCallback):
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
-        if self.training_bar is not None:
-            self.training_bar.set_postfix(summary(logs), refresh=True)
+        figures = summary(logs)
+        if self.training_bar is not None and figures:  # an entry of monitor figures alone keeps the bar's
+            self.training_bar.set_postfix(figures, refresh=True)
         elif "train_runtime" in logs:
             print(f"training done in {logs['train_runtime']:.0f} s")
 
