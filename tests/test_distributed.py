@@ -62,6 +62,10 @@ def _check_symmetry(out: Path, steps: int) -> None:
     # the tiny recipe gives each rank one prompt per step, so ranks see different tasks in some steps
     uneven = [i for i in range(steps) if set(calls[0][i]["tasks"]) != set(calls[1][i]["tasks"])]
     assert uneven, f"no step where a rank lacked a task the other had: {calls}"
+    # the policy itself generated as often on every rank (fillers included), not just the reward calls
+    ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    generations = [r["policy_generations"] for r in ranks]
+    assert generations[0] == generations[1] >= steps, generations
     assert (out / "model.safetensors").exists()
 
 

@@ -63,7 +63,7 @@ def test_paper_hyper_parameters() -> None:
 
 
 def test_vllm_server_recipe_generates_on_the_server() -> None:
-    """The server recipe is grpo_dual.yaml with generation moved to `trl vllm-serve`, nothing else."""
+    """The server recipe is grpo_dual.yaml with generation moved to a `vllm serve` server, nothing else."""
     root = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.2-3b"
     server = yaml.safe_load((root / "grpo_dual_vllm_server.yaml").read_text())
     base = yaml.safe_load((root / "grpo_dual.yaml").read_text())
@@ -73,6 +73,7 @@ def test_vllm_server_recipe_generates_on_the_server() -> None:
     assert training_args.use_vllm and training_args.vllm_mode == "server"
     assert training_args.vllm_server_port == 8000 and training_args.vllm_server_timeout == 900
     moved = {"auto_vllm", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "output_dir"}
+    moved.add("vllm_max_model_length")  # colocate only: the server takes it as --max-model-len
     moved |= {k for k in server if k.startswith("vllm_server")}
     assert {k: v for k, v in server.items() if k not in moved} == {
         k: v for k, v in base.items() if k not in moved

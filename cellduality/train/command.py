@@ -155,7 +155,7 @@ def stage_main(stage: str, argv: Sequence[str] | None, prog: str, parse_args, ru
         return report_error(prog, exc)
     try:
         run(*parse_args(args))
-    except (DataError, TinyModelRefused) as exc:
+    except (DataError, TinyModelRefused, LaunchError) as exc:
         return report_error(prog, exc)
     return 0
 

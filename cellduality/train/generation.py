@@ -17,6 +17,24 @@ every dual prompt of the batch in one batched generation with the trainer's curr
 Rank symmetry: a rank with no dual prompt still generates (one filler prompt) so that collective
 operations inside generation (ZeRO-3 gathers, vLLM's tensor-parallel gather) happen the same number
 of times on every rank; in server mode each rank calls the gather and the broadcast exactly once.
+``generations`` counts the generation calls this rank made (fillers included), so a multi-rank test
+can compare them across ranks.
+
+vLLM colocate mode follows what TRL 1.16's own ``VLLMGeneration.generate`` does around a generation
+(``trl/generation/vllm_generation.py``):
+
+- sleep mode: TRL's rollout ends with ``llm.sleep(level=2)``, which *discards the weights*, and sets
+  ``_llm_weights_sleeping``. The dual reward runs right after that rollout, at the same step, so the
+  step test alone would skip the weight push and generate from freed memory. Here the weights are
+  re-pushed (``sync_weights`` wakes the ``weights`` tag and loads the current policy) whenever they
+  sleep, the ``kv_cache`` tag is woken, and the engine goes back to sleep at level 2 afterwards, so
+  TRL's next rollout again knows it must re-push.
+- PEFT with tensor parallelism > 1: a barrier on the default group before ``llm.generate``, as TRL
+  does (vLLM's TP collective can otherwise race NCCL's cleanup of the LoRA all-reduce and hang;
+  huggingface/trl#3671).
+
+The TRL private attributes read here are listed in ``TRL_PRIVATE_ATTRIBUTES``; a test checks that the
+installed TRL still has them.
 """
 
 from __future__ import annotations
@@ -27,6 +45,23 @@ import torch
 
 Messages = list[dict[str, str]]
 _FILLER: Messages = [{"role": "user", "content": "."}]
+
+#: TRL internals the vLLM path relies on, as ``(object, attribute)``: ``trainer`` is ``GRPOTrainer``,
+#: ``vllm_generation`` its ``VLLMGeneration``. A TRL release that renames one breaks dual generation
+#: silently (a skipped weight push), so ``tests/test_trl_contract.py`` checks each against the installed
+#: TRL's source and the ``trl`` pin names only checked versions.
+TRL_PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("trainer", "vllm_generation"),
+    ("trainer", "_last_loaded_step"),
+    ("vllm_generation", "llm"),
+    ("vllm_generation", "vllm_client"),
+    ("vllm_generation", "mode"),
+    ("vllm_generation", "enable_sleep_mode"),
+    ("vllm_generation", "tensor_parallel_size"),
+    ("vllm_generation", "tp_group"),
+    ("vllm_generation", "_llm_weights_sleeping"),
+    ("vllm_generation", "sync_weights"),
+)
 
 
 class PolicyGenerator:
@@ -47,6 +82,7 @@ class PolicyGenerator:
         self.fixed_batch = fixed_batch
         self.trainer: Any = None
         self.calls = 0
+        self.generations = 0  # generation calls made on this rank, fillers included
 
     def _encode(self, prompts: list[Messages]) -> list[list[int]]:
         out = []
@@ -97,14 +133,23 @@ class PolicyGenerator:
     def _generate_vllm(self, ids: list[list[int]], n_real: int) -> list[list[int]]:
         trainer = self.trainer
         vg = trainer.vllm_generation
-        if trainer.state.global_step != getattr(trainer, "_last_loaded_step", None):
-            vg.sync_weights()
+        # Sleep level 2 dropped the weights after the rollout of this very step: waking them is not
+        # enough, they must be pushed again (TRL's generate does the same when the flag is set)
+        weights_asleep = (
+            vg.mode == "colocate"
+            and bool(getattr(vg, "enable_sleep_mode", False))
+            and bool(getattr(vg, "_llm_weights_sleeping", False))
+        )
+        if weights_asleep or trainer.state.global_step != getattr(trainer, "_last_loaded_step", None):
+            vg.sync_weights()  # a collective (ZeRO-3 gathers): every rank sees the same flag and step
             trainer._last_loaded_step = trainer.state.global_step
+        self.generations += 1
         if vg.mode == "server":
             return self._generate_vllm_server(vg, ids[:n_real])
         return self._generate_vllm_colocate(vg, ids, n_real)
 
     def _generate_vllm_colocate(self, vg: Any, ids: list[list[int]], n_real: int) -> list[list[int]]:
+        from accelerate.utils import is_peft_model
         from vllm import SamplingParams
 
         params = [SamplingParams(**self.sampling(None if k < n_real else 1)) for k in range(len(ids))]
@@ -117,14 +162,19 @@ class PolicyGenerator:
             )
             prompts = [x for sub, _ in gathered for x in sub]
             params = [SamplingParams(**self.sampling(m)) for _, caps in gathered for m in caps]
-        if getattr(vg, "enable_sleep_mode", False):
+        sleep_mode = bool(getattr(vg, "enable_sleep_mode", False))
+        if sleep_mode:
             vg.llm.wake_up(tags=["kv_cache"])
+        if tp > 1 and is_peft_model(self.trainer.model):
+            # drain NCCL after the LoRA all-reduce before vLLM's TP collective (TRL does the same)
+            local = self.trainer.accelerator.local_process_index
+            torch.distributed.barrier(device_ids=[local] if torch.cuda.is_available() else None)
         outputs = vg.llm.generate(
             [{"prompt_token_ids": x} for x in prompts], sampling_params=params, use_tqdm=False
         )
-        if getattr(vg, "enable_sleep_mode", False):
+        if sleep_mode:
             vg.llm.sleep(level=2)
-            vg._llm_weights_sleeping = True
+            vg._llm_weights_sleeping = True  # the next generation (rollout or dual) re-pushes them
         completions = [list(o.outputs[0].token_ids) for o in outputs]
         if tp > 1:
             rank = torch.distributed.get_rank(group=vg.tp_group)
@@ -132,7 +182,8 @@ class PolicyGenerator:
             for sub, _ in gathered:
                 offsets.append(offsets[-1] + len(sub))
             completions = completions[offsets[rank] : offsets[rank + 1]]
-        assert len(completions) == orig
+        if len(completions) != orig:
+            raise RuntimeError(f"vLLM returned {len(completions)} completions for {orig} dual prompts")
         return completions
 
     def _generate_vllm_server(self, vg: Any, ids: list[list[int]]) -> list[list[int]]:
@@ -168,6 +219,7 @@ class PolicyGenerator:
             attention[row, width - len(seq) :] = 1
         device = trainer.accelerator.device
         args = trainer.args
+        self.generations += 1
         with (
             unwrap_model_for_generation(
                 trainer.model_wrapped,

@@ -38,6 +38,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
+    from cellduality.train.launch_guard import check_training_setup
 
     verifiers = any(name.startswith("verifier_") for name in cd_args.reward_funcs)
     if verifiers:
@@ -47,6 +48,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
+    check_training_setup(training_args)  # ZeRO-3 + HF generation without the gather: refused
     prepared = load_task_data(cd_args, training_args)
     if verifiers:  # they read observed cells from a prepared folder: bind the one this run trains on
         from cellduality.tasks import save_prepared
@@ -139,7 +141,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
             group_size=training_args.num_generations,
             every=cd_args.monitor_steps,
         )
-        monitor_callback.log_metric = lambda key, value: trainer._metrics["train"][key].append(value)
+        monitor_callback.trainer = trainer  # logs through the trainer's public log
         trainer.add_callback(monitor_callback)
     if cd_args.collapse_ratio > 0 and "format" in cd_args.reward_funcs:
         from cellduality.train.collapse import CollapseGuard
@@ -150,6 +152,10 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.progress import use_compact_progress
 
     use_compact_progress(trainer, training_args.output_dir)
+    if training_args.use_vllm:  # a ratio far from 1 in the logs: the engine's weights are stale
+        from cellduality.train.monitor import ImportanceRatioWatch
+
+        trainer.add_callback(ImportanceRatioWatch())
     # the run metadata only (genes, fit, split): the trainer never holds train or test answers
     trainer.cellduality_meta = prepared.meta
     del prepared
@@ -181,7 +187,10 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         rank = trainer.accelerator.process_index
         calls = Path(training_args.output_dir) / f"dual_calls_rank{rank}.json"
         calls.write_text(json.dumps(dual.history))
-    write_rank_state(trainer, training_args.output_dir, {"dual_calls": len(dual.history) if dual else 0})
+    counts = {"dual_calls": len(dual.history) if dual else 0}
+    if dual is not None:  # the policy's generation calls on this rank, fillers included
+        counts["policy_generations"] = getattr(dual.generate, "generations", None)
+    write_rank_state(trainer, training_args.output_dir, counts)
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         write_run_meta(
@@ -198,6 +207,9 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
         from cellduality.cli_common import saved_to
 
         print(saved_to("grpo", training_args.output_dir, f"model, tokenizer, {RUN_META}"), flush=True)
+    from cellduality.train.model_card import finish_run  # README.md; --push_to_hub through the trainer
+
+    finish_run(trainer, "grpo", cd_args, model_args)
     return trainer
 
 

@@ -434,3 +434,45 @@ def _deepspeed_problems(ds: Mapping[str, Any]) -> list[str]:
     elif stage is None:
         problems.append("deepspeed_config needs zero_stage (or a deepspeed_config_file)")
     return problems
+
+
+def deepspeed_zero_stage(training_args: Any = None, env: Mapping[str, str] | None = None) -> int | None:
+    """The ZeRO stage this run trains with (``None`` without DeepSpeed), from the launcher or the args.
+
+    ``accelerate launch`` with a DeepSpeed config exports ``ACCELERATE_DEEPSPEED_ZERO_STAGE``; a
+    ``deepspeed`` JSON given to the trainer arguments is read by transformers into ``hf_deepspeed_config``.
+    """
+    env = os.environ if env is None else env
+    if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
+        stage = _int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), -1)
+        if stage >= 0:
+            return stage
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if ds_config is not None:
+        return 3 if ds_config.is_zero3() else int(ds_config.get_value("zero_optimization.stage") or 0)
+    return None
+
+
+def check_generation_setup(use_vllm: bool, ds3_gather_for_generation: bool, zero_stage: int | None) -> None:
+    """Refuse ``ds3_gather_for_generation: false`` under ZeRO-3 when generation runs in Hugging Face.
+
+    Without the gather, every generated token of every rollout and every dual answer all-gathers each
+    layer's shards across the ranks: TRL's maintainers measured step 0 "stuck" for hours and closed it
+    as intended behaviour (huggingface/trl#3858). vLLM generation does not read this flag (its weight
+    push gathers one parameter at a time), so only the Hugging Face path is refused.
+    """
+    if zero_stage == 3 and not use_vllm and not ds3_gather_for_generation:
+        raise LaunchError(
+            "ds3_gather_for_generation: false under DeepSpeed ZeRO-3 with Hugging Face generation makes every "
+            "generated token gather the model's shards across ranks (hours per step, huggingface/trl#3858): "
+            "drop the setting (TRL's default is true), or generate with vLLM (use_vllm: true)"
+        )
+
+
+def check_training_setup(training_args: Any, env: Mapping[str, str] | None = None) -> None:
+    """The checks of a parsed GRPO configuration (after ``auto_vllm`` decided ``use_vllm``)."""
+    check_generation_setup(
+        bool(getattr(training_args, "use_vllm", False)),
+        bool(getattr(training_args, "ds3_gather_for_generation", True)),
+        deepspeed_zero_stage(training_args, env),
+    )

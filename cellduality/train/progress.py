@@ -31,6 +31,12 @@ def summary(logs: dict[str, Any]) -> dict[str, str]:
     for key in _KEEP:
         if isinstance(logs.get(key), (int, float)):
             out[key] = f"{logs[key]:.3g}"
+    from cellduality.train.monitor import IS_RATIO_KEY, importance_ratio_problem
+
+    if isinstance(logs.get(IS_RATIO_KEY), (int, float)):
+        out["is_ratio"] = f"{logs[IS_RATIO_KEY]:.3g}"
+        if importance_ratio_problem(logs) is not None:  # the bar says it too, not only the log
+            out["WARNING"] = "vLLM weights out of sync"
     return out
 
 
@@ -47,8 +53,9 @@ class CompactProgress(ProgressCallback):
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
-        if self.training_bar is not None:
-            self.training_bar.set_postfix(summary(logs), refresh=True)
+        figures = summary(logs)
+        if self.training_bar is not None and figures:  # an entry of monitor figures alone keeps the bar's
+            self.training_bar.set_postfix(figures, refresh=True)
         elif "train_runtime" in logs:
             print(f"training done in {logs['train_runtime']:.0f} s")
 

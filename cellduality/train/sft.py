@@ -98,6 +98,9 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
         from cellduality.cli_common import saved_to
 
         print(saved_to("sft", out, f"model, tokenizer, {RUN_META}"), flush=True)
+    from cellduality.train.model_card import finish_run  # README.md; --push_to_hub through the trainer
+
+    finish_run(trainer, "sft", cd_args, model_args)
     return trainer
 
 
