@@ -199,3 +199,87 @@ def test_permuting_the_pools_labels_leaves_the_label_free_checkpoints_byte_ident
     # set lacks cannot be answered), and changed by the permutation
     assert scores["original"] == [float(r["answer"] in r["candidates"]) for r in rows]
     assert scores["permuted"] != scores["original"]
+
+
+def _completion(answer: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": f"<think>x</think><answer>{answer}</answer>"}]
+
+
+def _score(prepared, rows: list[dict], answers: list[str]) -> list[float | None]:
+    from cellduality.parsing import gene_vocabulary
+    from cellduality.rewards import build_rewards
+
+    (oracle,) = build_rewards(["oracle_eval"], gene_vocabulary(prepared.genes), prepared=prepared)
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    return oracle(completions=[_completion(a) for a in answers], **columns)
+
+
+def test_oracle_eval_scores_what_eval_scores(pbmc_design) -> None:
+    """Hand-made answers: a real cell of the prompted type scores high, of another type low; a label is
+    1/0; an answer too short to be a cell scores lowest."""
+    rl = pbmc_design.datasets[RL_SPLIT]
+    annotation = [r for r in rl if r["task"] == "annotation" and r["answer"] in r["candidates"]][:2]
+    wrong = next(c for c in annotation[0]["candidates"] if c != annotation[0]["answer"])
+    assert _score(pbmc_design, [annotation[0]] * 3, [annotation[0]["answer"], wrong, "no answer"]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
+    # generation: the test cells of a type (real cells the oracle never saw) against the pool's real cells
+    test = pbmc_design.datasets["test"].filter(lambda r: r["task"] == "generation")
+    counts = {c: test["condition"].count(c) for c in set(test["condition"])}
+    prompt = max((r for r in rl if r["task"] == "generation"), key=lambda r: counts.get(r["condition"], 0))
+    wanted = prompt["condition"]
+    own = [r["answer"] for r in test if r["condition"] == wanted][:10]
+    other = [r["answer"] for r in test if r["condition"] != wanted][:10]
+    mine = _score(pbmc_design, [prompt] * len(own), own)
+    theirs = _score(pbmc_design, [prompt] * len(other), other)
+    assert np.mean(mine) > np.mean(theirs) + 0.3, (mine, theirs)
+    short = " ".join(own[0].split()[:3])  # 3 of 16 genes: not a cell
+    assert _score(pbmc_design, [prompt], [short]) == [0.0]
+
+
+def test_oracle_eval_perturbation_against_the_pools_change() -> None:
+    from cellduality.data import load_dataset
+
+    cfg = TaskConfig(top_k=16, max_examples=200, seed=0, sft_examples=60, rl_examples=40)
+    prepared = build_tasks(load_dataset("glioblastoma_panobinostat"), config=cfg)
+    rl = prepared.datasets[RL_SPLIT]
+    test = prepared.datasets["test"]
+    rows, perturbed, control = [], [], []
+    for prompt in rl:  # pair each pool prompt with a real perturbed test cell of its context
+        match = [r for r in test if r["context"] == prompt["context"]]
+        if match:
+            rows.append(prompt)
+            perturbed.append(match[0]["answer"])
+            control.append(" ".join(prompt["cell_genes"]))
+        if len(rows) == 20:
+            break
+    real = _score(prepared, rows, perturbed)
+    unchanged = _score(prepared, rows, control)
+    assert np.mean(real) > np.mean(unchanged) + 0.2, (np.mean(real), np.mean(unchanged))
+    # genes of another dataset parse to nothing here: the lowest reward, as eval finds them invalid
+    foreign = " ".join(["CD74", "HLA-DRA", "LYZ", "S100A8", "CD3E", "MS4A1", "NKG7", "GNLY"] * 2)
+    assert _score(prepared, rows[:1], [foreign]) == [-1.0]
+
+
+def test_rewards_parse_a_row_with_its_own_datasets_genes() -> None:
+    """A run on several datasets: an answer naming another dataset's genes is no cell of this one (eval
+    parses per dataset); with the union alone it counted as parsed (the measured oracle hack)."""
+    from cellduality.rewards import build_rewards
+
+    union = {g.casefold(): g for g in ("CD74", "LYZ", "VIM", "CLU")}
+    own = {"glio": {"vim": "VIM", "clu": "CLU"}, "pbmc": {"cd74": "CD74", "lyz": "LYZ"}}
+    logged: dict[str, float] = {}
+    row = {"task": "perturbation", "dataset": "glio", "n_genes": [2], "id": ["a"]}
+    for vocabularies, expected in ((None, 1.0), (own, 0.0)):
+        (fmt,) = build_rewards(["format"], union, vocabularies=vocabularies)
+        fmt(
+            completions=[_completion("CD74 LYZ")],
+            task=[row["task"]],
+            dataset=[row["dataset"]],
+            n_genes=row["n_genes"],
+            id=row["id"],
+            log_metric=logged.__setitem__,
+        )
+        assert logged["format/perturbation/parsed"] == expected

@@ -36,6 +36,19 @@ class RowReward:
         self.vocabulary = dict(vocabulary) if vocabulary is not None else None
         self.__name__ = self.name  # TRL logs rewards under the function's __name__
 
+    #: per dataset, its own gene vocabulary (``build_rewards(..., vocabularies=...)``): a run on several
+    #: datasets has the union in ``vocabulary``, and an answer naming another dataset's genes must not
+    #: count as a cell of this one (eval parses with the row's dataset's genes too)
+    vocabularies: Mapping[str, Mapping[str, str]] | None = None
+
+    def vocab_for(self, row: Mapping[str, Any]) -> Mapping[str, str] | None:
+        """The gene vocabulary a row's answers are parsed with: its dataset's, else the run's union."""
+        if self.vocabularies:
+            found = self.vocabularies.get(str(row.get("dataset", "")))
+            if found is not None:
+                return found
+        return self.vocabulary
+
     def score(self, row: Mapping[str, Any], completion: Any) -> float | None:  # pragma: no cover
         raise NotImplementedError
 

@@ -72,7 +72,7 @@ class DualReward(RowReward):
             )
         rows = rows_from_columns(len(completions), columns)
         answers = [
-            forward_answer(row, c, self.vocabulary) if has_dual(row.get("task")) else None
+            forward_answer(row, c, self.vocab_for(row)) if has_dual(row.get("task")) else None
             for row, c in zip(rows, completions, strict=True)
         ]
         owners: list[int] = []
@@ -94,7 +94,7 @@ class DualReward(RowReward):
         scores: dict[int, list[float]] = defaultdict(list)
         self.last_details = []
         for owner, prompt, output in zip(owners, dual_prompts, outputs, strict=True):
-            value = dual_score(rows[owner], output, self.vocabulary)
+            value = dual_score(rows[owner], output, self.vocab_for(rows[owner]))
             scores[owner].append(value)
             self.last_details.append(
                 {

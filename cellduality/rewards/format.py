@@ -29,7 +29,7 @@ class FormatReward(RowReward):
 
             rows = rows_from_columns(len(completions), columns)
             parsed = [
-                None if r.get("task") is None else float(forward_answer(r, c, self.vocabulary) is not None)
+                None if r.get("task") is None else float(forward_answer(r, c, self.vocab_for(r)) is not None)
                 for r, c in zip(rows, completions, strict=True)
             ]
             log_per_task(self.name, rows, parsed, columns["log_metric"], "parsed")

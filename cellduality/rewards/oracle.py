@@ -32,7 +32,7 @@ class OracleRWJS(RowReward):
             return None
         reference = str(row.get("answer", "")).split()
         limit = int(row.get("n_genes") or 0) or len(reference) or None
-        return rwjs_casefold(reference, parse_genes(completion, self.vocabulary, limit))
+        return rwjs_casefold(reference, parse_genes(completion, self.vocab_for(row), limit))
 
 
 class Oracle(RowReward):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellduality.rewards.aligned import OracleEval
+from cellduality.rewards.base import RowReward
 from cellduality.rewards.dual import DualReward
 from cellduality.rewards.format import FormatReward
 from cellduality.rewards.neighbourhood import NeighbourhoodFormat, NeighbourhoodGain, NeighbourhoodValidity
@@ -60,9 +61,13 @@ def register_reward(name: str, factory: RewardFactory) -> None:
 
 
 def build_rewards(
-    names: Sequence[str], vocabulary: Mapping[str, str] | None = None, **options: Any
+    names: Sequence[str],
+    vocabulary: Mapping[str, str] | None = None,
+    vocabularies: Mapping[str, Mapping[str, str]] | None = None,
+    **options: Any,
 ) -> list[Callable[..., list[float | None]]]:
-    """Instantiate the named rewards; ``options`` go to the factories that accept them."""
+    """Instantiate the named rewards; ``options`` go to the factories that accept them. ``vocabularies``:
+    each dataset's own genes, what a row of that dataset is parsed with (``RowReward.vocab_for``)."""
     out = []
     for name in names:
         if name not in REWARDS:
@@ -79,5 +84,8 @@ def build_rewards(
             )
         if getattr(factory, "needs_prepared", False) and "prepared" in options:
             kwargs["prepared"] = options["prepared"]
-        out.append(factory(**kwargs))
+        reward = factory(**kwargs)
+        if vocabularies and isinstance(reward, RowReward):
+            reward.vocabularies = {k: dict(v) for k, v in vocabularies.items()}
+        out.append(reward)
     return out

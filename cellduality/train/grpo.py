@@ -21,6 +21,14 @@ from typing import Any
 LABEL_COLUMNS = ("answer", "cell_id")
 
 
+def dataset_vocabularies(prepared: Any) -> dict[str, dict[str, str]]:
+    """Each dataset's own gene vocabulary (a merged run's ``genes`` is the union of its datasets')."""
+    from cellduality.parsing import gene_vocabulary
+
+    parts = prepared.meta.get("parts") or {prepared.meta.get("dataset", ""): prepared.meta}
+    return {str(name): gene_vocabulary(meta.get("genes", [])) for name, meta in parts.items()}
+
+
 def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     """The configured ``GRPOTrainer`` (dual reward wired to the trainer's own generation)."""
     from transformers import set_seed
@@ -97,6 +105,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     rewards = build_rewards(
         cd_args.reward_funcs,
         gene_vocabulary(prepared.genes),
+        vocabularies=dataset_vocabularies(prepared),
         generate=generator,
         num_samples=cd_args.dual_num_samples,
         seed=training_args.seed,
@@ -133,6 +142,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
             dual = DualReward(
                 generate=generator, vocabulary=gene_vocabulary(prepared.genes), deterministic=True
             )
+            dual.vocabularies = dataset_vocabularies(prepared)
         monitor_callback = DualMonitor(
             monitor_dir,
             dual,
