@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def _child(stage: str, work: Path, steps: int) -> None:
     else:
         trainer = _grpo_steps(work, steps, name)
     print("RESULT " + json.dumps(_throughput(trainer, cpu["s"])), flush=True)
+    shutil.rmtree(work / name, ignore_errors=True)  # the checkpoint of a few steps is not needed
 
 
 def _grpo_steps(work: Path, steps: int, name: str) -> Any:
