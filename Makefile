@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/teacher_throughput.py
 	$(PY) benchmarks/eval_speed.py
 	$(PY) benchmarks/cpu_allocator.py
+	$(PY) benchmarks/train_speed.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -333,16 +333,15 @@ def test_run_meta_carries_sentence_settings_and_eval_warns(tmp_path: Path) -> No
 def test_training_subcommands_help_is_fast_and_shows_defaults() -> None:
     import subprocess
     import sys
-    import time
 
     for stage in ("sft", "grpo"):
         probe = (
             f"import sys; from cellduality.cli import main; code = main([{stage!r}, '--help']); "
             "print(sorted({'trl', 'torch', 'transformers'} & set(sys.modules)))"
         )
-        started = time.monotonic()
+        # fast because nothing heavy is imported (the last line lists which of trl, torch, transformers
+        # were): a count, not a clock bound that fails under load; the timeout only stops a hang
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-        assert time.monotonic() - started < 20
         assert out.returncode == 0 and out.stdout.strip().endswith("[]"), out.stdout[-500:] + out.stderr
         assert "--sentence_genes" in out.stdout and "(default: 100)" in out.stdout
         assert "--help-all" in out.stdout and len(out.stdout.splitlines()) < 150

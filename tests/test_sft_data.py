@@ -535,15 +535,19 @@ def test_a_wedged_teacher_stops_the_run_like_a_down_one(
                 "2",
             ]
             argv += ["--first-byte-timeout", "0.5", "--probe-timeout", "0.5", "--no-progress"]
-            started = time.monotonic()
             assert main(argv) == 1
-            messages[name] = (capsys.readouterr().err, time.monotonic() - started)
+            messages[name] = capsys.readouterr().err
+        held = list(wedged.held)
     for name, reason in (("down", "connection_error"), ("wedged", "no_response")):
-        err, elapsed = messages[name]
+        err = messages[name]
         assert f"stopped: the teacher keeps failing ({reason}" in err, err
         assert "run the same command again to resume" in err and "Traceback" not in err
-        assert elapsed < 30, (name, elapsed)
-    assert "not responding" in messages["wedged"][0]
+    assert "not responding" in messages["wedged"]
+    # soon, counted rather than timed: the run stopped after the first round of requests (4 in flight),
+    # each ended by the 0.5 s first-byte check ("no_response", not the long total timeout), so the other
+    # examples were never sent
+    posts = [h for h in held if h.startswith("POST")]
+    assert 1 <= len(posts) <= 4, held
 
 
 def test_retries_show_in_the_progress_line(key: str, prepared_dir: Path, tmp_path: Path) -> None:

@@ -98,7 +98,9 @@ def test_429_honours_retry_after(key: str, server: OpenAITestServer) -> None:
     assert result.ok and result.tries == 2
     first, second = server.requests
     gap = second.started - first.finished
-    assert 0.38 <= gap < 0.9, gap  # the tiny backoff base (0.01 s) would have retried at once
+    # the retry came after the provider's pause (the tiny backoff base, 0.01 s, would have retried at once),
+    # and the client waited that pause once: its own account, not a wall-clock bound that fails under load
+    assert gap >= 0.38, gap
     assert result.waited_s == pytest.approx(0.4, abs=0.05)
 
 
@@ -116,11 +118,12 @@ def test_retry_after_pauses_every_request_to_that_endpoint(key: str, server: Ope
 def test_retry_after_is_capped(key: str, server: OpenAITestServer) -> None:
     server.inject(Fault.rate_limit(retry_after="3600"))
     retry = RetryPolicy(max_tries=2, backoff_base_s=0.01, retry_after_cap_s=0.2)
-    started = time.monotonic()
     result = one(server, retry=retry)
     assert result.ok and result.tries == 2
+    # the one wait the client took was the cap, not the hour asked for
     assert 0.19 <= result.waited_s <= 0.25
-    assert time.monotonic() - started < 1.5
+    first, second = server.requests
+    assert second.started - first.finished >= 0.19
 
 
 def test_retry_after_http_date_in_the_past_means_now(key: str, server: OpenAITestServer) -> None:
@@ -164,11 +167,12 @@ def test_client_errors_are_not_retried(key: str, server: OpenAITestServer) -> No
 
 
 def test_timeout_is_retried_then_reported(key: str) -> None:
-    with OpenAITestServer(fault_fn=lambda req: Fault.slow(5.0)) as srv:
-        started = time.monotonic()
+    # the server would answer after a minute (closing it ends the wait, so the test does not take it)
+    with OpenAITestServer(fault_fn=lambda req: Fault.slow(60.0)) as srv:
         result = one(srv, retry=RetryPolicy(max_tries=2, backoff_base_s=0.01), timeout_s=0.3)
         assert result.error == "timeout" and result.tries == 2 and result.text is None
-        assert time.monotonic() - started < 2.5
+        # order, not a clock bound: both tries were given up while the server was still holding them
+        assert len(srv.requests) == 2 and all(r.finished is None for r in srv.requests)
 
 
 def test_timeout_then_success(key: str, server: OpenAITestServer) -> None:
@@ -362,10 +366,8 @@ def test_callback_runs_per_item_and_its_failure_stops_the_batch(key: str) -> Non
             raise OSError("disk full")
 
         many = (TeacherRequest(f"big/{i}", MESSAGES) for i in range(10_000))
-        started = time.monotonic()
         with pytest.raises(OSError, match="disk full"):
             run_teacher_batch(endpoint(srv), many, explode, concurrency=3, progress=False)
-        assert time.monotonic() - started < 2.0
         assert len(srv.requests) < 12 + 20  # pending work was cancelled, the generator not drained
 
 
@@ -452,15 +454,14 @@ def test_a_wedged_endpoint_fails_fast_with_no_response(key: str) -> None:
         ep = endpoint(srv, timeout_s=60.0, first_byte_timeout_s=0.4, probe_timeout_s=0.4)
         client = TeacherClient(ep, concurrency=4, retry=FAST, on_retry=lambda r, why, w: retries.append(why))
         requests = [TeacherRequest(f"ex/{i}", MESSAGES) for i in range(8)]
-        started = time.monotonic()
 
         async def go():
             async with client:
                 return await client.run(requests)
 
         results = asyncio.run(go())
-        elapsed = time.monotonic() - started
-    assert elapsed < 5.0, elapsed  # not 8 requests x 4 tries x 60 s
+    # not 8 requests x 4 tries x 60 s: every try ended on the 0.4 s first-byte check ("no_response"; the
+    # 60 s total timeout would say "timeout"), and only the first round was ever sent (below)
     assert [r.error for r in results] == ["no_response"] * 8
     assert all(r.tries == FAST.max_tries for r in results)
     assert "not responding" in results[0].detail and "GET /models" in results[0].detail

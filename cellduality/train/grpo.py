@@ -47,6 +47,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
     from cellduality.train.launch_guard import check_training_setup
+    from cellduality.train.lm_head import compact_lm_head
 
     verifiers = any(name.startswith("verifier_") for name in cd_args.reward_funcs)
     if verifiers:
@@ -54,6 +55,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
         register_verifier_rewards()
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
+    compact_lm_head()
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
     check_training_setup(training_args)  # ZeRO-3 + HF generation without the gather: refused
