@@ -752,7 +752,11 @@ def _read_completion(raw: bytes, endpoint: TeacherEndpoint, result: TeacherResul
     try:
         data = json.loads(raw)
     except ValueError:
-        return _Failure("malformed_response", _scrub(f"reply body is not JSON: {raw[:120]!r}", endpoint))
+        if raw.lstrip()[:1] == b"<":  # a proxy's or login wall's page, answered with HTTP 200
+            detail = f"reply is an HTML page, not a chat completion (a proxy or a login page?): {raw[:120]!r}"
+        else:
+            detail = f"reply body is not JSON: {raw[:120]!r}"
+        return _Failure("malformed_response", _scrub(detail, endpoint))
     if not isinstance(data, dict):
         return _Failure("malformed_response", f"reply body is a JSON {type(data).__name__}, not an object")
     choices = data.get("choices")
