@@ -78,3 +78,29 @@ def test_vllm_server_recipe_generates_on_the_server() -> None:
     assert {k: v for k, v in server.items() if k not in moved} == {
         k: v for k, v in base.items() if k not in moved
     }
+
+
+# -- a mistyped field is one line ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_mistyped_field_is_one_line_with_the_close_match(stage: str, tmp_path: Path, capsys) -> None:
+    """On the command line and in the YAML: exit 2, one line naming the field and the close match."""
+    from cellduality.cli import main
+
+    recipe = RECIPES[0].parents[1] / "tiny-cpu" / ("sft.yaml" if stage == "sft" else "grpo_dual.yaml")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(recipe.read_text() + "\nnum_generatons: 4\n")
+    cases = [
+        ([stage, "--config", str(recipe), "--learnin_rate", "1e-4"],
+         "unknown field on the command line: learnin_rate (did you mean learning_rate?)"),
+        ([stage, "--config", str(typo)], f"unknown field in the recipe {typo}: num_generatons (did you mean "),
+        ([stage, "--config", str(tmp_path / "missing.yaml")], "cannot read the recipe"),
+        ([stage, str(recipe)], f"unexpected argument '{recipe}' (a recipe: --config {recipe})"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith(f"cellduality {stage}: error:")]
+        assert len(lines) == 1 and expected in lines[0], (argv, err)
+        assert "Traceback" not in err and "HfArgumentParser" not in err, err
