@@ -809,3 +809,21 @@ def test_sft_refuses_a_stopped_sft_data_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no finished dataset: its generation stopped early"):
         sft_examples(CellDualityArguments(), SFTDataArguments(sft_data=str(stopped)), None, training_args)
     assert sorted(p.name for p in stopped.iterdir()) == [STORE_FILE]
+
+
+def test_a_teacher_asking_to_wait_an_hour_gets_a_verdict(
+    key: str, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """429 with Retry-After: 3600 on every request: the run stops at the first answer (exit 1, one line
+    naming the wait and the ceiling), instead of waiting the ceiling again and again."""
+    with OpenAITestServer(fault_fn=lambda request: Fault.rate_limit(retry_after="3600")) as server:
+        argv = [*_cli_argv(prepared_dir, tmp_path / "sft", server.base_url), "--concurrency", "1"]
+        assert main([*argv, "--max-retry-wait", "60"]) == 1
+        assert len(server.requests) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "sft-data:" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "cellduality sft-data: stopped: the teacher is rate-limited"
+    ), err
+    assert "asking to wait 3600 s (Retry-After), more than the 60 s one wait may take" in lines[0]
+    assert not (tmp_path / "sft" / "dataset").exists()

@@ -92,7 +92,8 @@ PENDING = "pending"
 SFT_COLUMNS = ("id", "task", "kind", "prompt", "completion", "teacher", "dataset", "score")
 
 #: Client errors that no retry or later example can fix: the run stops instead of burning the list.
-FATAL_ERRORS = frozenset({"http_401", "http_403", "http_404", "missing_api_key"})
+#: ``rate_limited``: the server asked to wait longer than the ceiling (a quota): every request would too.
+FATAL_ERRORS = frozenset({"http_401", "http_403", "http_404", "missing_api_key", "rate_limited"})
 
 TASK_ORDER = ("annotation", "generation", "drug_sensitivity", "perturbation", "neighbourhood")
 
@@ -493,6 +494,11 @@ class _Run:
             if record.status == FAILED:
                 self.streak += 1
                 failures += 1
+                if record.reason == "rate_limited":
+                    raise TeacherUnavailableError(
+                        f"the teacher is rate-limited: {record.extra.get('detail', '')}. What was generated is in "
+                        f"{self.store.path}; the same command resumes"
+                    )
                 if record.reason in FATAL_ERRORS or self.streak >= self.abort_after:
                     raise TeacherUnavailableError(
                         f"the teacher keeps failing ({record.reason}: {record.extra.get('detail', '')}); "
