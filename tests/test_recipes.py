@@ -104,3 +104,26 @@ def test_a_mistyped_field_is_one_line_with_the_close_match(stage: str, tmp_path:
         lines = [line for line in err.splitlines() if line.startswith(f"cellduality {stage}: error:")]
         assert len(lines) == 1 and expected in lines[0], (argv, err)
         assert "Traceback" not in err and "HfArgumentParser" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["prepare", "--dataset", "pbmc68k", "--outt", "x"], "--outt: did you mean --out?"),
+        (["predict", "--task", "annotation", "--model", "m", "--out", "x.h5ad", "--overwite"],
+         "--overwite: did you mean --overwrite?"),
+        (["eval", "--prepared", "p", "--modle", "m", "--out", "o"], "--modle: did you mean --model?"),
+        (["sft-data", "--data", "pbmc68k", "--out", "o", "--teacher-modle", "m"],
+         "--teacher-modle: did you mean --teacher-model?"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_flag_of_any_command_names_the_close_match(argv: list[str], expected: str, capsys) -> None:
+    """argparse's own error, one line, exit 2, named by the subcommand and with the flag that was meant."""
+    from cellduality.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"cellduality {argv[0]}: error:"), lines
+    assert expected in lines[0] and lines[0].endswith(f"(see cellduality {argv[0]} --help)"), lines[0]
