@@ -72,3 +72,21 @@ def test_one_step_with_variance_disarms_the_stop_and_short_runs_are_not_judged()
     assert run([1.0, 1.0])[1] == []  # shorter than N: not judged
     assert run([1.0] * 4, steps=0)[1] == []  # 0 turns it off
     assert run([1.0, 1.0, 1.0], resumed_at=8)[1] == [11]  # a resumed run: N of its own steps
+
+
+def test_the_diagnosis_names_the_sft_recipe_of_the_run_s_tasks() -> None:
+    from types import SimpleNamespace
+
+    from cellduality.train.configs import CellDualityArguments
+    from cellduality.train.guards import ZeroVarianceStop
+
+    model = SimpleNamespace(model_name_or_path="outputs/tiny-cpu/model_neighbourhood")
+    guard = ZeroVarianceStop.for_run(CellDualityArguments(tasks=["neighbourhood"]), model)
+    text = guard.diagnosis(3)
+    assert (
+        "recipes/tiny-cpu/sft_neighbourhood.yaml, then --model_name_or_path outputs/tiny-cpu/sft_neighbourhood"
+        in text
+    )
+    guard = ZeroVarianceStop.for_run(CellDualityArguments(tasks=["annotation", "generation"]), model)
+    assert "recipes/tiny-cpu/sft.yaml, then --model_name_or_path outputs/tiny-cpu/sft)" in guard.diagnosis(3)
+    assert guard.steps == 10  # the default when a recipe does not set zero_variance_stop_steps

@@ -18,7 +18,7 @@ CPU_OVERRIDES = ["--bf16", "false", "--use_cpu", "true"]
 def _parse(recipe: Path):
     raw = yaml.safe_load(recipe.read_text())
     overrides = CPU_OVERRIDES if raw.get("bf16") else []
-    if recipe.stem == "sft":
+    if recipe.stem.startswith("sft"):
         from cellduality.train.sft import parse_args
     else:
         from cellduality.train.grpo import parse_args
@@ -30,6 +30,23 @@ def test_there_are_recipes() -> None:
     for model in ("llama-3.2-3b", "tiny-cpu"):
         assert {f"{model}/sft.yaml", f"{model}/grpo_dual.yaml", f"{model}/grpo_oracle.yaml"} <= names
         assert f"{model}/grpo_neighbourhood.yaml" in names
+    assert "tiny-cpu/sft_neighbourhood.yaml" in names  # the tiny neighbourhood GRPO's SFT step
+
+
+@pytest.mark.parametrize("name", ["grpo_dual", "grpo_oracle", "grpo_neighbourhood"])
+def test_tiny_grpo_recipes_are_the_step_after_their_sft_recipe(name: str) -> None:
+    """Each says which SFT recipe comes first (its comment gives the command), and a run started without
+    it stops within its max_steps with the diagnosis instead of training on rewards that never vary."""
+    root = RECIPES[0].parents[1] / "tiny-cpu"
+    text = (root / f"{name}.yaml").read_text()
+    sft = "sft_neighbourhood" if name == "grpo_neighbourhood" else "sft"
+    assert f"cellduality sft  --config recipes/tiny-cpu/{sft}.yaml" in text
+    assert f"--model_name_or_path outputs/tiny-cpu/{sft}" in text
+    raw = yaml.safe_load(text)
+    sft_raw = yaml.safe_load((root / f"{sft}.yaml").read_text())
+    assert sft_raw["output_dir"] == f"outputs/tiny-cpu/{sft}"
+    assert (sft_raw["dataset"], sft_raw["tasks"]) == (raw["dataset"], raw["tasks"])
+    assert 0 < raw["zero_variance_stop_steps"] < raw["max_steps"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -38,7 +55,7 @@ def test_recipe_parses(recipe: Path) -> None:
     cd_args, *_, training_args, model_args = parsed
     assert model_args.model_name_or_path == raw["model_name_or_path"]
     assert training_args.output_dir == raw["output_dir"]
-    if recipe.stem != "sft":
+    if not recipe.stem.startswith("sft"):
         check_reward_mode(cd_args.reward_mode, cd_args.reward_funcs)
         assert len(training_args.reward_weights) == len(cd_args.reward_funcs)
     if recipe.parent.name == "tiny-cpu":

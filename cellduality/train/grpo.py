@@ -172,7 +172,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     trainer.cellduality_dual = next((r for r in rewards if isinstance(r, DualReward)), None)
     from cellduality.train.guards import ZeroVarianceStop  # rewards that never vary: stop, saying why
 
-    trainer.add_callback(ZeroVarianceStop(cd_args.zero_variance_stop_steps, model_args.model_name_or_path))
+    trainer.add_callback(ZeroVarianceStop.for_run(cd_args, model_args))
     return trainer
 
 

@@ -43,9 +43,10 @@ class ZeroVarianceStop(TrainerCallback):
     ``steps`` is never judged (it ends as it did before), so short smoke runs are unaffected.
     """
 
-    def __init__(self, steps: int, model_hint: str = "") -> None:
+    def __init__(self, steps: int, model_hint: str = "", sft_recipe: str = "sft.yaml") -> None:
         self.steps = int(steps)
         self.model_hint = model_hint
+        self.sft_recipe = sft_recipe
         self.start_step: int | None = None
         self.signal = False
         self.rewards: list[float] = []
@@ -92,9 +93,18 @@ class ZeroVarianceStop(TrainerCallback):
             seen.append("every completion clipped at max_completion_length")
         what = f" ({', '.join(seen)})" if seen else ""
         model = f" {self.model_hint}" if self.model_hint else ""
+        out = "outputs/tiny-cpu/" + self.sft_recipe.removesuffix(".yaml")
         return (
             f"no learning signal: for {steps} steps every group of completions got the same reward{what}, so "
             f"every GRPO advantage and the loss are 0; the model{model} most likely writes no completion that "
-            "parses: start GRPO from an SFT checkpoint (e.g. cellduality sft --config recipes/tiny-cpu/sft.yaml, "
-            "then --model_name_or_path outputs/tiny-cpu/sft), or set zero_variance_stop_steps: 0 to train anyway"
+            f"parses: start GRPO from an SFT checkpoint of the same tasks (e.g. cellduality sft --config "
+            f"recipes/tiny-cpu/{self.sft_recipe}, then --model_name_or_path {out}), or set "
+            "zero_variance_stop_steps: 0 to train anyway"
         )
+
+    @classmethod
+    def for_run(cls, cd_args: Any, model_args: Any) -> ZeroVarianceStop:
+        """The guard of one GRPO run: its N, its model, and the SFT recipe of its tasks for the message."""
+        only_neighbourhood = list(cd_args.tasks or []) == ["neighbourhood"]
+        recipe = "sft_neighbourhood.yaml" if only_neighbourhood else "sft.yaml"
+        return cls(cd_args.zero_variance_stop_steps, str(model_args.model_name_or_path), recipe)
