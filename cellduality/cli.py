@@ -30,6 +30,11 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="embedded dataset name or path to an .h5ad file")
     p.add_argument("--out", required=True, type=Path, help="output folder (DatasetDict + meta.json)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the prepared dataset already in --out (without it, such a folder is refused)",
+    )
+    p.add_argument(
         "--tasks",
         nargs="+",
         choices=TASK_CHOICES,
@@ -103,7 +108,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from cellduality.reporting import print_prepared
     from cellduality.tasks import save_prepared
 
-    out = check_out_dir(args.out)
+    out = check_prepare_out(check_out_dir(args.out), args.overwrite)
     is_file = args.dataset not in EMBEDDED and Path(args.dataset).suffix.lower() == ".h5ad"
     if is_file and not args.in_memory and "neighbourhood" not in (args.tasks or []):
         prepared = prepare_file_blockwise(args, out)
@@ -113,6 +118,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print_prepared(prepared, out)
     print(saved_to("prepare", out, "data/ + meta.json"))
     return 0
+
+
+def check_prepare_out(out: Path, overwrite: bool) -> Path:
+    """Refuse to write over a prepared dataset unless ``--overwrite``, and never into folders not ours.
+
+    Why: a second ``prepare`` with another ``--dataset`` or settings and the same ``--out`` used to replace
+    the first one's rows and ``meta.json`` without a word, and the checkpoints trained on it lost their
+    data. ``data/`` or ``tables/`` without ``meta.json`` belong to something else: refused even with
+    ``--overwrite``.
+    """
+    from cellduality.data.schema import DataError
+    from cellduality.tasks.build import META_FILE, TABLES_DIR
+
+    if (out / META_FILE).exists():
+        if not overwrite:
+            raise DataError(
+                f"{out} already holds a prepared dataset ({META_FILE}); give another --out, or --overwrite to "
+                "replace it"
+            )
+        return out
+    for name in ("data", TABLES_DIR):
+        if (out / name).exists():
+            raise DataError(
+                f"{out / name} exists and is not part of a prepared dataset (no {META_FILE} beside it); give "
+                "another --out"
+            )
+    return out
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -31,8 +31,44 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """``cellduality``'s parsers (its subcommands inherit the class): a mistake on the command line is
     one line and exit code 2, like every other ``cellduality`` error; ``--help`` shows the usage."""
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # kept for error(): argparse reports a subcommand's unknown flag from the top parser
+        self._seen_args = list(args) if args is not None else None
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        parser = self._chosen_subparser()
+        hint = self._close_matches(parser) if message.startswith(("unrecognized", "the following")) else ""
+        self.exit(2, f"{parser.prog}: error: {message}{hint} (see {parser.prog} --help)\n")
+
+    def _chosen_subparser(self) -> argparse.ArgumentParser:
+        """The subcommand's parser when one was named (argparse reports its unknown flags from the top)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                seen = getattr(self, "_seen_args", None) or []
+                chosen = next((a for a in seen if a in action.choices), None)
+                if chosen is not None:
+                    return action.choices[chosen]
+        return self
+
+    def _close_matches(self, parser: argparse.ArgumentParser) -> str:
+        """``; --outt: did you mean --out?`` for each mistyped flag given to ``parser``.
+
+        Why: Python 3.11's argparse names an unknown flag but not the one meant (and a missing required
+        flag hides the mistyped one entirely); one wrong letter should not send a user to ``--help``.
+        """
+        import difflib
+
+        known = [o for o in parser._option_string_actions if o.startswith("--")]
+        seen = getattr(parser, "_seen_args", None) or getattr(self, "_seen_args", None) or []
+        hints = []
+        for token in seen:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
+                if close:
+                    hints.append(f"{flag}: did you mean {close[0]}?")
+        return "; " + "; ".join(hints) if hints else ""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -182,3 +182,30 @@ def test_cli_blockwise_path_problems_are_the_in_memory_messages(capsys, tmp_path
             capsys, "prepare", "--dataset", str(path), "--cell-type-col", "ct", "--out", "o"
         )
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_cli_prepare_refuses_to_replace_a_prepared_folder(capsys, tmp_path) -> None:
+    """A second `prepare` into the same --out is refused (one line, nothing touched) unless --overwrite; a
+    folder whose data/ is not a prepared dataset's is refused even with it."""
+    path = _counts_file(tmp_path / "counts.h5ad")
+    out = tmp_path / "prepared"
+    base = ["prepare", "--dataset", str(path), "--cell-type-col", "ct", "--top-k", "12", "--out", str(out)]
+    code, _, err = _cli(capsys, *base)
+    assert code == 0, err
+    meta = (out / "meta.json").read_bytes()
+    for extra in ([], ["--in-memory"]):
+        code, printed, err = _cli(capsys, *base, *extra, "--top-k", "8")
+        assert code == 2 and printed == "" and len(err.strip().splitlines()) == 1, err
+        assert (
+            f"{out} already holds a prepared dataset (meta.json); give another --out, or --overwrite" in err
+        )
+    assert (out / "meta.json").read_bytes() == meta
+    code, printed, err = _cli(capsys, *base, "--top-k", "8", "--overwrite")
+    assert code == 0 and "saved to" in printed, err
+    assert (out / "meta.json").read_bytes() != meta
+    theirs = tmp_path / "project"
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "data" / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, *base[:-1], str(theirs), "--overwrite")
+    assert code == 2 and "is not part of a prepared dataset" in err
+    assert sorted(p.name for p in (theirs / "data").iterdir()) == ["notes.txt"]

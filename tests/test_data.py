@@ -83,7 +83,8 @@ def test_no_columns_for_a_file_is_refused(pbmc_file) -> None:
 
 def _toy(x, genes=None, obs=None) -> ad.AnnData:
     genes = genes or [f"G{j}" for j in range(np.asarray(x).shape[1])]
-    obs = obs if obs is not None else pd.DataFrame({"ct": ["a"] * np.asarray(x).shape[0]})
+    n = np.asarray(x).shape[0]  # two classes: a single one is refused (cellduality.data.labels)
+    obs = obs if obs is not None else pd.DataFrame({"ct": ["a", "b"] * (n // 2) + ["a"] * (n % 2)})
     obs.index = [f"c{i}" for i in range(len(obs))]
     return ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=genes))
 

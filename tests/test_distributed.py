@@ -50,6 +50,9 @@ def _launch(tmp: Path, launcher: list[str], env_extra: dict[str, str], steps: in
         str(steps),
         "--save_strategy",
         "no",
+        # rank symmetry on the untrained tiny model, whose rewards never vary: the learning-signal stop is off
+        "--zero_variance_stop_steps",
+        "0",
     ]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -110,3 +110,80 @@ def test_training_vocabulary_holds_no_held_out_name(norman_ood) -> None:
         for target in name.split("+"):
             # a held-out target enters the vocabulary only as a gene of the dataset, never from test rows
             assert (target in vocab) == (target in prepared.genes or target in known)
+
+
+# -- labels that make a task meaningless are refused, by both prepare paths ----------------------
+
+
+def _labelled_file(path, labels: list[str]):
+    """A small counts file whose cell-type column cycles through ``labels``."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n, g = 60, 30
+    x = sp.csr_matrix(rng.poisson(1.0, size=(n, g)).astype(np.float32) + np.eye(n, g, dtype=np.float32))
+    obs = pd.DataFrame({"ct": [labels[i % len(labels)] for i in range(n)]}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"GENE{j}" for j in range(g)])).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("labels", "reason"),
+    [
+        (["B cell", "T cell </answer> naive"], "holding the completion markup"),
+        (["B cell", "T cell", "<Answer>NK"], "holding the completion markup"),
+        (["B cell", "T cell", "?"], "empty once case, spacing and punctuation are ignored"),
+        (["B cell", "T cell", "t  cell."], "differ only by case, spacing or punctuation"),
+        (["T cell"], "holds a single cell type class ('T cell')"),
+    ],
+)
+@pytest.mark.parametrize("path_kind", ["block-wise", "in-memory"])
+def test_labels_no_answer_can_name_are_refused(labels, reason, path_kind, tmp_path, capsys) -> None:
+    from cellduality.cli import main
+
+    path = _labelled_file(tmp_path / "cells.h5ad", labels)
+    argv = [
+        "prepare",
+        "--dataset",
+        str(path),
+        "--cell-type-col",
+        "ct",
+        "--top-k",
+        "8",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    code = main(argv + (["--in-memory"] if path_kind == "in-memory" else []))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("cellduality prepare: error: column 'ct'") and reason in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_labels_that_are_prefixes_of_each_other_are_fine(tmp_path, capsys) -> None:
+    """Matching is exact after normalisation: 'T cell' never takes an answer meant for 'T cell activated'."""
+    from cellduality.cli import main
+    from cellduality.parsing import parse_label
+    from cellduality.tasks import load_prepared
+
+    candidates = ["T cell", "T cell activated", "B cell"]
+    for label in candidates:
+        assert parse_label(f"<think>x</think><answer>{label.lower()}.</answer>", candidates) == label
+    path = _labelled_file(tmp_path / "cells.h5ad", candidates)
+    argv = [
+        "prepare",
+        "--dataset",
+        str(path),
+        "--cell-type-col",
+        "ct",
+        "--top-k",
+        "8",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--in-memory"]) == 0, capsys.readouterr().err
+    train = load_prepared(tmp_path / "o").datasets["train"]
+    assert set(train.filter(lambda r: r["task"] == "annotation")["answer"]) == set(candidates)

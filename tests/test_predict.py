@@ -499,3 +499,61 @@ def test_cell_eval_skips_what_it_cannot_compute_on_one_perturbation(norman, capl
     assert not [r for r in caplog.records if "Error computing metric" in r.getMessage()]
     assert list(found["per_perturbation"]) == ["KLF1 (cell type: k562)"]
     assert np.isfinite(found["metrics"]["pearson_delta"]) and np.isfinite(found["metrics"]["mae"])
+
+
+# ------------------------------------------------------------------------------------ existing outputs
+
+
+def test_existing_outputs_are_refused_before_any_work(pbmc_h5ad, tmp_path, capsys) -> None:
+    """An existing --out, or its .real.h5ad companion, is refused (exit 2, one line) unless --overwrite, before
+    the model is even looked at (the model folder here does not exist); an input is never an output."""
+    model = str(tmp_path / "no_model")
+    out = tmp_path / "annotated.h5ad"
+    out.write_bytes(b"yesterday's annotations")
+    real = tmp_path / "perturbed.real.h5ad"
+    real.write_bytes(b"yesterday's observed cells")
+    perturb = [
+        "--task",
+        "perturbation",
+        "--model",
+        model,
+        "--h5ad",
+        str(pbmc_h5ad),
+        "--perturbations",
+        "KLF1",
+    ]
+    cases = {
+        "existing out": (["--task", "annotation", "--model", model, "--h5ad", str(pbmc_h5ad), "--out", str(out)],
+                         f"{out} already exists; give another --out, or --overwrite to replace"),
+        "existing companion": ([*perturb, "--real", "norman_devel", "--out", str(tmp_path / "perturbed.h5ad")],
+                               f"{real} already exists"),
+        "out is the input": (["--task", "annotation", "--model", model, "--h5ad", str(pbmc_h5ad), "--out",
+                              str(pbmc_h5ad), "--overwrite"], "is also --h5ad"),
+        "real-out is out": ([*perturb, "--real", "norman_devel", "--out", str(tmp_path / "p.h5ad"), "--real-out",
+                             str(tmp_path / "p.h5ad")], "is the same file as --out"),
+    }  # fmt: skip
+    for name, (argv, expected) in cases.items():
+        code, _, err = run_cli(["predict", *argv], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (name, err)
+    assert (
+        out.read_bytes() == b"yesterday's annotations" and real.read_bytes() == b"yesterday's observed cells"
+    )
+    # with --overwrite the refusal is gone: the run gets as far as the (missing) model
+    code, _, err = run_cli(["predict", *cases["existing out"][0], "--overwrite"], capsys)
+    assert code == 2 and "already exists" not in err and "no_model" in err, err
+    assert out.read_bytes() == b"yesterday's annotations"
+
+
+def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path) -> None:
+    from cellduality.predict.command import write_h5ad_atomic
+
+    path = tmp_path / "cells.h5ad"
+    write_h5ad_atomic(ad.AnnData(np.ones((3, 2), dtype=np.float32)), path)
+    before = path.read_bytes()
+    broken = ad.AnnData(np.zeros((5, 2), dtype=np.float32))
+    broken.uns["not storable"] = object()  # h5ad cannot hold it: the write fails part-way
+    with pytest.raises(Exception, match="object"):
+        write_h5ad_atomic(broken, path)
+    assert path.read_bytes() == before and ad.read_h5ad(path).n_obs == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]  # no temporary file left

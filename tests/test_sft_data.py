@@ -42,6 +42,7 @@ from cellduality.teacher.pipeline import (
     STORE_FILE,
     SUMMARY_FILE,
     GenerationConfig,
+    NothingKeptError,
     TeacherUnavailableError,
     load_sft_dataset,
     run_generation,
@@ -395,11 +396,19 @@ def test_rejected_answers_are_asked_again(
     # annotation only: its prompts (and in-painting duals) are unique per cell, so "wrong the first
     # time a prompt is seen" is wrong on attempt 0 of every example
     base = {"data": str(prepared_dir), "tasks": ["annotation"], "limit": 4, "progress": False}
-    with OpenAITestServer(reply=Script(train_rows, flip_first=True)) as server:
-        once = run_generation(
+    nothing_kept = pytest.raises(NothingKeptError, match="no answer passed the checks")  # no dataset
+    with OpenAITestServer(reply=Script(train_rows, flip_first=True)) as server, nothing_kept:
+        run_generation(
             GenerationConfig(out=tmp_path / "once", teachers=[endpoint(server)], max_attempts=1, **base)
         )
-    assert once["totals"] == {"examples": 4, "kept": 0, "rejected": 4, "failed": 0, "pending": 0}  # no duals
+    once = json.loads((tmp_path / "once" / SUMMARY_FILE).read_text())
+    assert once["dataset"] is None and once["totals"] == {
+        "examples": 4,
+        "kept": 0,
+        "rejected": 4,
+        "failed": 0,
+        "pending": 0,
+    }  # no duals
     with OpenAITestServer(reply=Script(train_rows, flip_first=True)) as server:
         twice = run_generation(
             GenerationConfig(out=tmp_path / "twice", teachers=[endpoint(server)], max_attempts=3, **base)
@@ -574,7 +583,8 @@ def test_retries_show_in_the_progress_line(key: str, prepared_dir: Path, tmp_pat
         )
         try:
             _Run._postfix = spy
-            run_generation(config)
+            with pytest.raises(NothingKeptError):  # the echoed prompt is no candidate: rejected
+                run_generation(config)
         finally:
             _Run._postfix = original
     assert any("retries=1 (http_500, try 2)" in line for line in shown), shown
@@ -714,3 +724,110 @@ def test_script_help_and_light_imports() -> None:
     probe = "import sys, cellduality.teacher.command; print(sorted({'datasets', 'numpy', 'openai'} & set(sys.modules)))"
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert imported.stdout.strip() == "[]"  # `cellduality --help` stays instant
+
+
+# -- a run that kept nothing ---------------------------------------------------------------------
+
+
+def _cli_argv(prepared_dir: Path, out: Path, url: str) -> list[str]:
+    argv = ["--data", str(prepared_dir), "--out", str(out), "--teacher-base-url", url]
+    argv += ["--teacher-model", "m", "--api-key-env", KEY_ENV, "--tasks", "annotation", "--limit", "2"]
+    return [*argv, "--max-attempts", "1", "--max-tries", "1", "--no-duals", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("html", "every request to the teacher failed (malformed_response: 2)"),
+        ("wedged", "every request to the teacher failed (no_response: 2)"),
+        ("all wrong", "no answer passed the checks (rejected malformed: 2)"),
+    ],
+)
+def test_a_run_that_kept_nothing_exits_non_zero_without_a_dataset(
+    case: str, expected: str, key: str, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Too few failures to stop the run early (2 examples), yet nothing kept: before, exit 0 and a dataset."""
+    html = Fault(body=b"<!DOCTYPE html><html><body>Please sign in</body></html>")
+    server = {
+        "html": OpenAITestServer(fault_fn=lambda request: html),
+        "wedged": OpenAITestServer(hang=True),
+        "all wrong": OpenAITestServer(reply=lambda messages, model: "I would rather not say."),
+    }[case]
+    out = tmp_path / "sft"
+    with server:
+        argv = _cli_argv(prepared_dir, out, server.base_url)
+        argv += ["--first-byte-timeout", "0.5", "--probe-timeout", "0.5"]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "sft-data:" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "cellduality sft-data: stopped: no example was kept out of 2"
+    )
+    assert expected in lines[0] and "no dataset was written" in lines[0], lines[0]
+    assert "saved to" not in err and "Traceback" not in err
+    assert not (out / "dataset").exists()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["dataset"] is None and "no example was kept" in summary["stopped"]
+    with pytest.raises(FileNotFoundError, match="no finished dataset"):
+        load_sft_dataset(out)
+    if case == "html":  # the stored reason says what the reply was
+        assert "HTML page" in read_lines(out / STORE_FILE)[0]["extra"]["detail"]
+
+
+def test_one_kept_example_is_a_dataset(
+    key: str, prepared_dir: Path, train_rows: list[dict], tmp_path: Path
+) -> None:
+    """The refusal is for nothing kept, not for some failures: one right answer makes a dataset (exit 0)."""
+    first = next(r for r in train_rows if r["task"] == "annotation")
+    script = Script(train_rows)
+
+    def reply(messages: list[dict], model: str) -> str:
+        found = script.by_prompt.get(messages[-1]["content"])
+        if found is not None and found[0]["id"] == first["id"]:
+            return script.answer(found[0], FORWARD, "right")
+        return "no idea"
+
+    with OpenAITestServer(reply=reply) as server:
+        config = GenerationConfig(
+            data=str(prepared_dir), out=tmp_path / "one", teachers=[endpoint(server)], retry=FAST,
+            tasks=["annotation"], duals=False, max_attempts=1, progress=False,
+        )  # fmt: skip
+        summary = run_generation(config)
+    assert summary["totals"]["kept"] == 1 and summary["dataset"]["forward"] == 1
+    assert len(load_sft_dataset(tmp_path / "one")["train"]) == 1
+
+
+def test_sft_refuses_a_stopped_sft_data_folder(tmp_path: Path) -> None:
+    """`cellduality sft --sft_data X` where `sft-data` stopped: a one-line DataError, and the offline teacher
+    does not finish the hosted teacher's run in the user's folder (before: it did)."""
+    from transformers import TrainingArguments
+
+    from cellduality.data.schema import DataError
+    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
+    from cellduality.train.sft import sft_examples
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / STORE_FILE).write_text("")
+    training_args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[])
+    with pytest.raises(DataError, match="no finished dataset: its generation stopped early"):
+        sft_examples(CellDualityArguments(), SFTDataArguments(sft_data=str(stopped)), None, training_args)
+    assert sorted(p.name for p in stopped.iterdir()) == [STORE_FILE]
+
+
+def test_a_teacher_asking_to_wait_an_hour_gets_a_verdict(
+    key: str, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """429 with Retry-After: 3600 on every request: the run stops at the first answer (exit 1, one line
+    naming the wait and the ceiling), instead of waiting the ceiling again and again."""
+    with OpenAITestServer(fault_fn=lambda request: Fault.rate_limit(retry_after="3600")) as server:
+        argv = [*_cli_argv(prepared_dir, tmp_path / "sft", server.base_url), "--concurrency", "1"]
+        assert main([*argv, "--max-retry-wait", "60"]) == 1
+        assert len(server.requests) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "sft-data:" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "cellduality sft-data: stopped: the teacher is rate-limited"
+    ), err
+    assert "asking to wait 3600 s (Retry-After), more than the 60 s one wait may take" in lines[0]
+    assert not (tmp_path / "sft" / "dataset").exists()

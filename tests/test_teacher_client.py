@@ -115,15 +115,40 @@ def test_retry_after_pauses_every_request_to_that_endpoint(key: str, server: Ope
     assert min(r.started for r in rest) - first.finished >= 0.38
 
 
-def test_retry_after_is_capped(key: str, server: OpenAITestServer) -> None:
+def test_retry_after_beyond_the_ceiling_is_a_verdict_not_a_wait(key: str, server: OpenAITestServer) -> None:
+    """Retry-After: 3600 with a 0.2 s ceiling: no wait and no retry, the request ends as rate_limited at once
+    (before, it waited the ceiling and retried up to max_tries: minutes per request with the defaults)."""
     server.inject(Fault.rate_limit(retry_after="3600"))
-    retry = RetryPolicy(max_tries=2, backoff_base_s=0.01, retry_after_cap_s=0.2)
+    retry = RetryPolicy(max_tries=5, backoff_base_s=0.01, retry_after_cap_s=0.2)
     result = one(server, retry=retry)
-    assert result.ok and result.tries == 2
-    # the one wait the client took was the cap, not the hour asked for
-    assert 0.19 <= result.waited_s <= 0.25
-    first, second = server.requests
-    assert second.started - first.finished >= 0.19
+    assert not result.ok and result.error == "rate_limited" and result.tries == 1
+    assert result.waited_s == 0 and len(server.requests) == 1
+    assert "asking to wait 3600 s (Retry-After), more than the 0.2 s" in result.detail
+
+
+def test_waits_of_one_request_have_a_ceiling(key: str) -> None:
+    """Each 429 asks for 0.3 s (under the 1 s ceiling), but together they may not pass 0.5 s: two tries."""
+    retry = RetryPolicy(max_tries=5, backoff_base_s=0.01, retry_after_cap_s=1.0, max_wait_total_s=0.5)
+    with OpenAITestServer(fault_fn=lambda request: Fault.rate_limit(retry_after="0.3")) as srv:
+        result = one(srv, retry=retry)
+        assert len(srv.requests) == 2
+    assert not result.ok and result.error == "http_429" and result.tries == 2
+    assert result.waited_s == pytest.approx(0.3)
+    assert "gave up after 2 tries: one more wait (0.3 s) would pass the 0.5 s" in result.detail
+
+
+def test_a_long_wait_is_said_once_per_cool_down(key: str, server: OpenAITestServer, caplog) -> None:
+    """Three requests share one Retry-After cool-down: one console note, naming the ceilings."""
+    server.inject(Fault.rate_limit(retry_after="0.3"))
+    retry = RetryPolicy(max_tries=3, backoff_base_s=0.01, retry_after_cap_s=1.0, note_wait_s=0.1)
+    requests = [TeacherRequest(f"ex/{i}", MESSAGES) for i in range(3)]
+    with caplog.at_level("WARNING", logger="cellduality.teacher.client"):
+        results = run_teacher_batch(endpoint(server), requests, concurrency=1, retry=retry, progress=False)
+    assert all(r.ok for r in results)
+    notes = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(notes) == 1, notes
+    assert "http_429, waiting 0.3 s as the server asks (Retry-After)" in notes[0]
+    assert "at most 1 s per wait and 300 s per request" in notes[0]
 
 
 def test_retry_after_http_date_in_the_past_means_now(key: str, server: OpenAITestServer) -> None:

@@ -251,6 +251,9 @@ def _tidy_obs(obs: pd.DataFrame, columns: Columns, notes: list[str]) -> pd.DataF
                     columns.direction: f"--default-direction ({columns.default_direction!r}) is used"
                 }.get(column, "it is left out of their prompts")
                 notes.append(f"{int(missing.sum())} cells have no value in {column!r} (NaN or blank): {what}")
+    from cellduality.data.labels import check_labels
+
+    check_labels(obs, columns)  # labels no completion can name right (both prepare paths come here)
     return obs
 
 

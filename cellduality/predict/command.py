@@ -30,7 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--task", required=True, choices=["annotation", "generation", "perturbation"])
     p.add_argument("--model", required=True, help="checkpoint folder written by SFT or GRPO (or the demo)")
-    p.add_argument("--out", required=True, type=Path, help="output .h5ad")
+    p.add_argument("--out", required=True, type=Path, help="output .h5ad (an existing file: see --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (and --real-out); without it an existing file is refused",
+    )
     p.add_argument(
         "--h5ad", help="annotation: the cells; perturbation: control cells (or all, controls are kept)"
     )
@@ -112,6 +117,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DataError(f"--min-gene-overlap must be in [0, 1], got {args.min_gene_overlap}")
     if args.out.is_dir():
         raise DataError(f"--out {args.out} is a folder; give the path of the .h5ad file to write")
+    outputs = planned_outputs(args)
+    check_outputs(outputs, args)
     if args.task == "perturbation" and args.real:
         check_real(args.real)
     options = {
@@ -167,21 +174,71 @@ def cmd_predict(args: argparse.Namespace) -> int:
             **data,
             **options,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_h5ad(args.out)
+    real = None
+    if args.task == "perturbation" and args.real:  # aligned before anything is written: both or neither
+        real = align_real(
+            args.real, out, key_added=args.key_added, layer=args.layer, gene_symbols=args.gene_symbols
+        )
+    write_h5ad_atomic(out, args.out)
     print(f"wrote {args.out} ({out.n_obs} cells x {out.n_vars} genes)")
     if args.task == "perturbation":
         real_path = "OBSERVED.h5ad"
-        if args.real:
-            real_out = args.real_out or args.out.with_suffix(".real.h5ad")
-            real = align_real(
-                args.real, out, key_added=args.key_added, layer=args.layer, gene_symbols=args.gene_symbols
-            )
-            real.write_h5ad(real_out)
+        if real is not None:
+            real_out = outputs[1]
+            write_h5ad_atomic(real, real_out)
             real_path = str(real_out)
             print(f"wrote {real_out} ({real.n_obs} observed cells, same genes and perturbations)")
         print("score it with: " + cell_eval_command(out, str(args.out), real_path, args.key_added))
     return 0
 
 
-__all__ = ["add_parser", "cmd_predict"]
+def planned_outputs(args: argparse.Namespace) -> list[Path]:
+    """Every file this run will write: ``--out``, and with ``--real`` the aligned observed cells."""
+    outputs = [args.out]
+    if args.task == "perturbation" and args.real:
+        outputs.append(args.real_out or args.out.with_suffix(".real.h5ad"))
+    return outputs
+
+
+def check_outputs(outputs: list[Path], args: argparse.Namespace) -> None:
+    """Refuse, before any generation, to replace a file the user has, unless ``--overwrite``.
+
+    Why before: a prediction can take hours; learning at the end that it cannot be saved, or silently
+    replacing yesterday's annotations (and a ``.real.h5ad`` written beside them), loses work either way.
+    An input file is never an output, even with ``--overwrite``: the run reads it while writing.
+    """
+    from cellduality.data.schema import DataError
+
+    resolved = [p.resolve() for p in outputs]
+    if len(set(resolved)) < len(resolved):
+        raise DataError(f"--real-out {outputs[-1]} is the same file as --out; give another path")
+    inputs = {Path(x).resolve(): flag for flag, x in (("--h5ad", args.h5ad), ("--real", args.real)) if x}
+    for path, where in zip(outputs, resolved, strict=True):
+        if where in inputs:
+            raise DataError(f"{path} is also {inputs[where]}: write the predictions to another file")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise DataError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; give another --out, "
+            "or --overwrite to replace"
+        )
+    for path in outputs:
+        if path.is_dir():
+            raise DataError(f"{path} is a folder; give the path of the .h5ad file to write")
+
+
+def write_h5ad_atomic(adata, path: Path) -> None:
+    """Write ``adata`` beside ``path`` and rename it into place, so a failed write leaves the old file whole."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # only the temporary file this call made
+            tmp.unlink()
+
+
+__all__ = ["add_parser", "check_outputs", "cmd_predict", "planned_outputs", "write_h5ad_atomic"]

@@ -10,7 +10,8 @@ Why this exists rather than calling ``openai`` directly from the SFT script:
   :class:`TeacherResult` with ``error`` set to a short machine-readable reason (``http_429``,
   ``http_500``, ``timeout``, ``no_response`` (the endpoint accepts connections but answers
   nothing, not even a liveness check), ``connection_error``, ``malformed_response``, ``empty_content``,
-  ``provider_error``, ``missing_api_key``, ``unexpected_error``). A long distillation run must not
+  ``provider_error``, ``missing_api_key``, ``rate_limited`` (asked to wait longer than the ceiling),
+  ``unexpected_error``). A long distillation run must not
   die on request 9,000.
 * **Reproducible teacher mixtures.** With several endpoints, the teacher for an example is a seeded
   weighted choice keyed by ``(example_id, attempt)``, so a re-run or a resume asks the same teacher.
@@ -32,6 +33,7 @@ import email.utils
 import hashlib
 import inspect
 import json
+import logging
 import os
 import threading
 import time
@@ -68,6 +70,8 @@ POOL_SHARD_SIZE = 8
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 OnResult = Callable[["TeacherResult"], "Awaitable[None] | None"]
+
+logger = logging.getLogger(__name__)
 
 
 class TeacherConfigError(ValueError):
@@ -192,8 +196,12 @@ class RetryPolicy:
     ``max_tries`` counts HTTP tries (1 = no retry). Without ``Retry-After`` the wait before try
     ``n+1`` is uniform in ``[0, min(backoff_max_s, backoff_base_s * 2**(n-1))]`` ("full jitter",
     which spreads retries of many concurrent requests). With ``Retry-After`` (or OpenAI's
-    ``retry-after-ms``) the wait is exactly that, capped at ``retry_after_cap_s`` so a misbehaving
-    server cannot park the run for hours. Malformed or empty replies are retried when
+    ``retry-after-ms``) the wait is exactly that when it is at most ``retry_after_cap_s``; a server
+    that asks for longer (``Retry-After: 3600``: a quota, an hourly limit) is not waited for at all:
+    the request ends at once as ``rate_limited``, a verdict instead of hours of capped retries.
+    ``max_wait_total_s`` bounds the time one request spends waiting between its tries, whatever the
+    reason. A wait of ``note_wait_s`` or more is said on the console (``logging``, once per endpoint
+    cool-down), so a run that waits is seen waiting. Malformed or empty replies are retried when
     ``retry_malformed`` (proxies and overloaded servers do return them transiently).
     """
 
@@ -202,12 +210,16 @@ class RetryPolicy:
     backoff_max_s: float = 60.0
     retry_after_cap_s: float = 120.0
     retry_malformed: bool = True
+    max_wait_total_s: float = 300.0
+    note_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_tries < 1:
             raise TeacherConfigError(f"max_tries must be >= 1, got {self.max_tries}")
         if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.retry_after_cap_s < 0:
             raise TeacherConfigError("backoff and Retry-After bounds must be >= 0")
+        if self.max_wait_total_s < 0 or self.note_wait_s < 0:
+            raise TeacherConfigError("max_wait_total_s and note_wait_s must be >= 0")
 
     def backoff_s(self, try_number: int, unit: float) -> float:
         """Full-jitter backoff after failed try ``try_number`` (1-based); ``unit`` is in [0, 1)."""
@@ -387,6 +399,8 @@ class TeacherClient:
         self._probe_task: dict[int, asyncio.Task[bool]] = {}
         self._probe_at: dict[int, float] = {}
         self._dead: dict[int, str] = {}  # endpoint index -> why it is taken as not responding
+        self._limited: dict[int, tuple[float, str]] = {}  # endpoint index -> (asked to wait until, why)
+        self._noted_until: dict[int, float] = {}  # endpoint index -> end of the last wait said on the console
 
     def __repr__(self) -> str:
         names = ", ".join(e.name for e in self.endpoints)
@@ -544,15 +558,35 @@ class TeacherClient:
                     result.error = result.detail = None
                     break
                 result.error, result.detail = failure.reason, failure.detail
+                asked = failure.retry_after_s
+                if asked is not None and asked > self.retry.retry_after_cap_s:
+                    # A verdict now: the limit will not lift within a wait we are willing to make.
+                    result.error = "rate_limited"
+                    result.detail = (
+                        f"{endpoint.name} answered {failure.reason.replace('_', ' ')} asking to wait "
+                        f"{asked:g} s (Retry-After), more than the {self.retry.retry_after_cap_s:g} s one wait "
+                        "may take (--max-retry-wait): a quota or rate limit; run again once it has lifted"
+                    )
+                    # the other requests to this endpoint get the same verdict without being sent
+                    self._limited[index] = (time.monotonic() + asked, result.detail)
+                    break
                 if result.tries >= self.retry.max_tries or not self._retryable(failure.reason):
                     break
-                if failure.retry_after_s is not None:
-                    wait = min(failure.retry_after_s, self.retry.retry_after_cap_s)
-                    # Everyone talking to this endpoint waits: the limit is the provider's, not ours.
-                    self._not_before[index] = max(self._not_before.get(index, 0.0), time.monotonic() + wait)
+                if asked is not None:
+                    wait = asked
                 else:
                     unit = _unit(self.seed, "jitter", request.example_id, request.attempt, result.tries)
                     wait = self.retry.backoff_s(result.tries, unit)
+                if result.waited_s + wait > self.retry.max_wait_total_s:
+                    result.detail = (
+                        f"{result.detail}; gave up after {result.tries} tries: one more wait ({wait:g} s) would "
+                        f"pass the {self.retry.max_wait_total_s:g} s a request may spend waiting (--max-retry-total)"
+                    )
+                    break
+                if asked is not None:
+                    # Everyone talking to this endpoint waits: the limit is the provider's, not ours.
+                    self._not_before[index] = max(self._not_before.get(index, 0.0), time.monotonic() + wait)
+                self._note_wait(index, endpoint, failure.reason, wait, asked is not None)
                 result.waited_s += wait
                 self.retries += 1
                 if self.on_retry is not None:
@@ -565,6 +599,28 @@ class TeacherClient:
             result.detail = _scrub(f"{type(exc).__name__}: {exc}", endpoint)
         result.elapsed_s = time.monotonic() - started
         return result
+
+    def _note_wait(
+        self, index: int, endpoint: TeacherEndpoint, reason: str, wait: float, asked: bool
+    ) -> None:
+        """Say on the console that requests wait ``wait`` s, once per endpoint cool-down (not per request)."""
+        if wait < self.retry.note_wait_s:
+            return
+        until = time.monotonic() + wait
+        if until <= self._noted_until.get(index, 0.0) + 1.0:
+            return  # this cool-down was said already
+        self._noted_until[index] = until
+        why = "as the server asks (Retry-After)" if asked else "before retrying"
+        logger.warning(
+            "teacher %s: %s, waiting %.3g s %s; at most %g s per wait and %g s per request (--max-retry-wait, "
+            "--max-retry-total)",
+            endpoint.name,
+            reason,
+            wait,
+            why,
+            self.retry.retry_after_cap_s,
+            self.retry.max_wait_total_s,
+        )
 
     async def _post(self, index: int, pool: int, endpoint: TeacherEndpoint, request: TeacherRequest) -> bytes:
         """POST one chat completion through the SDK; return the body of a 2xx reply.
@@ -703,6 +759,9 @@ class TeacherClient:
             # sent to again until a liveness check says it is back.
             if index in self._dead and not await self._alive(index, endpoint):
                 return _Failure("no_response", self._dead[index])
+            limited = self._limited.get(index)
+            if limited is not None and time.monotonic() < limited[0]:
+                return _Failure("rate_limited", limited[1])
             t0 = time.monotonic()
             try:
                 raw = await self._reply(index, pool, endpoint, request)
@@ -752,7 +811,11 @@ def _read_completion(raw: bytes, endpoint: TeacherEndpoint, result: TeacherResul
     try:
         data = json.loads(raw)
     except ValueError:
-        return _Failure("malformed_response", _scrub(f"reply body is not JSON: {raw[:120]!r}", endpoint))
+        if raw.lstrip()[:1] == b"<":  # a proxy's or login wall's page, answered with HTTP 200
+            detail = f"reply is an HTML page, not a chat completion (a proxy or a login page?): {raw[:120]!r}"
+        else:
+            detail = f"reply body is not JSON: {raw[:120]!r}"
+        return _Failure("malformed_response", _scrub(detail, endpoint))
     if not isinstance(data, dict):
         return _Failure("malformed_response", f"reply body is a JSON {type(data).__name__}, not an object")
     choices = data.get("choices")

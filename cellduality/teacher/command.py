@@ -131,6 +131,21 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--probe-timeout", type=float, default=10.0, help="seconds the liveness check waits")
     t.add_argument("--max-tries", type=int, default=5, help="HTTP tries per request (429/5xx/timeouts)")
     t.add_argument(
+        "--max-retry-wait",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="longest single wait before a retry; a server asking (Retry-After) for longer stops the run at once "
+        "with a verdict (rate-limited), instead of waiting",
+    )
+    t.add_argument(
+        "--max-retry-total",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="most seconds one request may spend waiting between its tries, all waits together",
+    )
+    t.add_argument(
         "--price-in",
         action="append",
         type=float,
@@ -247,7 +262,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         rwjs_threshold=DEFAULT_RWJS_THRESHOLD if args.rwjs_threshold is None else args.rwjs_threshold,
         duals=not args.no_duals,
         counterfactuals=args.counterfactuals,
-        retry=RetryPolicy(max_tries=args.max_tries),
+        retry=RetryPolicy(
+            max_tries=args.max_tries,
+            retry_after_cap_s=args.max_retry_wait,
+            max_wait_total_s=args.max_retry_total,
+        ),
         top_k=args.top_k,
         n_genes=args.n_genes,
         split=args.split,

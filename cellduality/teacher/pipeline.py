@@ -69,6 +69,7 @@ __all__ = [
     "STORE_FILE",
     "SUMMARY_FILE",
     "GenerationConfig",
+    "NothingKeptError",
     "TeacherUnavailableError",
     "example_id",
     "load_sft_dataset",
@@ -91,7 +92,8 @@ PENDING = "pending"
 SFT_COLUMNS = ("id", "task", "kind", "prompt", "completion", "teacher", "dataset", "score")
 
 #: Client errors that no retry or later example can fix: the run stops instead of burning the list.
-FATAL_ERRORS = frozenset({"http_401", "http_403", "http_404", "missing_api_key"})
+#: ``rate_limited``: the server asked to wait longer than the ceiling (a quota): every request would too.
+FATAL_ERRORS = frozenset({"http_401", "http_403", "http_404", "missing_api_key", "rate_limited"})
 
 TASK_ORDER = ("annotation", "generation", "drug_sensitivity", "perturbation", "neighbourhood")
 
@@ -100,6 +102,15 @@ class TeacherUnavailableError(RuntimeError):
     """The teacher keeps failing (bad key, unknown model, endpoint down): the run stopped early.
 
     Everything generated so far is in the attempt store; running the same command again resumes.
+    """
+
+
+class NothingKeptError(TeacherUnavailableError):
+    """Every example failed or was rejected: the run made nothing a later stage could train on.
+
+    Raised after the summary is written and instead of writing ``OUT/dataset``: an empty (or
+    counterfactual-only) dataset would look finished to ``cellduality sft`` and to a pipeline that
+    only reads the exit status. The message says which reasons ended the examples and what to check.
     """
 
 
@@ -483,6 +494,11 @@ class _Run:
             if record.status == FAILED:
                 self.streak += 1
                 failures += 1
+                if record.reason == "rate_limited":
+                    raise TeacherUnavailableError(
+                        f"the teacher is rate-limited: {record.extra.get('detail', '')}. What was generated is in "
+                        f"{self.store.path}; the same command resumes"
+                    )
                 if record.reason in FATAL_ERRORS or self.streak >= self.abort_after:
                     raise TeacherUnavailableError(
                         f"the teacher keeps failing ({record.reason}: {record.extra.get('detail', '')}); "
@@ -862,14 +878,56 @@ def _with_counterfactuals(
     return concatenate_datasets([dataset, Dataset.from_list(extra, features=_sft_features())])
 
 
+def _reasons(summary: Mapping[str, Any], state: str) -> Counter[str]:
+    """How many examples ended in ``state`` (``failed`` / ``rejected``) for each reason, over all tasks."""
+    counts: Counter[str] = Counter()
+    for kinds in summary["tasks"].values():
+        for entry in kinds.values():
+            counts.update(entry[state])
+    return counts
+
+
+def _nothing_kept(summary: Mapping[str, Any], config: GenerationConfig, out: Path) -> NothingKeptError | None:
+    """The error to stop with when no example was kept although some were asked, else ``None``.
+
+    Why: a teacher that never answers, or answers with a proxy's HTML page, fails every example; one
+    that answers with the wrong model fails none but has every answer rejected. Either way the run
+    made nothing, and exit status 0 with a dataset would let the next stage train on it.
+    """
+    totals = summary["totals"]
+    if totals["examples"] == 0 or totals["kept"] > 0:
+        return None
+    failed, rejected = _reasons(summary, FAILED), _reasons(summary, REJECTED)
+
+    def listed(counts: Counter[str]) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in counts.most_common())
+
+    where = ", ".join(redact_url(e.base_url) for e in config.teachers) or "the offline teacher"
+    if failed and not rejected:
+        why = f"every request to the teacher failed ({listed(failed)})"
+        if "malformed_response" in failed:
+            check = f"that {where} is an OpenAI-compatible API and not a proxy or login page"
+        else:
+            check = f"that {where} answers (e.g. curl its /models) and serves the --teacher-model"
+    else:
+        parts = [f"rejected {listed(rejected)}"] + ([f"failed {listed(failed)}"] if failed else [])
+        why = "the teacher answered, but no answer passed the checks (" + "; ".join(parts) + ")"
+        check = "the --teacher-model, and the answers in " + str(out / STORE_FILE)
+    return NothingKeptError(
+        f"no example was kept out of {totals['examples']}: {why}; no dataset was written. Check {check}, "
+        "then run the same command again"
+    )
+
+
 def run_generation(config: GenerationConfig) -> dict[str, Any]:
     """Generate (or resume) SFT data into ``config.out``; return the summary also written to disk.
 
     Writes ``attempts.jsonl`` (every attempt, as it happens), ``run.json`` (the settings),
     ``dataset/`` (a ``DatasetDict`` with a ``train`` split: the kept examples) and ``summary.json``.
     Raises ``MissingAPIKeyError`` before any request when a key variable is unset, and
-    :class:`TeacherUnavailableError` when the teacher keeps failing (after writing the summary; the
-    dataset is then not written, so nothing downstream mistakes a broken run for a finished one).
+    :class:`TeacherUnavailableError` when the teacher keeps failing, and :class:`NothingKeptError` when
+    no example was kept (both after writing the summary; the dataset is then not written, so nothing
+    downstream mistakes a broken run for a finished one).
     """
     started = time.monotonic()
     out = Path(config.out)
@@ -895,6 +953,8 @@ def run_generation(config: GenerationConfig) -> dict[str, Any]:
         except TeacherUnavailableError as exc:
             error = exc
         summary = build_summary(rows, store, config, cap)
+        if error is None:
+            error = _nothing_kept(summary, config, out)
         if error is None:
             dataset = build_dataset(rows, store, config.seed)
             if config.duals and config.counterfactuals > 0 and rows:

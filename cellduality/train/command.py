@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -153,11 +154,89 @@ def stage_main(stage: str, argv: Sequence[str] | None, prog: str, parse_args, ru
         check_launch_environment()
     except LaunchError as exc:  # every rank refuses; the first one says why
         return report_error(prog, exc)
+    if args and not args[0].startswith("-"):  # `cellduality grpo recipe.yaml`: TRL would ignore it until late
+        hint = f" (a recipe: --config {args[0]})" if args[0].endswith((".yaml", ".yml")) else ""
+        return report_error(
+            prog, RecipeError(f"unexpected argument {args[0]!r}{hint}; fields are --field value")
+        )
     try:
-        run(*parse_args(args))
-    except (DataError, TinyModelRefused, LaunchError) as exc:
+        parsed = parse_args(args)
+    except (OSError, ValueError) as exc:  # an unknown field, an unreadable recipe, a value TRL refuses
+        return report_error(prog, RecipeError(recipe_error_message(stage, args, exc)))
+    from cellduality.teacher.pipeline import TeacherUnavailableError
+
+    try:
+        run(*parsed)
+    except (DataError, TinyModelRefused, LaunchError, TeacherUnavailableError) as exc:
         return report_error(prog, exc)
     return 0
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be parsed: an unknown field, a missing file, a refused value."""
+
+
+#: TRL's messages for names it does not know, on the command line and in the YAML (TRL 1.x, transformers 4/5)
+_UNKNOWN = re.compile(
+    r"^(?:Some specified arguments are not used by the HfArgumentParser|Unknown arguments from config file): "
+    r"(\[.*?\])",
+    re.S,
+)
+
+
+def recipe_field_names(stage: str) -> list[str]:
+    """Every field a ``stage`` recipe may set: ours, TRL's ``SFTConfig`` / ``GRPOConfig`` and ``ModelConfig``."""
+    from trl import GRPOConfig, ModelConfig, SFTConfig
+
+    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
+
+    types = (
+        (CellDualityArguments, SFTDataArguments, SFTConfig, ModelConfig)
+        if stage == "sft"
+        else (CellDualityArguments, GRPOConfig, ModelConfig)
+    )
+    return sorted({f.name for cls in types for f in dataclasses.fields(cls) if f.init})
+
+
+def recipe_error_message(stage: str, argv: Sequence[str], exc: BaseException) -> str:
+    """One line for a recipe TRL's parser refused: the unknown field(s) and the closest known name.
+
+    Why not TRL's message: it is a traceback that names ``HfArgumentParser`` and lists the leftover
+    strings (values included), and says nothing about what the user meant; a mistyped
+    ``--learnin_rate`` should read "unknown field learnin_rate (did you mean learning_rate?)".
+    """
+    import ast
+    import difflib
+
+    recipe = ""
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        recipe = argv[argv.index("--config") + 1]
+    if isinstance(exc, OSError):
+        return f"cannot read the recipe {exc.filename or recipe}: {exc.strerror or exc}"
+    text = str(exc)
+    match = _UNKNOWN.match(text)
+    if match is None:  # a value TRL's config refuses (its own one-line reason), or bad YAML
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return first + (f" (recipe {recipe})" if recipe else "")
+    try:
+        leftover = [str(item) for item in ast.literal_eval(match.group(1))]
+    except (ValueError, SyntaxError):
+        leftover = []
+    from_yaml = text.startswith("Unknown arguments from config file")
+    names = [item[2:].split("=", 1)[0] for item in leftover if item.startswith("--")]
+    known = recipe_field_names(stage)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name.replace("-", "_"), known, n=1, cutoff=0.6)
+        parts.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    where = f"in the recipe {recipe}" if from_yaml else "on the command line"
+    if not names:
+        stray = " ".join(leftover) or text
+        return f"unexpected argument(s) {stray} {where}: fields are given as --field value (a recipe as --config FILE)"
+    return (
+        f"unknown field{'s' if len(names) > 1 else ''} {where}: {', '.join(parts)}; "
+        f"`cellduality {stage} --help` lists the fields"
+    )
 
 
 def print_full_help(parse_args) -> int:

@@ -104,6 +104,13 @@ class CellDualityArguments:
     auto_vllm: bool = field(
         default=False, metadata={"help": "turn use_vllm on when vLLM is installed and CUDA is available"}
     )
+    zero_variance_stop_steps: int = field(
+        default=10,
+        metadata={
+            "help": "GRPO: stop with a diagnosis when no group's reward varied in the first N steps (no "
+            "learning signal: e.g. an untrained model whose completions never parse); 0 turns it off"
+        },
+    )
 
     def __post_init__(self) -> None:
         # YAML may give one source as a plain string

@@ -172,6 +172,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     trainer.cellduality_meta = prepared.meta
     del prepared
     trainer.cellduality_dual = next((r for r in rewards if isinstance(r, DualReward)), None)
+    from cellduality.train.guards import ZeroVarianceStop  # rewards that never vary: stop, saying why
+
+    trainer.add_callback(ZeroVarianceStop.for_run(cd_args, model_args))
     return trainer
 
 

@@ -19,11 +19,15 @@ from typing import Any
 
 def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any):
     """The SFT training split, generated with the offline teacher (main process only) if missing."""
-    from cellduality.teacher.pipeline import GenerationConfig, load_sft_dataset, run_generation
+    from cellduality.data.schema import DataError
+    from cellduality.teacher.pipeline import STORE_FILE, GenerationConfig, load_sft_dataset, run_generation
 
     folder = Path(sft_args.sft_data or Path(training_args.output_dir) / "sft_data")
+    # a folder the user names, where `sft-data` stopped (attempts, no dataset), is theirs to resume: the
+    # offline teacher must not finish a hosted teacher's run in it
+    stopped = sft_args.sft_data and (folder / STORE_FILE).exists() and not (folder / "dataset").exists()
     with training_args.main_process_first(local=False, desc="making SFT data with the offline teacher"):
-        if not (folder / "dataset").exists() and training_args.process_index == 0:
+        if not stopped and not (folder / "dataset").exists() and training_args.process_index == 0:
             prepared_dir = Path(training_args.output_dir) / "prepared"
             if not (prepared_dir / "meta.json").exists():
                 from cellduality.tasks import save_prepared
@@ -41,7 +45,11 @@ def sft_examples(cd_args: Any, sft_args: Any, prepared: Any, training_args: Any)
                     progress=training_args.process_index == 0,
                 )
             )
-        return load_sft_dataset(folder)["train"]
+        try:
+            train = load_sft_dataset(folder)["train"]
+        except FileNotFoundError as exc:  # a stopped `sft-data` run in the folder the user named
+            raise DataError(str(exc)) from exc
+    return train
 
 
 def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
