@@ -4,9 +4,9 @@ Every other training test asserts finite numbers and log keys, which an all-zero
 passes. Here, from a small SFT checkpoint (48 labelled pbmc68k cells of three distinct types), oracle
 GRPO on the disjoint RL pool must raise its own reward, accuracy of sampled answers, on held-out
 test cells by a margin that the frozen SFT policy does not reach by resampling. Measured when it
-was written (seed 0, 51 test cells, T = 1): SFT 0.098 / 0.118 (two sampling seeds), oracle GRPO 30
-steps 0.353 / 0.373; the margin asked is 0.15, and the frozen policy's two samplings must stay
-within 0.05 of each other.
+was written (seed 0, 51 test cells, T = 1, four samplings each): SFT 0.373 / 0.216 / 0.294 / 0.235
+(mean 0.279), oracle GRPO 60 steps at lr 1e-3 0.529 / 0.510 / 0.549 / 0.510 (mean 0.525); one
+sampling alone moves a frozen policy by up to 0.16 here, hence the means.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 TYPES = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
+SEEDS = (0, 1, 2, 3)
+MARGIN = 0.12
 
 
 def _sampled_accuracy(out, folder, name: str, seed: int) -> float:
@@ -58,7 +61,7 @@ def test_oracle_grpo_raises_its_reward_on_held_out_cells(pbmc, tmp_path) -> None
         num_layers=2,
         sft_epochs=40,
         sft_limit=48,
-        grpo_steps=30,
+        grpo_steps=60,
         grpo_lr=1e-3,
         grpo_batch=32,
         grpo_generations=8,
@@ -67,7 +70,9 @@ def test_oracle_grpo_raises_its_reward_on_held_out_cells(pbmc, tmp_path) -> None
     )
     _sft(tmp_path, [folder], plan, 0)
     _grpo(tmp_path, [folder], plan, 0, mode="oracle", name="grpo_oracle")
-    frozen = [_sampled_accuracy(tmp_path, folder, "sft", s) for s in (0, 1)]
-    trained = _sampled_accuracy(tmp_path, folder, "grpo_oracle", 0)
-    assert abs(frozen[0] - frozen[1]) <= 0.05, frozen  # what resampling alone moves
-    assert trained >= max(frozen) + 0.15, (frozen, trained)
+    # four samplings of each policy (204 sampled answers): the mean's standard error is about 0.03, so a
+    # frozen policy's two means differ by more than MARGIN (2.7 standard errors of the difference) with a
+    # probability below 1%
+    frozen = [_sampled_accuracy(tmp_path, folder, "sft", s) for s in SEEDS]
+    trained = [_sampled_accuracy(tmp_path, folder, "grpo_oracle", s) for s in SEEDS]
+    assert np.mean(trained) >= np.mean(frozen) + MARGIN, (frozen, trained)
