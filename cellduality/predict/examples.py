@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cellduality.tasks import classification, generative
-from cellduality.tasks.common import TaskConfig, example_rng, join_genes, messages, pick, record
-from cellduality.tasks.templates import PERTURBATION
+from cellduality.tasks.common import TaskConfig
 
 SPLIT = "predict"
 
@@ -57,28 +56,19 @@ def perturbation_example(
     context: str = "",
     cell_id: str = "",
 ) -> dict[str, Any]:
-    """A "this control cell after that perturbation" prompt; the dual's candidates as in training:
-    the perturbation, the control and up to ``max_candidates - 2`` other perturbations of the context."""
-    rid = f"{dataset}/perturbation/{SPLIT}/{key}"
-    rng = example_rng(cfg.seed, rid)
-    n = cfg.answer_genes
-    candidates = generative.perturbation_candidates(rng, condition, str(control_value), others, cfg)
-    cell = list(control_genes)[: cfg.top_k]
-    prompt = pick(rng, PERTURBATION).format(
-        cell=join_genes(cell), condition_text=condition_text, n=n, context=f" ({context})" if context else ""
-    )
-    return record(
-        id=rid,
-        task="perturbation",
-        prompt=messages(prompt),
-        candidates=candidates,
-        condition=condition,
-        condition_text=condition_text,
-        cell_genes=cell,
-        n_genes=n,
+    """A "this control cell after that perturbation" prompt, seeded by ``dataset/perturbation/<split>/key``
+    (:func:`cellduality.tasks.generative.perturbation_example`)."""
+    return generative.perturbation_example(
+        f"{dataset}/perturbation/{SPLIT}/{key}",
+        control_genes,
+        condition,
+        condition_text,
+        others,
+        control_value,
+        cfg,
+        dataset,
         context=context,
         cell_id=cell_id,
-        dataset=dataset,
     )
 
 

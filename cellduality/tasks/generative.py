@@ -256,7 +256,6 @@ class PerturbationPlan:
         """The RL pool's prompts: each control cell of ``cells`` with each perturbation the SFT set has in
         its context. No perturbed cell and no answer: the oracle compares a generated cell with the
         pool's perturbed cells of that perturbation (``rl_reference``)."""
-        n = cfg.answer_genes
         cells = np.asarray(cells, dtype=np.int64)
         cells = cells[self.is_control[cells]]
         ids = obs.index[cells].astype(str).tolist()
@@ -275,33 +274,58 @@ class PerturbationPlan:
                     else None,
                     str(obs[columns.dose].iloc[example]) if columns.dose and example is not None else None,
                 )
-                key = opaque_id(cfg.seed, dataset, "perturbation", "rl", f"{ids[k]}|{condition}")
-                rng = example_rng(cfg.seed, key)
-                candidates = perturbation_candidates(
-                    rng, condition, str(columns.control_value), self.perturbations_by_context[ctx_key], cfg
-                )
-                ctx = ctx_texts[k]
-                prompt = pick(rng, PERTURBATION).format(
-                    cell=join_genes(control_genes),
-                    condition_text=text,
-                    n=n,
-                    context=f" ({ctx})" if ctx else "",
-                )
                 rows.append(
-                    record(
-                        id=key,
-                        task="perturbation",
-                        prompt=messages(prompt),
-                        candidates=candidates,
-                        condition=condition,
-                        condition_text=text,
-                        cell_genes=control_genes,
-                        n_genes=n,
-                        context=ctx,
-                        dataset=dataset,
+                    perturbation_example(
+                        opaque_id(cfg.seed, dataset, "perturbation", "rl", f"{ids[k]}|{condition}"),
+                        control_genes,
+                        condition,
+                        text,
+                        self.perturbations_by_context[ctx_key],
+                        str(columns.control_value),
+                        cfg,
+                        dataset,
+                        context=ctx_texts[k],
                     )
                 )
         return rows
+
+
+def perturbation_example(
+    rid: str,
+    control_genes: Sequence[str],
+    condition: str,
+    condition_text: str,
+    others: Sequence[str],
+    control_value: str,
+    cfg: TaskConfig,
+    dataset: str,
+    *,
+    context: str = "",
+    cell_id: str = "",
+) -> dict:
+    """A "this control cell after that perturbation" example with no answer, seeded by its id ``rid``:
+    the RL pool's prompts and ``cellduality predict``'s, the dual's candidates as in training (the
+    perturbation, the control and up to ``max_candidates - 2`` of ``others``)."""
+    rng = example_rng(cfg.seed, rid)
+    n = cfg.answer_genes
+    candidates = perturbation_candidates(rng, condition, str(control_value), others, cfg)
+    cell = list(control_genes)[: cfg.top_k]
+    prompt = pick(rng, PERTURBATION).format(
+        cell=join_genes(cell), condition_text=condition_text, n=n, context=f" ({context})" if context else ""
+    )
+    return record(
+        id=rid,
+        task="perturbation",
+        prompt=messages(prompt),
+        candidates=candidates,
+        condition=condition,
+        condition_text=condition_text,
+        cell_genes=cell,
+        n_genes=n,
+        context=context,
+        cell_id=cell_id,
+        dataset=dataset,
+    )
 
 
 def perturbation_plan(
