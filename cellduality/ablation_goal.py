@@ -14,8 +14,9 @@ interval over the cells:
 
 Judged on sampled answers at GRPO's temperature (the quantity GRPO optimises); the greedy figures
 stand beside them. The per-cell scores: right/wrong (classification), kNN@3 hit (generation), the
-generated cell's Pearson delta on the top 20 DE genes (perturbation; eval's headline is that figure
-for the mean over cells, so the across-seed table shows it too).
+generated cell's Pearson delta on the top 20 DE genes (perturbation, -1 for an answer that is no cell of
+the dataset; eval's headline is that figure for the mean over the valid cells, so the across-seed
+table shows it too).
 
 Why a module of its own: the report must say *which* part fails and *why*, from what the run measured
 (zero-variance groups on RL-pool prompts, parseable answers, collapses, the oracle's own gain), not
@@ -315,9 +316,18 @@ def goal_markdown(assessment: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Per-cell scores: right/wrong (annotation, drug sensitivity), kNN@3 hit (generation), the generated "
-        "cell's Pearson delta on the top 20 DE genes (perturbation). The interval is over cells and says "
-        "nothing of how a different SFT checkpoint would fare: the across-seed table above it does.",
+        "Per-cell scores: right/wrong (annotation, drug sensitivity; an unparseable answer is wrong), kNN@3 "
+        "hit (generation), the generated cell's Pearson delta on the top 20 DE genes (perturbation; -1 for "
+        "an answer naming no gene of the dataset, as the oracle scores it, so this figure mixes how often "
+        "an answer is a cell with how well it moves; eval's headline, the Pearson delta of the mean over "
+        "the valid cells, is the across-seed table's). The interval is over cells and says nothing of how "
+        "a different SFT checkpoint would fare: the across-seed table above it does.",
+        "",
+    ]
+    flags = [f"{t['task']}: {', '.join(t['collapses'])}" for t in assessment["tasks"] if t["collapses"]]
+    lines += [
+        "Collapse guard (a task's parseable answers below half of what GRPO started with, over 10 logged "
+        "steps): " + ("; ".join(flags) if flags else "no flag on any arm, task or seed") + ".",
         "",
     ]
     return lines
