@@ -175,7 +175,9 @@ def test_prepare_cli_user_h5ad(pbmc_file, tmp_path, capsys) -> None:
     assert "phase:" in train[0]["prompt"][1]["content"]
     assert f"saved to {out}" in capsys.readouterr().out
     # wrong column: a clear error naming the columns that exist, exit code 2
-    code = main(["prepare", "--dataset", str(path), "--out", str(out), "--cell-type-col", "cell_type"])
+    code = main(
+        ["prepare", "--dataset", str(path), "--out", str(tmp_path / "other"), "--cell-type-col", "cell_type"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "bulk_labels" in err and "phase" in err
 
