@@ -41,20 +41,7 @@ from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grp
 # rose on annotation (0.494 -> 0.636) and perturbation (-0.469 -> 0.112) but fell on generation (0.331 ->
 # 0.299); at 320 it rose on all three (annotation 0.469 -> 0.552, generation 0.307 -> 0.346, perturbation
 # -0.258 -> 0.354; first vs last third). Eval: every test row, greedy and sampled at T = 1.
-ABLATION = replace(
-    FULL,
-    sft_examples=64,
-    rl_examples=96,
-    sft_epochs=20,
-    grpo_steps=320,
-    grpo_lr=1e-4,
-    grpo_generations=8,
-    grpo_schedule="constant_with_warmup",
-    oracle_reward="oracle_eval",
-    eval_examples=None,
-    eval_sampled=True,
-    check_group=8,
-)
+ABLATION = replace(FULL, oracle_reward="oracle_eval", eval_examples=None, eval_sampled=True)
 TINY = DemoPlan(
     8,
     24,
