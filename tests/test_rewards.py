@@ -100,6 +100,38 @@ def test_dual_reward_never_reads_answer(rows) -> None:
     )
 
 
+def test_dual_readers_route_by_task_and_are_each_called_once(rows) -> None:
+    """``DualReward.readers``: a task's duals go to its own reader; every reader is called once per reward
+    call, with an empty list when it has nothing to answer (ranks stay in step), and scores follow the
+    reader that answered."""
+    ann = next(r for r in rows if r["task"] == "annotation")
+    gen = next(r for r in rows if r["task"] == "generation")
+    calls: list[tuple[str, int]] = []
+
+    def reader(name: str, answer: str):
+        def generate(prompts):
+            calls.append((name, len(prompts)))
+            return [answer for _ in prompts]
+
+        return generate
+
+    perfect_inpainting = "<think>.</think><answer>" + " ".join(ann["hidden_genes"]) + "</answer>"
+    frozen = reader("frozen", perfect_inpainting)
+    dual = DualReward(generate=reader("policy", f"<answer>{gen['condition']}</answer>"))
+    dual.readers = {"annotation": frozen, "drug_sensitivity": frozen}
+    completions = [
+        _c(f"<think>t</think><answer>{ann['answer']}</answer>"),
+        _c(f"<think>t</think><answer>{gen['answer']}</answer>"),
+    ]
+    scores = dual(prompts=None, completions=completions, **_columns([ann, gen]))
+    assert calls == [("policy", 1), ("frozen", 1)]
+    assert scores == [pytest.approx(1.0), 1.0]
+    calls.clear()
+    assert dual(prompts=None, completions=completions[1:], **_columns([gen])) == [1.0]
+    assert calls == [("policy", 1), ("frozen", 0)]
+    assert dual.history[-1]["generated"] == 1
+
+
 def test_registry() -> None:
     assert {"format", "dual", "oracle", "oracle_accuracy", "oracle_rwjs"} <= set(REWARDS)
     assert "dual" not in USES_LABELS and "format" not in USES_LABELS

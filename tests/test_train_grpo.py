@@ -330,3 +330,59 @@ def test_neighbourhood_grpo_trains_logs_and_evaluates(tmp_path) -> None:
     grpo = methods["GRPO"]["metrics"]
     assert {"pearson_delta", "pearson_delta_de", "retrieval", "valid_output_rate"} <= set(grpo)
     assert "graph neighbourhood, unedited" in (out / "report.md").read_text()
+
+
+def test_reference_reader_answers_with_the_weights_grpo_started_from(tmp_path) -> None:
+    """``dual_frozen_tasks: [all]``: the dual is answered by the starting checkpoint, frozen, whatever the
+    policy's weights become; the policy reader answers with the policy's current weights. The policy is
+    moved by hand (noise on every weight): an untrained tiny model's rewards are all 0, so training
+    would not move it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cellduality.train.grpo import build_grpo_trainer
+
+    trainer = build_grpo_trainer(*_args(tmp_path, "--dual_frozen_tasks", "all"))
+    generator = trainer.cellduality_dual.readers["annotation"]
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    rows = [dict(trainer.train_dataset[i]) for i in range(4)]
+    prompts = [dual_prompt(r, r["candidates"][0] if r["task"] == "annotation" else "CD74 FTL") for r in rows]
+    tok = generator.tokenizer
+
+    def greedy(model) -> list[str]:  # the prompts answered outside the trainer
+        texts = []
+        for messages in prompts:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            out = model.generate(ids, max_new_tokens=generator.max_new_tokens, do_sample=False)
+            texts.append(generator._decode([out[0, ids.shape[1] :].tolist()])[0])
+        return texts
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert greedy(policy.eval()) != greedy(start), "the moved policy answers as before: nothing to tell apart"
+    reader = trainer.accelerator.unwrap_model(generator.reference)
+    assert reader is not policy and not any(p.requires_grad for p in reader.parameters())
+    assert generator(prompts) == greedy(start)
+    generator.reader = "policy"
+    assert generator(prompts) == greedy(policy.eval())
+
+
+def test_frozen_tasks_wiring(tmp_path) -> None:
+    """``dual_frozen_tasks``: the frozen reader answers the named tasks' duals (the routing itself is tested
+    in test_rewards), the policy every other task's; a task without a dual is one line."""
+    from cellduality.data.schema import DataError
+    from cellduality.train.grpo import build_grpo_trainer
+
+    trainer = build_grpo_trainer(*_args(tmp_path, "--dual_frozen_tasks", "annotation", "generation"))
+    dual = trainer.cellduality_dual
+    assert dual.generate.reader == "policy" and set(dual.readers) == {"annotation", "generation"}
+    (reference,) = {id(r): r for r in dual.readers.values()}.values()
+    assert reference.reader == "reference" and reference.trainer is trainer
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer.accelerator.unwrap_model(reference.reference) is not policy
+    with pytest.raises(DataError, match="neighbourhood has no dual"):
+        _args(tmp_path, "--dual_frozen_tasks", "neighbourhood")

@@ -58,6 +58,10 @@ class DualReward(RowReward):
         # generated once. In a GRPO group several completions often give the same forward answer (the
         # same label), so this removes most of the dual generation of classification tasks.
         self.deterministic = deterministic
+        #: task -> another reader for that task's duals (``dual_frozen_tasks``: the frozen SFT checkpoint
+        #: answers those tasks' duals, ``generate`` every other task's). Every reader is
+        #: called once per reward call, with an empty list too, so the calls stay equal across ranks.
+        self.readers: dict[str, GenerateFn] = {}
         self.last_details: list[dict[str, Any]] = []
         # one entry per call: which tasks this rank saw and how many dual prompts it generated; lets a
         # multi-rank run prove that every rank called ``generate`` the same number of times
@@ -90,7 +94,7 @@ class DualReward(RowReward):
                 "prompts": len(dual_prompts),
             }
         )
-        outputs = self._generate(dual_prompts)
+        outputs = self._generate_routed(dual_prompts, [str(rows[i].get("task")) for i in owners])
         scores: dict[int, list[float]] = defaultdict(list)
         self.last_details = []
         for owner, prompt, output in zip(owners, dual_prompts, outputs, strict=True):
@@ -164,22 +168,44 @@ class DualReward(RowReward):
             task,
         )
 
-    def _generate(self, dual_prompts: list[Messages]) -> list[str]:
-        """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic."""
+    def _generate_routed(self, dual_prompts: list[Messages], tasks: list[str]) -> list[str]:
+        """Each prompt answered by its task's reader; every reader called exactly once, in a fixed order."""
         assert self.generate is not None
+        readers: list[GenerateFn] = [self.generate]
+        for reader in self.readers.values():
+            if all(reader is not r for r in readers):
+                readers.append(reader)
+        if len(readers) == 1:
+            return self._generate(dual_prompts, self.generate)
+        route = [self.readers.get(task, self.generate) for task in tasks]
+        outputs: list[str] = [""] * len(dual_prompts)
+        generated = 0
+        for reader in readers:
+            idx = [i for i, r in enumerate(route) if r is reader]
+            answers = self._generate([dual_prompts[i] for i in idx], reader)
+            generated += self.history[-1]["generated"]
+            for i, answer in zip(idx, answers, strict=True):
+                outputs[i] = answer
+        self.history[-1]["generated"] = generated
+        return outputs
+
+    def _generate(self, dual_prompts: list[Messages], generate: GenerateFn | None = None) -> list[str]:
+        """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic."""
+        generate = generate or self.generate
+        assert generate is not None
         if self.deterministic:
             keys = [json.dumps(p, sort_keys=True) for p in dual_prompts]
             first: dict[str, Messages] = {}
             for key, prompt in zip(keys, dual_prompts, strict=True):
                 first.setdefault(key, prompt)
             unique = list(first)
-            answers = self.generate(list(first.values()))
+            answers = generate(list(first.values()))
             if len(answers) != len(unique):
                 raise RuntimeError(f"generate returned {len(answers)} completions for {len(unique)} prompts")
             by_key = dict(zip(unique, answers, strict=True))
             self.history[-1]["generated"] = len(unique)
             return [by_key[k] for k in keys]
-        outputs = self.generate(dual_prompts)
+        outputs = generate(dual_prompts)
         if len(outputs) != len(dual_prompts):
             raise RuntimeError(
                 f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts"

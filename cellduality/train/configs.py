@@ -82,6 +82,14 @@ class CellDualityArguments:
     dual_num_samples: int = field(
         default=1, metadata={"help": "dual completions averaged per forward completion"}
     )
+    dual_frozen_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "tasks whose dual the checkpoint GRPO started from answers, frozen (all: every task); the "
+            "others' duals the policy being trained answers (the paper's design). A frozen reader cannot be "
+            "taught to agree with the policy; docs/results.md has what each measured"
+        },
+    )
 
     monitor_rows: int = field(
         default=0,
@@ -116,6 +124,20 @@ class CellDualityArguments:
         # YAML may give one source as a plain string
         if isinstance(self.dataset, str):
             self.dataset = [d.strip() for d in self.dataset.split(",") if d.strip()]
+        if isinstance(self.dual_frozen_tasks, str):
+            self.dual_frozen_tasks = [t.strip() for t in self.dual_frozen_tasks.split(",") if t.strip()]
+        if self.dual_frozen_tasks:
+            from cellduality.data.schema import DataError
+            from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
+
+            known = (*CLASSIFICATION_TASKS, *GENERATION_TASKS)
+            wrong = [t for t in self.dual_frozen_tasks if t not in (*known, "all")]
+            if wrong:
+                raise DataError(
+                    f"dual_frozen_tasks: {', '.join(wrong)} has no dual; give some of {', '.join(known)} or all"
+                )
+            if "all" in self.dual_frozen_tasks:
+                self.dual_frozen_tasks = list(known)
 
 
 def check_reward_mode(mode: str, reward_funcs: list[str]) -> None:

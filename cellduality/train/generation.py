@@ -35,6 +35,16 @@ vLLM colocate mode follows what TRL 1.16's own ``VLLMGeneration.generate`` does 
 
 The TRL private attributes read here are listed in ``TRL_PRIVATE_ATTRIBUTES``; a test checks that the
 installed TRL still has them.
+
+The reader: by default the policy being trained answers the dual (the paper's design). For the tasks
+in ``dual_frozen_tasks`` a generator with ``reader="reference"`` answers: the checkpoint GRPO started
+from, frozen: TRL's reference model when ``beta > 0`` made one, the policy with its adapter disabled
+under PEFT, otherwise a frozen copy taken before training (``reference_reader``). Why: a policy that
+also answers its own dual can raise the dual reward by teaching its reader to agree with it rather
+than by answering better (measured in
+docs/results.md: the dual check's right-vs-wrong gap shrinks during dual GRPO). The reference reader
+always generates with Hugging Face ``generate`` on every rank (also when the rollouts use vLLM, whose
+engine holds the policy's weights), with the same fillers, so the rank symmetry above holds.
 """
 
 from __future__ import annotations
@@ -64,6 +74,37 @@ TRL_PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 )
 
 
+def reference_reader(trainer: Any, initial: Any | None) -> Any:
+    """The frozen model that answers the dual of ``dual_frozen_tasks`` (None: the PEFT policy with
+    its adapter disabled). ``initial`` is a copy of the model taken before the trainer was built; it is
+    used only when TRL made no reference model (``beta == 0``, no PEFT)."""
+    from accelerate.utils import is_peft_model
+    from trl.distributed import DistributedBackend
+
+    from cellduality.data.schema import DataError
+
+    if is_peft_model(trainer.model):
+        return None
+    if DistributedBackend(trainer.accelerator).is_zero3:
+        # a ZeRO-3 reference holds a shard of each weight; generating token by token through its gather
+        # hooks is the trap the ds3 guard refuses for the policy. Not measured on GPUs: refused.
+        raise DataError(
+            "dual_frozen_tasks is not supported under ZeRO-3 with full fine-tuning; use ZeRO-2, PEFT "
+            "(use_peft: true: the reader is the policy without its adapter) or no frozen task"
+        )
+    if getattr(trainer, "ref_model", None) is not None:
+        return trainer.ref_model
+    if initial is None:
+        raise RuntimeError("dual_frozen_tasks needs a copy of the model taken before training")
+    initial.requires_grad_(False)
+    initial.eval()
+    if trainer.is_deepspeed_enabled:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(initial, trainer.accelerator)
+    return trainer.accelerator.prepare_model(initial, evaluation_mode=True)
+
+
 class PolicyGenerator:
     """Callable ``prompts -> completions`` bound to a TRL trainer (set ``trainer`` after building it)."""
 
@@ -74,8 +115,13 @@ class PolicyGenerator:
         do_sample: bool = False,
         temperature: float = 1.0,
         fixed_batch: int | None = None,
+        reader: str = "policy",
     ) -> None:
         self.tokenizer = tokenizer
+        self.reader = reader
+        #: the frozen model that answers when ``reader == "reference"`` (None under PEFT: the policy with
+        #: its adapter disabled); set by the training module once the trainer exists
+        self.reference: Any = None
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.temperature = temperature
@@ -113,7 +159,9 @@ class PolicyGenerator:
             raise ValueError(f"{n_real} dual prompts exceed the fixed batch of {target}")
         batch += [_FILLER] * (target - n_real)
         ids = self._encode(batch)
-        if getattr(self.trainer, "use_vllm", False):
+        if self.reader == "reference":
+            completion_ids = self._generate_hf(ids, self.max_new_tokens if n_real else 1, reference=True)
+        elif getattr(self.trainer, "use_vllm", False):
             completion_ids = self._generate_vllm(ids, n_real)
         else:
             # a filler-only call exists for its collectives, not its text: one token is enough
@@ -205,8 +253,43 @@ class PolicyGenerator:
         start = sum(counts[: accelerator.process_index])
         return [list(c) for c in payload[0][start : start + len(ids)]]
 
-    def _generate_hf(self, ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _reader_context(self, reference: bool):
+        """The model to generate with: the policy (unwrapped for generation), or the frozen reference."""
+        from contextlib import contextmanager, nullcontext
+
         from trl.models.utils import unwrap_model_for_generation
+
+        trainer = self.trainer
+        args = trainer.args
+        if reference and self.reference is not None:
+
+            @contextmanager
+            def frozen():
+                yield trainer.accelerator.unwrap_model(self.reference)
+
+            return frozen()
+        policy = unwrap_model_for_generation(
+            trainer.model_wrapped,
+            trainer.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        )
+        if not reference:
+            return policy
+
+        @contextmanager
+        def adapter_off():  # PEFT: the model GRPO started from is the policy without its adapter
+            with (
+                policy as model,
+                model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(),
+            ):
+                yield model
+
+        return adapter_off()
+
+    def _generate_hf(
+        self, ids: list[list[int]], max_new_tokens: int, reference: bool = False
+    ) -> list[list[int]]:
 
         trainer = self.trainer
         tok = self.tokenizer
@@ -218,17 +301,8 @@ class PolicyGenerator:
             input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             attention[row, width - len(seq) :] = 1
         device = trainer.accelerator.device
-        args = trainer.args
         self.generations += 1
-        with (
-            unwrap_model_for_generation(
-                trainer.model_wrapped,
-                trainer.accelerator,
-                gather_deepspeed3_params=args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-        ):
+        with self._reader_context(reference) as model, torch.no_grad():
             was_training = model.training
             model.eval()
             try:

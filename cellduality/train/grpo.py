@@ -73,6 +73,11 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         model_args.model_name_or_path, prepared.meta, "this GRPO run's data", training_args
     )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    initial = None  # the frozen dual reader, when TRL will make no reference model of its own
+    if cd_args.dual_frozen_tasks and training_args.beta == 0.0 and not model_args.use_peft:
+        import copy
+
+        initial = copy.deepcopy(model)
     # the paper's design: GRPO's prompts are the RL pool (``rl``), never the SFT set's labelled rows
     pool = RL_SPLIT if RL_SPLIT in prepared.datasets else "train"
     train = training_rows(
@@ -98,12 +103,22 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         # RL pool's reference cells
         train = train.remove_columns([c for c in LABEL_COLUMNS if c in train.column_names])
         prepared.tables.pop(REFERENCE_TABLE, None)
-    generator = PolicyGenerator(
-        tokenizer,
-        max_new_tokens=cd_args.dual_max_new_tokens,
-        do_sample=cd_args.dual_do_sample,
-        temperature=cd_args.dual_temperature,
+    generator, reference = (
+        PolicyGenerator(
+            tokenizer,
+            max_new_tokens=cd_args.dual_max_new_tokens,
+            do_sample=cd_args.dual_do_sample,
+            temperature=cd_args.dual_temperature,
+            reader=reader,
+        )
+        for reader in ("policy", "reference")
     )
+
+    def wire_readers(dual: DualReward) -> DualReward:
+        """The frozen reader answers the duals of ``dual_frozen_tasks``; the policy every other task's."""
+        dual.readers = dict.fromkeys(cd_args.dual_frozen_tasks or (), reference)
+        return dual
+
     rewards = build_rewards(
         cd_args.reward_funcs,
         gene_vocabulary(prepared.genes),
@@ -114,6 +129,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         deterministic=not cd_args.dual_do_sample,
         prepared=prepared,
     )
+    for reward in rewards:
+        if isinstance(reward, DualReward):
+            wire_readers(reward)
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
         from cellduality.data.schema import DataError
 
@@ -128,7 +146,12 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    generator.trainer = trainer
+    generator.trainer = reference.trainer = trainer
+    if cd_args.dual_frozen_tasks:
+        from cellduality.train.generation import reference_reader
+
+        reference.reference = reference_reader(trainer, initial)
+        del initial
     if monitor_dir is not None:
         from cellduality.train.monitor import DualMonitor
 
@@ -141,8 +164,8 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         sampler.trainer = trainer
         dual = next((r for r in rewards if isinstance(r, DualReward)), None)
         if dual is None:  # an oracle run: the monitor still shows what the dual reward would say
-            dual = DualReward(
-                generate=generator, vocabulary=gene_vocabulary(prepared.genes), deterministic=True
+            dual = wire_readers(
+                DualReward(generate=generator, vocabulary=gene_vocabulary(prepared.genes), deterministic=True)
             )
             dual.vocabularies = dataset_vocabularies(prepared)
         monitor_callback = DualMonitor(
