@@ -40,7 +40,12 @@ from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grp
 # (what eval scores). Chosen on seed 0's training rewards only: at 160 steps the oracle's own reward
 # rose on annotation (0.494 -> 0.636) and perturbation (-0.469 -> 0.112) but fell on generation (0.331 ->
 # 0.299); at 320 it rose on all three (annotation 0.469 -> 0.552, generation 0.307 -> 0.346, perturbation
-# -0.258 -> 0.354; first vs last third). Eval: every test row, greedy and sampled at T = 1.
+# -0.258 -> 0.354; first vs last third). The dual arm's reader (``dual_frozen_tasks``): the SFT checkpoint,
+# frozen, answers annotation's and drug sensitivity's duals, the policy the generation tasks'; chosen on
+# seed 0's training rewards, the oracle_eval reward logged at weight 0 in dual GRPO (first -> last third):
+# annotation's stayed flat with the policy reading (-0.001) and rose with the frozen reader (+0.064,
+# +0.050 in two runs), perturbation's rose with the policy reading (+0.466, +0.597) and fell with the
+# frozen reader (-0.145); docs/results.md has the table. Eval: every test row, greedy and sampled at T = 1.
 ABLATION = replace(FULL, oracle_reward="oracle_eval", eval_examples=None, eval_sampled=True)
 TINY = DemoPlan(
     8,
@@ -330,6 +335,14 @@ def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[st
     return rows
 
 
+def _readers(plan: DemoPlan) -> str:
+    """Who answered the dual arm's duals, in words."""
+    frozen = ", ".join(plan.dual_frozen_tasks)
+    if not frozen:
+        return "the policy being trained answered every dual"
+    return f"the SFT checkpoint, frozen, answered the duals of {frozen}; the policy every other task's"
+
+
 def _fmt(triple: Sequence[float] | None) -> str:
     if not triple or math.isnan(triple[0]):
         return "—"
@@ -478,7 +491,7 @@ def write_report(
         f"Seeds {', '.join(map(str, config.seeds))}; per seed one SFT checkpoint, then dual GRPO (self-supervised, "
         "no labels) and oracle GRPO (ground-truth rewards) from it with the same steps, data and settings "
         f"({config.plan.grpo_steps} steps, learning rate {config.plan.grpo_lr:g} ({config.plan.grpo_schedule}), "
-        f"{config.plan.grpo_generations} completions per prompt). "
+        f"{config.plan.grpo_generations} completions per prompt; {_readers(config.plan)}). "
         + (
             f"Data design: {config.plan.sft_examples} labelled training cells per task form the SFT set; GRPO's "
             f"prompts come from the disjoint RL pool (at most {config.plan.rl_examples} prompt cells per task), "
