@@ -580,7 +580,8 @@ def check_plan(out: Path, plan: DemoPlan) -> None:
     The stage markers say that a stage finished, not with which sizes: a run resumed under another plan
     (``--tiny`` into a full run's folder, or a changed default) would mix the two in one table.
     """
-    path, now = out / PLAN_FILE, asdict(plan)
+    path = out / PLAN_FILE
+    now = json.loads(json.dumps(asdict(plan)))  # as stored: tuples are lists in JSON
     if path.exists():
         before = json.loads(path.read_text())
         if before != now:

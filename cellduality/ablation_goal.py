@@ -228,11 +228,23 @@ def assess(
             },
             {
                 "goal": f">= {GAP_GOAL:.0%} of the SFT -> oracle gap closed by dual GRPO on one task (where the "
-                "oracle beats SFT)",
-                "met": any(t["gap_closed"][0] >= GAP_GOAL for t in measured),
+                "oracle beats SFT), its interval above 0",
+                # a share whose interval reaches 0 or below is a dual that does not beat SFT: no evidence
+                "met": any(t["gap_closed"][0] >= GAP_GOAL and t["gap_closed"][1] > 0 for t in measured),
                 "measured": ", ".join(f"{t['task']} {_signed(t['gap_closed'])}" for t in measured)
                 or "none measurable",
-                "why": "" if measured else "the oracle does not beat SFT on any task, so no gap is defined",
+                "why": "; ".join(
+                    f"{t['task']}: "
+                    + (
+                        "interval not above 0"
+                        if t["gap_closed"][0] >= GAP_GOAL
+                        else f"{t['gap_closed'][0]:.0%}, below {GAP_GOAL:.0%}"
+                    )
+                    for t in measured
+                    if not (t["gap_closed"][0] >= GAP_GOAL and t["gap_closed"][1] > 0)
+                )
+                if measured
+                else "the oracle does not beat SFT on any task, so no gap is defined",
             },
             {
                 "goal": "dual reward rising (last vs first third, mean over seeds) on every task whose dual "
