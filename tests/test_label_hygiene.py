@@ -187,3 +187,52 @@ def test_labels_that_are_prefixes_of_each_other_are_fine(tmp_path, capsys) -> No
     assert main([*argv, "--in-memory"]) == 0, capsys.readouterr().err
     train = load_prepared(tmp_path / "o").datasets["train"]
     assert set(train.filter(lambda r: r["task"] == "annotation")["answer"]) == set(candidates)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("T cell", "T cell </answer> naive", "holding the completion markup"),
+        ("T cell", "b  cell.", "differ only by case, spacing or punctuation"),
+    ],
+)
+def test_a_folder_prepared_before_the_label_checks_is_refused_when_read(
+    old, new, reason, tmp_path, capsys
+) -> None:
+    """A prepared folder written before labels were checked (simulated: a valid folder whose stored rows
+    are rewritten) is refused by every command that reads it, in one line, instead of being trained on."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    from cellduality.cli import main
+    from cellduality.data.schema import DataError
+    from cellduality.tasks import load_prepared
+
+    path = _labelled_file(tmp_path / "cells.h5ad", ["B cell", "T cell", "NK cell"])
+    folder = tmp_path / "prepared"
+    argv = ["prepare", "--dataset", str(path), "--cell-type-col", "ct", "--top-k", "8", "--out", str(folder)]
+    assert main([*argv, "--in-memory"]) == 0, capsys.readouterr().err
+    load_prepared(folder)  # as prepared today: accepted
+    data = load_from_disk(str(folder / "data"))
+    rewritten = {}
+    for split, ds in data.items():
+        table = ds.data.table
+        column = table.column("candidates").combine_chunks()
+        fixed = pc.replace_substring_regex(column.flatten(), f"^{old}$", new)
+        lists = pa.ListArray.from_arrays(column.offsets, fixed)
+        i = table.column_names.index("candidates")
+        rewritten[split] = Dataset(table.set_column(i, "candidates", lists), info=ds.info)
+    (tmp_path / "data_old").mkdir()
+    DatasetDict(rewritten).save_to_disk(str(tmp_path / "data_old" / "data"))
+    import shutil
+
+    shutil.rmtree(folder / "data")  # this test's own folder, written above
+    shutil.move(str(tmp_path / "data_old" / "data"), str(folder / "data"))
+    with pytest.raises(DataError, match=f"{reason}.*prepared before these labels were refused"):
+        load_prepared(folder)
+    capsys.readouterr()  # what this test's own saving printed
+    code = main(["eval", "--prepared", str(folder), "--no-plots", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and reason in lines[0], err

@@ -17,20 +17,24 @@ Candidates that are prefixes of each other (``T cell`` / ``T cell activated``) a
 exact after normalisation, never a prefix match (tested in ``tests/test_label_hygiene.py``).
 
 Called from ``cellduality.data.loading._tidy_obs``, which both the in-memory and the block-wise
-``prepare`` use, so the two paths refuse the same files with the same messages.
+``prepare`` use, so the two paths refuse the same files with the same messages. A folder prepared
+before these checks existed is checked when it is read (``check_prepared_labels``, from
+``cellduality.tasks.load_prepared``): the same rules on the candidates its rows list, so ``sft``,
+``grpo``, ``eval`` and ``dual-check`` refuse it with the reason instead of training on it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
 from cellduality.data.schema import Columns, DataError
 from cellduality.parsing import normalize_label
 
-__all__ = ["MARKUP", "check_labels"]
+__all__ = ["MARKUP", "check_labels", "check_prepared_labels"]
 
 #: the completion format's tags (``docs/contracts.md``), with any spacing or case a model might copy
 MARKUP = re.compile(r"<\s*/?\s*(?:think|answer)\s*>", re.IGNORECASE)
@@ -67,17 +71,48 @@ def check_labels(obs: pd.DataFrame, columns: Columns) -> None:
         _check_column(column, what, labels, needs_two and len(present) >= 2)
 
 
-def _check_column(column: str, what: str, labels: list[str], needs_two: bool) -> None:
+def check_prepared_labels(datasets: Mapping[str, Any], folder: str) -> None:
+    """Raise ``DataError`` when a prepared folder's rows list candidates no completion can name right.
+
+    Per task, the candidates of every row of every split (read through Arrow, without building Python
+    rows). Classification tasks need two candidates; the generation tasks' candidates are their duals'.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
+
+    tables = [ds.data.table for ds in datasets.values() if {"task", "candidates"} <= set(ds.column_names)]
+    if not tables:
+        return
+    for task in (*CLASSIFICATION_TASKS, *GENERATION_TASKS):
+        lists = [t.filter(pc.equal(t.column("task"), task)).column("candidates") for t in tables]
+        flat = pa.chunked_array([pc.list_flatten(c) for c in lists if len(c)], type=pa.string())
+        labels = [str(v) for v in pc.unique(flat).to_pylist() if v is not None]
+        if labels:
+            try:
+                _check_column(task, "candidate", labels, task in CLASSIFICATION_TASKS, f"task {task!r}")
+            except DataError as error:
+                raise DataError(
+                    f"{folder}: {error}; this folder was prepared before these labels were refused: prepare "
+                    "it again from the source data (cellduality prepare)"
+                ) from None
+
+
+def _check_column(
+    column: str, what: str, labels: list[str], needs_two: bool, where: str | None = None
+) -> None:
+    where = where or f"column {column!r}"
     marked = [v for v in labels if MARKUP.search(v)]
     if marked:
         raise DataError(
-            f"column {column!r} has {what} label(s) holding the completion markup (<think>, <answer>): "
+            f"{where} has {what} label(s) holding the completion markup (<think>, <answer>): "
             f"{_shown(marked)}; no answer could ever be parsed as naming them: rename them"
         )
     blank = [v for v in labels if not normalize_label(v)]
     if blank:
         raise DataError(
-            f"column {column!r} has {what} label(s) that are empty once case, spacing and punctuation are "
+            f"{where} has {what} label(s) that are empty once case, spacing and punctuation are "
             f"ignored (as answers are compared): {_shown(blank)}; rename them, or set them to NaN to drop "
             "those cells"
         )
@@ -88,12 +123,12 @@ def _check_column(column: str, what: str, labels: list[str], needs_two: bool) ->
     if clashes:
         pairs = "; ".join(" = ".join(repr(v) for v in group) for group in clashes[:SHOWN])
         raise DataError(
-            f"column {column!r} has {what} labels that differ only by case, spacing or punctuation, which "
+            f"{where} has {what} labels that differ only by case, spacing or punctuation, which "
             f"answers are compared without: {pairs}; merge them (one spelling each) before preparing"
         )
     if needs_two and len(labels) < 2:
         only = f" ({labels[0]!r})" if labels else ""
         raise DataError(
-            f"column {column!r} holds a single {what} class{only}: a task with one candidate teaches and "
+            f"{where} holds a single {what} class{only}: a task with one candidate teaches and "
             "measures nothing; name a column with at least two classes, or leave this task out"
         )

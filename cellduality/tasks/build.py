@@ -251,6 +251,9 @@ def load_prepared(path: str | Path) -> PreparedTasks:
     if names is None:  # a folder from before the list was recorded: every table in it
         names = sorted(t.name for t in tables_dir.iterdir() if t.is_dir()) if tables_dir.is_dir() else []
     tables = {name: load_from_disk(str(tables_dir / name)) for name in names}
+    from cellduality.data.labels import check_prepared_labels
+
+    check_prepared_labels(datasets, str(p))  # a folder prepared before the label checks existed
     return PreparedTasks(datasets, meta, tables)
 
 
