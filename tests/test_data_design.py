@@ -173,13 +173,16 @@ def test_permuting_the_pools_labels_leaves_the_label_free_checkpoints_byte_ident
         folder = save_prepared(build_tasks(data, tasks, config=cfg), out / "prepared" / "pbmc68k")
         _sft(out, [folder], plan, 0)
         _grpo(out, [folder], plan, 0, mode="dual", name="grpo")
+        # the ablation's dual arm: the SFT checkpoint, frozen, reads annotation's in-painting dual
+        frozen = replace(plan, dual_frozen_tasks=("annotation",))
+        _grpo(out, [folder], frozen, 0, mode="dual", name="grpo_frozen")
         runs[name] = (out, folder)
     (a, fa), (b, fb) = runs["original"], runs["permuted"]
     assert (
         load_sft_dataset(a / "sft_data")["train"].to_list()
         == load_sft_dataset(b / "sft_data")["train"].to_list()
     )
-    for stage in ("sft", "grpo"):
+    for stage in ("sft", "grpo", "grpo_frozen"):
         assert (a / stage / "model.safetensors").read_bytes() == (
             b / stage / "model.safetensors"
         ).read_bytes(), stage
