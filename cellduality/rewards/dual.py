@@ -175,24 +175,21 @@ class DualReward(RowReward):
         for reader in self.readers.values():
             if all(reader is not r for r in readers):
                 readers.append(reader)
-        if len(readers) == 1:
-            return self._generate(dual_prompts, self.generate)
         route = [self.readers.get(task, self.generate) for task in tasks]
         outputs: list[str] = [""] * len(dual_prompts)
         generated = 0
         for reader in readers:
             idx = [i for i, r in enumerate(route) if r is reader]
-            answers = self._generate([dual_prompts[i] for i in idx], reader)
-            generated += self.history[-1]["generated"]
+            answers, count = self._generate([dual_prompts[i] for i in idx], reader)
+            generated += count
             for i, answer in zip(idx, answers, strict=True):
                 outputs[i] = answer
         self.history[-1]["generated"] = generated
         return outputs
 
-    def _generate(self, dual_prompts: list[Messages], generate: GenerateFn | None = None) -> list[str]:
-        """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic."""
-        generate = generate or self.generate
-        assert generate is not None
+    def _generate(self, dual_prompts: list[Messages], generate: GenerateFn) -> tuple[list[str], int]:
+        """One call of ``generate`` (always, even with no prompt), distinct prompts only if deterministic;
+        the answers, and how many prompts were generated."""
         if self.deterministic:
             keys = [json.dumps(p, sort_keys=True) for p in dual_prompts]
             first: dict[str, Messages] = {}
@@ -203,15 +200,13 @@ class DualReward(RowReward):
             if len(answers) != len(unique):
                 raise RuntimeError(f"generate returned {len(answers)} completions for {len(unique)} prompts")
             by_key = dict(zip(unique, answers, strict=True))
-            self.history[-1]["generated"] = len(unique)
-            return [by_key[k] for k in keys]
+            return [by_key[k] for k in keys], len(unique)
         outputs = generate(dual_prompts)
         if len(outputs) != len(dual_prompts):
             raise RuntimeError(
                 f"generate returned {len(outputs)} completions for {len(dual_prompts)} prompts"
             )
-        self.history[-1]["generated"] = len(dual_prompts)
-        return outputs
+        return outputs, len(dual_prompts)
 
     def _log(
         self, rows: list[dict[str, Any]], result: list[float | None], columns: Mapping[str, Any]
