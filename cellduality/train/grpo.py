@@ -262,7 +262,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.grpo") -> int:
     """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
-    from cellduality.train.command import stage_main
+    from cellduality.train.stage import stage_main
 
     return stage_main("grpo", argv, prog, parse_args, run_grpo)
 
