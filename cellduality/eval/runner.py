@@ -425,7 +425,7 @@ def run_eval(
 
     vocabulary = real.vocabulary if real is not None else gene_vocabulary(meta.get("genes") or [])
     flat = [r for t in by_task for r in by_task[t]]
-    from cellduality.train.common import sentence_mismatch
+    from cellduality.modeling.checkpoint import sentence_mismatch
 
     warnings = [
         w
