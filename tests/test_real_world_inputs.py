@@ -312,8 +312,8 @@ def test_launch_refusal_is_printed_once(monkeypatch: pytest.MonkeyPatch, capsys)
 
 
 def test_run_meta_carries_sentence_settings_and_eval_warns(tmp_path: Path) -> None:
+    from cellduality.modeling.checkpoint import RUN_META, sentence_mismatch, write_run_meta
     from cellduality.tasks import PreparedTasks
-    from cellduality.train.common import RUN_META, sentence_mismatch, write_run_meta
 
     data = prepare_anndata(_adata({"ct": ["a", "b"] * 10}), Columns(cell_type="ct"), name="toy")
     trained = build_tasks(data, config=TaskConfig(top_k=16, n_genes=16))

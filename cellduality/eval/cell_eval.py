@@ -173,7 +173,7 @@ def add_to_result(
 
 def report_section(result: Any) -> list[str]:
     """Markdown lines: cell-eval's headline metrics per method, and where its definitions differ from ours."""
-    from cellduality.eval.report import fmt, markdown_table
+    from cellduality.eval.markdown import fmt, markdown_table
 
     found = (result.info or {}).get("cell_eval")
     if not found:

@@ -220,7 +220,8 @@ def _build_examples(args: argparse.Namespace):
 
 def _print_summary(console, result) -> None:
     """One line per task and method with its headline metric, then where the report is."""
-    from cellduality.eval.report import COLUMNS, fmt
+    from cellduality.eval.markdown import fmt
+    from cellduality.eval.report import COLUMNS
 
     for task, res in result.tasks.items():
         key, title = COLUMNS[task][0]

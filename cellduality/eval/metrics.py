@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from cellduality.metrics.perturbation import de_gene_indices, pearson_delta_on_de
+from cellduality.metrics.statistics import pearson
 from cellduality.parsing import parse_completion
 
 if TYPE_CHECKING:
@@ -64,24 +66,6 @@ def mean_profile(cells: Matrix) -> np.ndarray:
     return arr.mean(axis=0)
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r; ``nan`` for fewer than two points, non-finite values or a constant vector.
-
-    Hand-written (same value as ``scipy.stats.pearsonr``) because it is called per completion in the
-    verifier rewards, where scipy's per-call overhead and its warnings on constant input are unwelcome.
-    """
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if x.size < 2 or x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return NAN
-    xc = x - x.mean()
-    yc = y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    if den <= 0.0:
-        return NAN
-    return float(np.clip(float(xc @ yc) / den, -1.0, 1.0))
-
-
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks from 1 with ties averaged (``scipy.stats.rankdata``'s default), without its per-call cost."""
     n = x.size
@@ -105,7 +89,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, dtype=float)
     if x.size < 2 or x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return NAN
-    return _pearson(_average_ranks(x.ravel()), _average_ranks(y.ravel()))
+    return pearson(_average_ranks(x.ravel()), _average_ranks(y.ravel()))
 
 
 def _cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -575,32 +559,6 @@ def generation_metrics(
 # perturbation response
 
 
-def de_gene_indices(
-    observed_delta: np.ndarray,
-    n_de: int = 20,
-    gene_names: Sequence[str] | None = None,
-    de_genes: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Indices of the differentially expressed genes the DE metrics are computed on.
-
-    Given ``de_genes`` (with ``gene_names``), their positions, matched case-insensitively; unknown
-    names are ignored. Otherwise the ``n_de`` genes with the largest ``|observed delta|`` (ties by gene
-    order; non-finite deltas never chosen). Metrics on these genes matter because most genes do not
-    respond to a perturbation, so an all-genes correlation is dominated by noise and by the control.
-    """
-    delta = np.asarray(observed_delta, dtype=float).ravel()
-    if de_genes is not None:
-        if gene_names is None:
-            raise ValueError("de_genes needs gene_names to locate them")
-        pos = {str(g).upper(): i for i, g in enumerate(gene_names)}
-        idx = [pos[g.upper()] for g in de_genes if g.upper() in pos]
-        return np.asarray(list(dict.fromkeys(idx)), dtype=np.int64)
-    finite = np.flatnonzero(np.isfinite(delta))
-    n = max(0, min(int(n_de), finite.size))
-    order = np.argsort(-np.abs(delta[finite]), kind="stable")
-    return finite[order[:n]]
-
-
 def _deltas(predicted: Matrix, control: Matrix, observed: Matrix) -> tuple[np.ndarray, np.ndarray]:
     ctrl = mean_profile(control)
     return mean_profile(predicted) - ctrl, mean_profile(observed) - ctrl
@@ -619,7 +577,7 @@ def pearson_delta(
     if genes is not None:
         idx = np.asarray(genes, dtype=np.int64)
         pred_delta, obs_delta = pred_delta[idx], obs_delta[idx]
-    return _pearson(pred_delta, obs_delta)
+    return pearson(pred_delta, obs_delta)
 
 
 def pearson_delta_de(
@@ -632,8 +590,7 @@ def pearson_delta_de(
 ) -> float:
     """Pearson delta on the top ``n_de`` DE genes (or the supplied ``de_genes``); see :func:`de_gene_indices`."""
     pred_delta, obs_delta = _deltas(predicted, control, observed)
-    idx = de_gene_indices(obs_delta, n_de, gene_names, de_genes)
-    return _pearson(pred_delta[idx], obs_delta[idx])
+    return pearson_delta_on_de(pred_delta, obs_delta, n_de=n_de, gene_names=gene_names, de_genes=de_genes)
 
 
 def rmse_de(
@@ -782,7 +739,7 @@ def pathway_agreement(
         return PathwayAgreement(NAN, NAN, weights.n_shared)
     a = pathway_activity(pred_delta, weights)
     b = pathway_activity(obs_delta, weights)
-    return PathwayAgreement(_pearson(a, b), _cosine(a, b), weights.n_shared)
+    return PathwayAgreement(pearson(a, b), _cosine(a, b), weights.n_shared)
 
 
 def perturbation_metrics(
@@ -804,8 +761,8 @@ def perturbation_metrics(
     idx = de_gene_indices(obs_delta, n_de, gene_names, de_genes)
     err = pred_delta[idx] - obs_delta[idx]
     out = {
-        "pearson_delta": _pearson(pred_delta, obs_delta),
-        "pearson_delta_de": _pearson(pred_delta[idx], obs_delta[idx]),
+        "pearson_delta": pearson(pred_delta, obs_delta),
+        "pearson_delta_de": pearson_delta_on_de(pred_delta, obs_delta, idx),
         "rmse_de": float(np.sqrt(np.mean(err**2))) if idx.size and np.isfinite(err).all() else NAN,
         "de_spearman": _spearman(pred_delta[idx], obs_delta[idx]),
         "n_de": float(idx.size),
@@ -863,8 +820,8 @@ def verifier_pearson_de(
     ``|observed_delta|`` (pass it precomputed when scoring many cells). No cell (``None``: output did not
     parse), a wrong length, non-finite values or a constant delta -> -1.0, the lowest reward.
     """
-    pair = _verifier_inputs(cell, control_mean, observed_delta, de_idx, n_de)
-    r = _pearson(*pair) if pair is not None else NAN
+    delta = _cell_delta(cell, control_mean)
+    r = pearson_delta_on_de(delta, observed_delta, de_idx, n_de) if delta is not None else NAN
     return r if math.isfinite(r) else -1.0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from cellduality.eval.perturbation_rows import perturbation_baselines, reproducibility
 from cellduality.eval.scoring import (
     NAN,
     PerturbationReference,
@@ -127,8 +128,6 @@ def score_neighbourhood(
     config: Any,
 ) -> TaskResult:
     """The neighbourhood task's table: each model's edited predictor, the unedited one, baselines, reference."""
-    from cellduality.eval.runner import perturbation_baselines, reproducibility
-
     result = TaskResult(TASK, len(rows))
     split_info = (real.meta.get("split") or {}).get(TASK) or {}
     holdout = set(split_info.get("holdout") or [])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellduality.eval.headline import task_headline
+from cellduality.eval.markdown import fmt, markdown_table
 from cellduality.eval.metric_info import best_row, honest_kinds, metric_info, registry_table
 from cellduality.eval.plots import plot_confusions, plot_pca, plot_pearson_delta, write_plots
 
@@ -168,31 +169,6 @@ def metrics_payload(tasks: Mapping[str, TaskResult], info: Mapping[str, Any]) ->
 
 # ----------------------------------------------------------------------------------------------------
 # Markdown
-
-
-def fmt(value: Any, key: str = "") -> str:
-    """A table cell: 3 decimals, counts as integers, ``—`` for not measurable."""
-    if value is None:
-        return "—"
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(f):
-        return "—"
-    if key in ("n", "n_scored", "n_perturbations"):
-        return str(round(f))
-    return f"{f:.3f}"
-
-
-def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(_escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _honest(tasks: Mapping[str, TaskResult]) -> None:

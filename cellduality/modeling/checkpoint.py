@@ -1,6 +1,14 @@
-"""Check a model folder before loading it, so a missing, mistyped or damaged checkpoint gets a message
-that names the folder and the missing or broken file, not a hub "Repo id" error, a missing
-``sentencepiece`` or a raw safetensors exception.
+"""The checkpoint contract: what a model folder must hold, and the run metadata written beside it.
+
+Run metadata (:data:`RUN_META`, ``cellduality_run.json``) is written by the training stages
+(:func:`write_run_meta`: the prepared meta of every dataset trained on, the sentence settings, the
+stage's own facts) and found one way (:func:`run_meta_path`: in the model folder, or for a
+``checkpoint-N`` or ``merged`` folder in the run's folder above it) by training, eval
+(:func:`sentence_mismatch`) and prediction (:mod:`cellduality.predict.checkpoint`).
+
+:func:`check_model_folder` checks a model folder before loading it, so a missing, mistyped or damaged
+checkpoint gets a message that names the folder and the missing or broken file, not a hub "Repo id"
+error, a missing ``sentencepiece`` or a raw safetensors exception.
 """
 
 from __future__ import annotations
@@ -8,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cellduality.data.schema import DataError
 
@@ -142,3 +152,104 @@ def check_model_folder(path: str | Path, adapter: str | Path | None = None, flag
         for name in ("adapter_model.safetensors",):
             if (adapter_dir / name).is_file():
                 _check_safetensors(adapter_dir / name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# run metadata
+
+RUN_META = "cellduality_run.json"
+
+
+def run_meta_path(model: str | Path | None) -> Path | None:
+    """Where the run metadata of ``model`` is, or ``None``: the one rule every reader uses.
+
+    In the model folder itself, or, for a ``checkpoint-N`` folder or the ``merged`` folder of a LoRA run,
+    in the run's folder above it (the run writes it once, next to the final model).
+    """
+    if not model:
+        return None
+    folder = Path(model)
+    candidates = [folder / RUN_META]
+    if folder.name.startswith("checkpoint-") or folder.name == "merged":
+        candidates.append(folder.parent / RUN_META)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_run_meta(model_path: str | Path | None) -> dict[str, Any] | None:
+    """The run metadata of a model folder (or of the run a ``checkpoint-N`` folder belongs to).
+
+    ``None`` when there is none or it is not valid JSON (a reader that must refuse such a folder says so
+    itself, as prediction does).
+    """
+    path = run_meta_path(model_path)
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def sentence_settings(meta: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Per dataset, the sentence settings (``top_k``, ``n_genes``) of a prepared meta (merged or not)."""
+    if "parts" in meta:
+        out: dict[str, dict[str, int]] = {}
+        for part in meta["parts"].values():
+            out.update(sentence_settings(part))
+        return out
+    found = meta.get("sentences")
+    if not found:
+        cfg = meta.get("config") or {}
+        if "top_k" not in cfg:
+            return {}
+        found = {"top_k": cfg["top_k"], "n_genes": cfg.get("n_genes") or cfg["top_k"]}
+    return {str(meta.get("dataset", "")): {"top_k": int(found["top_k"]), "n_genes": int(found["n_genes"])}}
+
+
+def write_run_meta(output_dir: str | Path, prepared: Any, extra: Mapping[str, Any]) -> None:
+    """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage.
+
+    ``sentences`` records, per dataset, the sentence settings the model was trained with (genes per input
+    sentence and per generated cell): a model trained on 16-gene sentences answers 100-gene ones poorly,
+    so ``eval`` and ``grpo`` compare it with the data they are given. ``prepared`` is the prepared tasks
+    (:class:`cellduality.tasks.PreparedTasks`) or just their ``meta`` (what the GRPO trainer keeps).
+    """
+    meta = prepared if isinstance(prepared, Mapping) else prepared.meta
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"prepared": meta, "sentences": sentence_settings(meta), **extra}
+    (out / RUN_META).write_text(json.dumps(payload, indent=1, default=str))
+
+
+def sentence_mismatch(model_path: str | Path | None, data_meta: dict[str, Any], what: str) -> str | None:
+    """A warning when the model was trained on other sentence settings than ``data_meta`` has, else None."""
+    run = read_run_meta(model_path)
+    if not run:
+        return None
+    trained = run.get("sentences") or sentence_settings(run.get("prepared") or {})
+    given = sentence_settings(data_meta)
+    if not trained or not given:
+        return None
+    distinct = {json.dumps(v, sort_keys=True) for v in trained.values()}
+    problems = []
+    for dataset, settings in given.items():
+        ref = trained.get(dataset)
+        if ref is None and len(distinct) == 1:
+            ref = next(iter(trained.values()))
+        if ref is not None and ref != settings:
+            problems.append(
+                f"{dataset}: {settings['top_k']}-gene input sentences and {settings['n_genes']}-gene answers, "
+                f"trained with {ref['top_k']} and {ref['n_genes']}"
+            )
+    if not problems:
+        return None
+    ref = next(iter(trained.values()))
+    return (
+        f"{model_path} was trained on other cell sentences than {what} ({'; '.join(problems)}): its answers "
+        "will be poor. Prepare the data with the training settings (cellduality prepare --top-k "
+        f"{ref['top_k']} --n-genes {ref['n_genes']}), or use the prepared folder the run saved "
+        "(<output_dir>/prepared)"
+    )

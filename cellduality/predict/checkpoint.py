@@ -1,8 +1,8 @@
 """What a trained checkpoint knows about its data: read from the run metadata saved next to it.
 
-``cellduality.train.sft`` and ``.grpo`` write ``cellduality_run.json`` beside the weights: the prepared
-meta of every dataset the model was trained on (gene vocabulary, rank -> expression fit, columns,
-sentence length, candidate labels). Prediction takes every setting from there, so a user never repeats
+``cellduality.train.sft`` and ``.grpo`` write ``cellduality_run.json`` beside the weights
+(:mod:`cellduality.modeling.checkpoint`): the prepared meta of every dataset the model was trained on
+(gene vocabulary, rank -> expression fit, columns, sentence length, candidate labels). Prediction takes every setting from there, so a user never repeats
 one, and a checkpoint without it is refused: guessing the sentence length or the candidates would give
 prompts the model never saw.
 """
@@ -16,22 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from cellduality.data.schema import Columns, DataError
+from cellduality.modeling.checkpoint import RUN_META, run_meta_path
 from cellduality.sentences import RankExpressionFit
 from cellduality.tasks.common import TaskConfig
 
-RUN_META = "cellduality_run.json"  # the name cellduality.train.common.write_run_meta writes
-
 
 def find_run_meta(model: str | Path) -> Path:
-    """The run metadata of ``model``: in its folder, or in the folder above (``merged/``, ``checkpoint-N``)."""
+    """The run metadata of ``model`` (found by :func:`cellduality.modeling.checkpoint.run_meta_path`: in
+    its folder, or in the run's folder above a ``merged/`` or ``checkpoint-N`` folder); refused without."""
     folder = Path(model)
     if not folder.exists():
         raise DataError(f"no such checkpoint folder: {folder}")
     if not folder.is_dir():
         raise DataError(f"--model {folder} is a file; give the model's folder")
-    for candidate in (folder / RUN_META, folder.parent / RUN_META):
-        if candidate.is_file():
-            return candidate
+    found = run_meta_path(folder)
+    if found is not None:
+        return found
     raise DataError(
         f"{folder} has no run metadata ({RUN_META}): predict needs a checkpoint written by "
         "`python -m cellduality.train.sft` or `.grpo` (or the demo), which records the genes, sentence length "
@@ -157,4 +157,4 @@ def match_condition(value: str, known: Sequence[str]) -> str | None:
     return match_label(value, known)
 
 
-__all__ = ["RUN_META", "Checkpoint", "TrainedDataset", "find_run_meta", "match_condition"]
+__all__ = ["Checkpoint", "TrainedDataset", "find_run_meta", "match_condition"]

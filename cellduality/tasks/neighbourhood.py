@@ -46,6 +46,7 @@ import scipy.sparse as sp
 
 from cellduality.data.schema import DataError
 from cellduality.eval.baselines import GONeighbourBaseline, perturbation_targets
+from cellduality.metrics.statistics import pearson
 from cellduality.parsing import normalize_label, parse_completion
 from cellduality.tasks.common import (
     TaskConfig,
@@ -413,12 +414,6 @@ def format_edit(additions: Sequence[str], removals: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # the Pearson-delta gain
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    from cellduality.eval.metrics import _pearson
-
-    return _pearson(x, y)
 
 
 def edit_gain(

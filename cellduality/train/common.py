@@ -1,4 +1,7 @@
-"""Steps the SFT and GRPO entry points share: model/tokenizer loading, the tiny model, run metadata."""
+"""Steps the SFT and GRPO entry points share: model/tokenizer loading, the tiny model, resuming.
+
+The run metadata they write beside the checkpoint is :mod:`cellduality.modeling.checkpoint`'s.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cellduality.modeling.checkpoint import sentence_mismatch
 from cellduality.tasks.build import PreparedTasks
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, label_words
 from cellduality.train.configs import CellDualityArguments
-
-RUN_META = "cellduality_run.json"
 
 logger = logging.getLogger(__name__)
 
@@ -145,85 +147,6 @@ def load_model_and_tokenizer(model_args: Any, training_args: Any):
         attn_implementation=model_args.attn_implementation,
     )
     return model, tokenizer
-
-
-def sentence_settings(meta: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Per dataset, the sentence settings (``top_k``, ``n_genes``) of a prepared meta (merged or not)."""
-    if "parts" in meta:
-        out: dict[str, dict[str, int]] = {}
-        for part in meta["parts"].values():
-            out.update(sentence_settings(part))
-        return out
-    found = meta.get("sentences")
-    if not found:
-        cfg = meta.get("config") or {}
-        if "top_k" not in cfg:
-            return {}
-        found = {"top_k": cfg["top_k"], "n_genes": cfg.get("n_genes") or cfg["top_k"]}
-    return {str(meta.get("dataset", "")): {"top_k": int(found["top_k"]), "n_genes": int(found["n_genes"])}}
-
-
-def write_run_meta(output_dir: str, prepared: PreparedTasks | dict[str, Any], extra: dict[str, Any]) -> None:
-    """Keep the dataset meta (genes, fit, split) next to the checkpoint, for eval and for the next stage.
-
-    ``sentences`` records, per dataset, the sentence settings the model was trained with (genes per input
-    sentence and per generated cell): a model trained on 16-gene sentences answers 100-gene ones poorly,
-    so ``eval`` and ``grpo`` compare it with the data they are given. ``prepared`` is the prepared tasks
-    or just their ``meta`` (what the GRPO trainer keeps).
-    """
-    meta = prepared.meta if isinstance(prepared, PreparedTasks) else prepared
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"prepared": meta, "sentences": sentence_settings(meta), **extra}
-    (out / RUN_META).write_text(json.dumps(payload, indent=1, default=str))
-
-
-def read_run_meta(model_path: str | Path | None) -> dict[str, Any] | None:
-    """The run metadata of a model folder (or of the run a ``checkpoint-N`` folder belongs to)."""
-    if not model_path:
-        return None
-    folder = Path(model_path)
-    candidates = [folder / RUN_META]
-    if folder.name.startswith("checkpoint-") or folder.name == "merged":
-        candidates.append(folder.parent / RUN_META)
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except ValueError:
-                return None
-    return None
-
-
-def sentence_mismatch(model_path: str | Path | None, data_meta: dict[str, Any], what: str) -> str | None:
-    """A warning when the model was trained on other sentence settings than ``data_meta`` has, else None."""
-    run = read_run_meta(model_path)
-    if not run:
-        return None
-    trained = run.get("sentences") or sentence_settings(run.get("prepared") or {})
-    given = sentence_settings(data_meta)
-    if not trained or not given:
-        return None
-    distinct = {json.dumps(v, sort_keys=True) for v in trained.values()}
-    problems = []
-    for dataset, settings in given.items():
-        ref = trained.get(dataset)
-        if ref is None and len(distinct) == 1:
-            ref = next(iter(trained.values()))
-        if ref is not None and ref != settings:
-            problems.append(
-                f"{dataset}: {settings['top_k']}-gene input sentences and {settings['n_genes']}-gene answers, "
-                f"trained with {ref['top_k']} and {ref['n_genes']}"
-            )
-    if not problems:
-        return None
-    ref = next(iter(trained.values()))
-    return (
-        f"{model_path} was trained on other cell sentences than {what} ({'; '.join(problems)}): its answers "
-        "will be poor. Prepare the data with the training settings (cellduality prepare --top-k "
-        f"{ref['top_k']} --n-genes {ref['n_genes']}), or use the prepared folder the run saved "
-        "(<output_dir>/prepared)"
-    )
 
 
 def warn_sentence_mismatch(model_path: str, data_meta: dict[str, Any], what: str, training_args: Any) -> None:

@@ -203,14 +203,9 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 
 def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     """Train, resuming from the newest checkpoint of ``output_dir`` if a run was interrupted."""
+    from cellduality.modeling.checkpoint import RUN_META, write_run_meta
     from cellduality.train.allocator import keep_freed_memory_on_cpu
-    from cellduality.train.common import (
-        RUN_META,
-        check_resume,
-        last_checkpoint,
-        write_rank_state,
-        write_run_meta,
-    )
+    from cellduality.train.common import check_resume, last_checkpoint, write_rank_state
 
     keep_freed_memory_on_cpu(bool(training_args.use_cpu))
     trainer = build_grpo_trainer(cd_args, training_args, model_args)
@@ -262,7 +257,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.grpo") -> int:
     """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
-    from cellduality.train.command import stage_main
+    from cellduality.train.stage import stage_main
 
     return stage_main("grpo", argv, prog, parse_args, run_grpo)
 

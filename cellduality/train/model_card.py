@@ -218,7 +218,7 @@ def render_card(
 
 def card_from_trainer(trainer: Any, stage: str, cd_args: Any, model_args: Any, output_dir: str | Path) -> str:
     """The card of a finished run, from its trainer, its arguments and the run metadata on disk."""
-    from cellduality.train.common import read_run_meta
+    from cellduality.modeling.checkpoint import read_run_meta
 
     args = trainer.args
     run_meta = read_run_meta(output_dir) or {}

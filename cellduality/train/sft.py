@@ -57,15 +57,14 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
     from transformers import set_seed
     from trl import SFTTrainer, get_peft_config
 
+    from cellduality.modeling.checkpoint import RUN_META, write_run_meta
     from cellduality.train.allocator import keep_freed_memory_on_cpu
     from cellduality.train.common import (
-        RUN_META,
         check_resume,
         ensure_model,
         last_checkpoint,
         load_model_and_tokenizer,
         write_rank_state,
-        write_run_meta,
     )
     from cellduality.train.data import load_task_data
     from cellduality.train.lm_head import compact_lm_head
@@ -125,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None, prog: str = "cellduality.train.sft") -> int:
     """Entry point: a user's mistake (bad data, a refused folder or launch set-up) is one line, exit 2."""
-    from cellduality.train.command import stage_main
+    from cellduality.train.stage import stage_main
 
     return stage_main("sft", argv, prog, parse_args, run_sft)
 
