@@ -26,7 +26,7 @@ before these checks existed is checked when it is read (``check_prepared_labels`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -71,27 +71,31 @@ def check_labels(obs: pd.DataFrame, columns: Columns) -> None:
         _check_column(column, what, labels, needs_two and len(present) >= 2)
 
 
-def check_prepared_labels(datasets: Mapping[str, Any], folder: str) -> None:
+def check_prepared_labels(
+    datasets: Mapping[str, Any],
+    folder: str,
+    classification_tasks: Sequence[str],
+    generation_tasks: Sequence[str],
+) -> None:
     """Raise ``DataError`` when a prepared folder's rows list candidates no completion can name right.
 
     Per task, the candidates of every row of every split (read through Arrow, without building Python
     rows). Classification tasks need two candidates; the generation tasks' candidates are their duals'.
+    The task names come from the caller (``tasks.build``): this floor knows columns, not tasks.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
-
     tables = [ds.data.table for ds in datasets.values() if {"task", "candidates"} <= set(ds.column_names)]
     if not tables:
         return
-    for task in (*CLASSIFICATION_TASKS, *GENERATION_TASKS):
+    for task in (*classification_tasks, *generation_tasks):
         lists = [t.filter(pc.equal(t.column("task"), task)).column("candidates") for t in tables]
         flat = pa.chunked_array([pc.list_flatten(c) for c in lists if len(c)], type=pa.string())
         labels = [str(v) for v in pc.unique(flat).to_pylist() if v is not None]
         if labels:
             try:
-                _check_column(task, "candidate", labels, task in CLASSIFICATION_TASKS, f"task {task!r}")
+                _check_column(task, "candidate", labels, task in classification_tasks, f"task {task!r}")
             except DataError as error:
                 raise DataError(
                     f"{folder}: {error}; this folder was prepared before these labels were refused: prepare "

@@ -252,8 +252,10 @@ def load_prepared(path: str | Path) -> PreparedTasks:
         names = sorted(t.name for t in tables_dir.iterdir() if t.is_dir()) if tables_dir.is_dir() else []
     tables = {name: load_from_disk(str(tables_dir / name)) for name in names}
     from cellduality.data.labels import check_prepared_labels
+    from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS
 
-    check_prepared_labels(datasets, str(p))  # a folder prepared before the label checks existed
+    # a folder prepared before the label checks existed
+    check_prepared_labels(datasets, str(p), CLASSIFICATION_TASKS, GENERATION_TASKS)
     return PreparedTasks(datasets, meta, tables)
 
 
