@@ -158,8 +158,7 @@ def test_permuting_the_pools_labels_leaves_the_label_free_checkpoints_byte_ident
 
     from cellduality.ablation import TINY
     from cellduality.demo import _grpo, _sft
-    from cellduality.parsing import gene_vocabulary
-    from cellduality.rewards import build_rewards
+    from cellduality.rewards import RewardContext, build_rewards
     from cellduality.tasks import load_prepared, save_prepared
     from cellduality.teacher.pipeline import load_sft_dataset
 
@@ -195,7 +194,7 @@ def test_permuting_the_pools_labels_leaves_the_label_free_checkpoints_byte_ident
     ]
     scores = {}
     for key, prepared in (("original", pa), ("permuted", pb)):
-        (oracle,) = build_rewards(["oracle_eval"], gene_vocabulary(prepared.genes), prepared=prepared)
+        (oracle,) = build_rewards(["oracle_eval"], RewardContext.for_data(prepared))
         columns = prepared.datasets[RL_SPLIT].filter(lambda r: r["task"] == "annotation").to_dict()
         scores[key] = oracle(completions=completions, **columns)
     # right wherever the pool cell's type is a candidate (the SFT set's types: a pool cell of a type the SFT
@@ -209,10 +208,9 @@ def _completion(answer: str) -> list[dict[str, str]]:
 
 
 def _score(prepared, rows: list[dict], answers: list[str]) -> list[float | None]:
-    from cellduality.parsing import gene_vocabulary
-    from cellduality.rewards import build_rewards
+    from cellduality.rewards import RewardContext, build_rewards
 
-    (oracle,) = build_rewards(["oracle_eval"], gene_vocabulary(prepared.genes), prepared=prepared)
+    (oracle,) = build_rewards(["oracle_eval"], RewardContext.for_data(prepared))
     columns = {k: [r[k] for r in rows] for k in rows[0]}
     return oracle(completions=[_completion(a) for a in answers], **columns)
 
@@ -269,14 +267,14 @@ def test_oracle_eval_perturbation_against_the_pools_change() -> None:
 def test_rewards_parse_a_row_with_its_own_datasets_genes() -> None:
     """A run on several datasets: an answer naming another dataset's genes is no cell of this one (eval
     parses per dataset); with the union alone it counted as parsed (the measured oracle hack)."""
-    from cellduality.rewards import build_rewards
+    from cellduality.rewards import RewardContext, build_rewards
 
     union = {g.casefold(): g for g in ("CD74", "LYZ", "VIM", "CLU")}
     own = {"glio": {"vim": "VIM", "clu": "CLU"}, "pbmc": {"cd74": "CD74", "lyz": "LYZ"}}
     logged: dict[str, float] = {}
     row = {"task": "perturbation", "dataset": "glio", "n_genes": [2], "id": ["a"]}
     for vocabularies, expected in ((None, 1.0), (own, 0.0)):
-        (fmt,) = build_rewards(["format"], union, vocabularies=vocabularies)
+        (fmt,) = build_rewards(["format"], RewardContext(vocabulary=union, vocabularies=vocabularies))
         fmt(
             completions=[_completion("CD74 LYZ")],
             task=[row["task"]],

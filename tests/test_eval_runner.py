@@ -1,6 +1,6 @@
 """The benchmark evaluation end to end: scoring of completions, baselines on real data (pbmc68k,
 norman_devel), the tiny model through the Hugging Face backend, the completion cache, dual
-self-verification, the ``eval`` subcommand and the verifier rewards.
+self-verification and the ``eval`` subcommand.
 
 Scripted backends (answers chosen by the test) stand in for a model wherever the point is the runner's
 logic rather than generation itself; one test runs the real tiny model. Everything is kept small
@@ -22,12 +22,12 @@ from cellduality.eval.generate import GenerationSettings, ModelSpec, load_backen
 from cellduality.eval.runner import EvalConfig, run_eval
 from cellduality.eval.scoring import (
     GenerationReference,
-    RealData,
     classification_predictions,
     generated_sentences,
     score_classification,
 )
 from cellduality.tasks import TaskConfig, build_tasks, dual_prompt, save_prepared
+from cellduality.tasks.real_data import RealData
 
 CFG = TaskConfig(top_k=16, max_examples=24, seed=0)
 
@@ -389,37 +389,6 @@ def test_a_crash_keeps_what_was_generated(pbmc_prepared, tmp_path) -> None:
     assert (
         load_metrics(tmp_path / "crash")["tasks"]["annotation"]["methods"]["m"]["metrics"]["accuracy"] == 1.0
     )
-
-
-# ---------------------------------------------------------------------------------------------- verifiers
-
-
-def test_verifier_rewards_registered_and_scoring(norman_prepared) -> None:
-    from cellduality.eval.verifier_rewards import VERIFIER_NAMES, register_verifier_rewards
-    from cellduality.rewards.registry import REWARDS, build_rewards
-
-    path, prepared = norman_prepared
-    before = dict(REWARDS)
-    try:
-        assert register_verifier_rewards(prepared=path) == list(VERIFIER_NAMES)
-        assert register_verifier_rewards(prepared=path) == list(VERIFIER_NAMES)  # idempotent
-        rewards = build_rewards(list(VERIFIER_NAMES))
-        train = [r for r in prepared.datasets["train"] if r["task"] == "perturbation"][:3]
-        completions = [formatted(train[0]["answer"]), "no answer", formatted(train[2]["answer"])]
-        columns = {k: [r[k] for r in train] for k in train[0]}
-        columns["task"] = ["perturbation", "perturbation", "annotation"]  # the last row: another task
-        scores = {
-            f.__name__: f(prompts=columns["prompt"], completions=completions, **columns) for f in rewards
-        }
-    finally:
-        REWARDS.clear()
-        REWARDS.update(before)
-    assert scores["verifier_pearson"][1] == -1.0  # malformed: the lowest value
-    assert all(s[1] == (-1.0 if n == "verifier_pearson" else 0.0) for n, s in scores.items())
-    assert all(s[2] is None for s in scores.values())
-    assert -1.0 < scores["verifier_pearson"][0] <= 1.0
-    assert 0.0 < scores["verifier_rmse"][0] <= 1.0
-    assert 0.0 <= scores["verifier_spearman"][0] <= 1.0 and 0.0 <= scores["verifier_pathway"][0] <= 1.0
 
 
 def test_eval_several_prepared_folders(tmp_path) -> None:

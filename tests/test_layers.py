@@ -46,10 +46,14 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
         "cellduality.tasks.neighbourhood",
         "cellduality.eval.baselines",
     ): "GONeighbourBaseline, perturbation_targets",
-    # oracle_eval scores what eval scores, with eval's metric functions and real-data loader (lazily):
-    # they move below the rewards when the metrics library and the reward context are done.
+    # oracle_eval and the verifier rewards score with eval's metric formulas (the real data they read is
+    # the reward context's, from cellduality.tasks.real_data): the formulas move to cellduality.metrics.
     ("cellduality.rewards.aligned", "cellduality.eval.metrics"): "knn/PCA embedding, verifier_pearson_de",
-    ("cellduality.rewards.aligned", "cellduality.eval.scoring"): "load_real_data",
+    # moved with the verifier rewards from eval into rewards: eval.verifier_rewards imported them within eval
+    (
+        "cellduality.rewards.verifier",
+        "cellduality.eval.metrics",
+    ): "mean_profile, verifier_* formulas, PROGENy pathway weights",
 }
 
 

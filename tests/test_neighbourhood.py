@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cellduality.data import DataError, load_dataset
-from cellduality.rewards import REWARDS, USES_LABELS, DualReward, build_rewards
+from cellduality.rewards import REWARDS, USES_LABELS, DualReward, RewardContext, build_rewards
 from cellduality.rewards.neighbourhood import (
     EMPTY_EDIT_PENALTY,
     NO_EDIT_SCORE,
@@ -164,15 +164,17 @@ def test_registry_and_reward_modes(constructed) -> None:
     with pytest.raises(ValueError, match="uses no labels"):
         check_reward_mode("self_supervised", ["neighbourhood_format", "neighbourhood_gain"])
     check_reward_mode("oracle", ["neighbourhood_format", "neighbourhood_validity", "neighbourhood_gain"])
-    with pytest.raises(ValueError, match="delta"):
-        build_rewards(["neighbourhood_gain"])  # nothing to compare with
+    with pytest.raises(ValueError, match="prepared data"):
+        build_rewards(["neighbourhood_gain"], RewardContext())  # no data: nothing to compare with
 
     class Prepared:
-        def __init__(self) -> None:
-            row = {"dataset": "toy", "context": "ctx", "perturbation": "T", "delta": [1.0, 2.0, 3.0]}
-            self.tables = {DELTA_TABLE: [row]}
+        def __init__(self, rows: list[dict]) -> None:
+            self.tables = {DELTA_TABLE: rows} if rows else {}
 
-    (gain,) = build_rewards(["neighbourhood_gain"], prepared=Prepared())
+    with pytest.raises(ValueError, match="delta"):  # data prepared without the neighbourhood task
+        build_rewards(["neighbourhood_gain"], RewardContext(prepared=Prepared([])))
+    row = {"dataset": "toy", "context": "ctx", "perturbation": "T", "delta": [1.0, 2.0, 3.0]}
+    (gain,) = build_rewards(["neighbourhood_gain"], RewardContext(prepared=Prepared([row])))
     assert isinstance(gain, NeighbourhoodGain) and gain.table.get("toy", "ctx").names == ["T"]
 
 
@@ -406,7 +408,7 @@ def _neighbours_of(messages) -> list[str]:
 def test_eval_edited_vs_unedited(prepared, norman, tmp_path) -> None:
     from cellduality.eval.generate import ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval
-    from cellduality.eval.scoring import RealData
+    from cellduality.tasks.real_data import RealData
 
     models = {
         "keep": lambda m: "<think>x</think><answer>add: none; remove: none</answer>",

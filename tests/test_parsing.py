@@ -14,7 +14,7 @@ from cellduality.parsing import (
     parse_genes,
     parse_label,
 )
-from cellduality.rewards import build_rewards
+from cellduality.rewards import RewardContext, build_rewards
 
 
 def test_well_formed() -> None:
@@ -88,11 +88,10 @@ def test_fuzz_parser_and_rewards_never_raise(text: str, task: str) -> None:
     parse_label(text, ["A", "B"])
     parse_genes(text, gene_vocabulary(["A", "B", "C"]), 5)
     row = {**ROW, "task": task, "answer": "A B C" if task in ("generation", "perturbation") else "B"}
-    rewards = build_rewards(
-        ["format", "oracle", "oracle_accuracy", "oracle_rwjs", "dual"],
-        gene_vocabulary(["A", "B", "C"]),
-        generate=lambda prompts: [text for _ in prompts],
+    context = RewardContext(
+        vocabulary=gene_vocabulary(["A", "B", "C"]), generate=lambda prompts: [text for _ in prompts]
     )
+    rewards = build_rewards(["format", "oracle", "oracle_accuracy", "oracle_rwjs", "dual"], context)
     columns = {k: [v] for k, v in row.items()}
     for reward in rewards:
         (value,) = reward(prompts=[[]], completions=[[{"role": "assistant", "content": text}]], **columns)

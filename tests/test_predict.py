@@ -150,10 +150,10 @@ def test_confidence_is_the_label_free_dual_score(trained, pbmc_h5ad) -> None:
     """The confidence is the dual score of the predicted label, recomputed here by hand with the model;
     it reads no label: the same cells without their cell-type column get the same labels and scores."""
     from cellduality.eval.generate import GenerationSettings, HFBackend, ModelSpec
+    from cellduality.parsing import gene_vocabulary
     from cellduality.predict import Checkpoint, annotate
     from cellduality.predict.cells import prepare_cells
     from cellduality.predict.examples import annotation_example
-    from cellduality.rewards.parsing import gene_vocabulary
     from cellduality.tasks.dual import dual_prompt, dual_score
 
     model = str(trained / "sft")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellduality.parsing import gene_vocabulary
-from cellduality.rewards import REWARDS, USES_LABELS, DualReward, build_rewards
+from cellduality.rewards import REWARDS, USES_LABELS, DualReward, RewardContext, build_rewards
 from cellduality.tasks import TaskConfig, build_tasks
 
 
@@ -25,7 +25,7 @@ def _c(text: str):
 
 
 def test_format_reward() -> None:
-    (fmt,) = build_rewards(["format"])
+    (fmt,) = build_rewards(["format"], RewardContext())
     assert fmt(prompts=[None, None], completions=[_c("<think>a</think><answer>b</answer>"), _c("b")]) == [
         1.0,
         0.0,
@@ -45,7 +45,8 @@ def test_oracle_rewards(rows) -> None:
         _c("<think>t</think><answer>" + " ".join(reversed(gen["answer"].split())) + "</answer>"),
     ]
     acc, rw, both = build_rewards(
-        ["oracle_accuracy", "oracle_rwjs", "oracle"], gene_vocabulary(gen["answer"].split())
+        ["oracle_accuracy", "oracle_rwjs", "oracle"],
+        RewardContext(vocabulary=gene_vocabulary(gen["answer"].split())),
     )
     assert acc(prompts=None, completions=completions, **_columns(batch)) == [1.0, 0.0, None, None]
     r = rw(prompts=None, completions=completions, **_columns(batch))
@@ -136,9 +137,9 @@ def test_registry() -> None:
     assert {"format", "dual", "oracle", "oracle_accuracy", "oracle_rwjs"} <= set(REWARDS)
     assert "dual" not in USES_LABELS and "format" not in USES_LABELS
     with pytest.raises(KeyError, match="registered rewards"):
-        build_rewards(["nope"])
+        build_rewards(["nope"], RewardContext())
     with pytest.raises(RuntimeError, match="needs the policy"):
-        build_rewards(["dual"])[0](prompts=None, completions=[_c("x")], task=["annotation"])
+        build_rewards(["dual"], RewardContext())[0](prompts=None, completions=[_c("x")], task=["annotation"])
 
 
 def test_dual_reward_deterministic_generates_each_prompt_once(rows) -> None:
@@ -214,3 +215,90 @@ def test_dual_reward_diagnostics_entropy_and_zero_variance(rows, caplog) -> None
     assert metrics["dual/annotation/label_entropy"] == 0.0
     assert metrics["dual/annotation/zero_std_groups"] == 1.0  # one group, all rewards equal
     assert "collapsed to one class" in caplog.text
+
+
+def test_every_reward_is_built_from_the_context_alone() -> None:
+    """One factory signature: ``factory(context, **params)`` for every registered name, no other argument
+    required."""
+    import inspect
+
+    for name, factory in REWARDS.items():
+        parameters = list(inspect.signature(factory).parameters.values())
+        assert parameters[0].name == "context", name
+        required = [
+            p.name
+            for p in parameters[1:]
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        assert not required, (name, required)
+
+
+def test_labels_reach_only_the_rewards_that_declare_them(pbmc) -> None:
+    """``build_rewards`` hands a label-free reward the context without the prepared data; a run's context
+    never holds the test split, and a self-supervised run's holds no prepared data at all."""
+    from cellduality.rewards import register_reward
+    from cellduality.rewards.registry import USES_LABELS as declared
+
+    prepared = build_tasks(pbmc, config=TaskConfig(top_k=12, max_examples=6))
+    assert "test" in prepared.datasets
+    seen: dict[str, RewardContext] = {}
+
+    def probe(name: str):
+        def factory(context: RewardContext, **params):
+            seen[name] = context
+            return lambda prompts=None, completions=(), **columns: [None] * len(completions)
+
+        return factory
+
+    try:
+        register_reward("probe_free", probe("probe_free"))
+        register_reward("probe_labels", probe("probe_labels"), uses_labels=True)
+        context = RewardContext.for_data(prepared, seed=3)
+        build_rewards(["probe_free", "probe_labels"], context, weights=[1.0, 0.5])
+        assert seen["probe_free"].prepared is None and seen["probe_free"].seed == 3
+        assert seen["probe_free"].vocabularies == context.vocabularies
+        assert seen["probe_labels"].prepared is context.prepared
+        assert "test" not in context.prepared.datasets
+        assert context.prepared.datasets["train"] is prepared.datasets["train"]  # in memory, not reloaded
+        assert RewardContext.for_data(prepared, labelled=False).prepared is None
+        from cellduality.data.schema import DataError
+
+        with pytest.raises(DataError, match="reward_weights has 1 values for 2"):
+            build_rewards(["probe_free", "probe_labels"], context, weights=[1.0])
+    finally:
+        REWARDS.pop("probe_free", None)
+        REWARDS.pop("probe_labels", None)
+        declared.discard("probe_labels")
+
+
+def test_dual_reward_from_the_context_takes_its_readers_and_seed(rows) -> None:
+    """The dual reward's policy, per-task readers and seed come from the context: the same scores and
+    calls as a DualReward wired by hand."""
+    ann = next(r for r in rows if r["task"] == "annotation")
+    gen = next(r for r in rows if r["task"] == "generation")
+    calls: list[str] = []
+
+    def reader(name: str, answer: str):
+        def generate(prompts):
+            calls.append(name)
+            return [answer for _ in prompts]
+
+        return generate
+
+    policy = reader("policy", f"<answer>{gen['condition']}</answer>")
+    frozen = reader("frozen", "<think>.</think><answer>" + " ".join(ann["hidden_genes"]) + "</answer>")
+    context = RewardContext(generate=policy, readers={"annotation": frozen}, seed=5)
+    (dual,) = build_rewards(["dual"], context, params={"dual": {"num_samples": 2, "deterministic": True}})
+    by_hand = DualReward(generate=policy, num_samples=2, seed=5, deterministic=True)
+    by_hand.readers = {"annotation": frozen}
+    completions = [
+        _c(f"<think>t</think><answer>{ann['answer']}</answer>"),
+        _c(f"<think>t</think><answer>{gen['answer']}</answer>"),
+    ]
+    built = dual(prompts=None, completions=completions, **_columns([ann, gen]))
+    first = list(calls)
+    calls.clear()
+    assert by_hand(prompts=None, completions=completions, **_columns([ann, gen])) == built
+    assert calls == first == ["policy", "frozen"]
+    assert dual.seed == 5 and dual.num_samples == 2 and dual.deterministic
+    assert dual.history == by_hand.history

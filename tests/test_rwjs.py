@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellduality.rewards import rwjs
+from cellduality.rwjs import rwjs
 
 
 def test_design_example() -> None:

@@ -150,6 +150,37 @@ def test_oracle_mode_with_lora(tmp_path) -> None:
     assert (tmp_path / "run" / "adapter_config.json").exists()
 
 
+def test_verifier_rewards_train_from_the_runs_data_in_memory(tmp_path) -> None:
+    """A verifier reward is built like every other, from the run's reward context: it trains, and nothing
+    is saved for it to read back (no ``prepared_for_verifiers`` folder, no environment variable)."""
+    from cellduality.train.grpo import run_grpo
+
+    trainer = run_grpo(
+        *_args(
+            tmp_path,
+            "--dataset",
+            "glioblastoma_panobinostat",
+            "--tasks",
+            "perturbation",
+            "--reward_mode",
+            "oracle",
+            "--reward_funcs",
+            "format",
+            "verifier_pearson",
+            "--reward_weights",
+            "0.2",
+            "1.0",
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "10",
+        )
+    )
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(math.isfinite(h["rewards/verifier_pearson/mean"]) for h in logs)
+    assert not (tmp_path / "run" / "prepared_for_verifiers").exists()
+
+
 def test_compact_progress_keeps_full_logs(dual_run) -> None:
     """The bar shows a few figures; every full log entry is in the run folder's train_log.jsonl."""
     from cellduality.train.progress import CompactProgress, summary

@@ -79,7 +79,7 @@ def evaluation_pair(
 ) -> tuple:
     """(predicted, real) AnnData for cell-eval from perturbation test rows and a method's sentences.
 
-    ``real`` is :class:`cellduality.eval.scoring.RealData`. Invalid predictions (no gene) are all-zero cells:
+    ``real`` is :class:`cellduality.tasks.real_data.RealData`. Invalid predictions (no gene) are all-zero cells:
     cell-eval needs every perturbation on both sides, and an empty answer is a miss, not a gap.
     """
     import anndata as ad

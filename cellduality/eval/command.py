@@ -210,8 +210,8 @@ def _eval_several(console, folders: list[Path], config) -> int:
 def _build_examples(args: argparse.Namespace):
     """Examples built on the fly from ``--dataset`` (saved under OUT/prepared for later runs)."""
     from cellduality.cli_common import build_from_args
-    from cellduality.eval.scoring import RealData
     from cellduality.tasks import save_prepared
+    from cellduality.tasks.real_data import RealData
 
     data, prepared = build_from_args(args)
     save_prepared(prepared, Path(args.out) / "prepared")

@@ -25,12 +25,12 @@ from cellduality.eval.perturbation_rows import perturbation_baselines, reproduci
 from cellduality.eval.scoring import (
     NAN,
     PerturbationReference,
-    RealData,
     TaskResult,
     group_label,
 )
 from cellduality.parsing import parse_completion
 from cellduality.tasks.neighbourhood import TASK, ContextDeltas, parse_edit, resolve_edit
+from cellduality.tasks.real_data import RealData
 
 UNEDITED = "graph neighbourhood, unedited"
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from cellduality.eval.scoring import MethodScore, PerturbationReference, RealData
+from cellduality.eval.scoring import MethodScore, PerturbationReference
+from cellduality.tasks.real_data import RealData
 
 Row = dict[str, Any]
 

@@ -39,16 +39,15 @@ from cellduality.eval.perturbation_rows import perturbation_baselines, reproduci
 from cellduality.eval.scoring import (
     GenerationReference,
     PerturbationReference,
-    RealData,
     TaskResult,
     classification_labels,
     classification_predictions,
     generated_sentences,
-    load_real_data,
     score_classification,
 )
 from cellduality.tasks import PreparedTasks, load_prepared
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, dual_score, forward_answer
+from cellduality.tasks.real_data import RealData, load_real_data
 
 Row = dict[str, Any]
 

@@ -152,7 +152,7 @@ class Checkpoint:
 
 def match_condition(value: str, known: Sequence[str]) -> str | None:
     """The known label ``value`` names (case and spacing ignored, as answers are matched)."""
-    from cellduality.rewards.parsing import match_label
+    from cellduality.parsing import match_label
 
     return match_label(value, known)
 

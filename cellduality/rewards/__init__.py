@@ -1,8 +1,10 @@
-"""Rewards: completion parsing, RWJS, format, dual (self-supervised), oracle (ground truth), registry.
+"""Rewards: format, dual (self-supervised), oracle and verifier (ground truth), neighbourhood, registry.
 
-Parsing and RWJS live below both ``tasks`` and ``rewards`` (:mod:`cellduality.parsing`,
-:mod:`cellduality.rwjs`); the reward classes import ``cellduality.tasks`` and are resolved lazily (PEP 562),
-so ``import cellduality.rewards`` stays light.
+Every reward is built the same way, ``REWARDS[name](context, **params)``, from one
+:class:`~cellduality.rewards.context.RewardContext` (``build_rewards``). Completion parsing and RWJS live
+below both ``tasks`` and ``rewards`` (:mod:`cellduality.parsing`, :mod:`cellduality.rwjs`). The reward
+classes import ``cellduality.tasks`` and are resolved lazily (PEP 562), so ``import cellduality.rewards``
+stays light.
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-# rwjs and parsing import nothing from cellduality: safe eagerly, and the function
-# ``rwjs`` shadows the submodule of the same name.
-from cellduality.parsing import parse_completion as parse_completion
-from cellduality.parsing import parse_genes as parse_genes
-from cellduality.parsing import parse_label as parse_label
-from cellduality.rwjs import rwjs as rwjs
-
 _EXPORTS = {
     "REWARDS": "registry",
     "USES_LABELS": "registry",
     "build_rewards": "registry",
     "register_reward": "registry",
+    "RewardContext": "context",
     "DualReward": "dual",
     "FormatReward": "format",
     "NeighbourhoodFormat": "neighbourhood",
@@ -31,9 +27,10 @@ _EXPORTS = {
     "OracleAccuracy": "oracle",
     "OracleEval": "aligned",
     "OracleRWJS": "oracle",
+    "VerifierReward": "verifier",
 }
 
-__all__ = sorted([*_EXPORTS, "parse_completion", "parse_genes", "parse_label", "rwjs"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -20,8 +20,10 @@ its answers valid.
 
 Its ground truth is the RL pool's labels only: the ``rl_reference`` table of the prepared folder (the
 pool's cells per type and per perturbation; ``cellduality.tasks.plan.reference_rows``) and the
-``answer`` column of the pool's classification rows. Nothing of the test split is read. The real
-expression of those cells is read from the dataset the folder was prepared from, once per dataset.
+``answer`` column of the pool's classification rows, both from the run's prepared data in its
+:class:`~cellduality.rewards.context.RewardContext`. Nothing of the test split is read. The real
+expression of those cells is the context's (``RewardContext.real_data``: read once per dataset from what
+``prepare`` recorded, and shared with the verifier rewards).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from cellduality.metrics.perturbation import de_gene_indices
 from cellduality.parsing import match_label, parse_genes, parse_label
 from cellduality.rewards.base import RowReward
+from cellduality.rewards.context import RewardContext
 from cellduality.tasks.dual import CLASSIFICATION_TASKS
+from cellduality.tasks.real_data import RealData
 
 #: neighbours of the generation oracle and DE genes of the perturbation oracle: eval's defaults
 KNN_K = 3
@@ -47,15 +52,9 @@ class _DatasetTruth:
     """One dataset's real cells of the RL pool: a kNN over the generation reference, the mean change
     per (perturbation, context); built on first use."""
 
-    def __init__(self, meta: Mapping[str, Any], reference: Mapping[str, Sequence[str]]) -> None:
-        from cellduality.eval.scoring import load_real_data
-
-        source = meta.get("source") or {}
-        path = source.get("path") if isinstance(source, Mapping) else None
-        self.real = load_real_data(meta, path if path and meta.get("dataset") not in _embedded() else None)
-        from cellduality.parsing import gene_vocabulary
-
-        self.vocabulary = gene_vocabulary(self.real.genes)
+    def __init__(self, real: RealData, reference: Mapping[str, Sequence[str]]) -> None:
+        self.real = real
+        self.vocabulary = real.vocabulary
         self.reference = reference
         self._knn: Any = None
         self._embed: Any = None
@@ -120,29 +119,21 @@ class _DatasetTruth:
             else:
                 control = m.mean_profile(self.real.x[self.real.control_positions(context or None)])
                 delta = m.mean_profile(self.real.expression(ids)) - control
-                self._truth[key] = (control, delta, m.de_gene_indices(delta, N_DE))
+                self._truth[key] = (control, delta, de_gene_indices(delta, N_DE))
         return self._truth[key]
-
-
-def _embedded() -> set[str]:
-    from cellduality.data.embedded import EMBEDDED
-
-    return set(EMBEDDED)
 
 
 class OracleEval(RowReward):
     """Ground truth scored as eval scores it (module docstring); reads the RL pool's labels only."""
 
     name = "oracle_eval"
-    needs_prepared = True
 
-    def __init__(self, vocabulary: Mapping[str, str] | None = None, prepared: Any = None) -> None:
-        super().__init__(vocabulary)
-        from cellduality.tasks.build import part_meta
+    def __init__(self, context: RewardContext) -> None:
+        super().__init__(context.vocabulary)
         from cellduality.tasks.plan import REFERENCE_TABLE
 
-        if prepared is None:
-            raise ValueError("oracle_eval needs the run's prepared data (build_rewards(..., prepared=...))")
+        prepared = context.require_prepared(self.name)
+        self._context = context
         table = prepared.tables.get(REFERENCE_TABLE)
         columns = table.to_dict() if table is not None else {}
         self._reference: dict[str, dict[str, list[str]]] = {}
@@ -150,7 +141,6 @@ class OracleEval(RowReward):
             part = self._reference.setdefault(dataset, {k: [] for k in columns})
             for k in columns:
                 part[k].append(columns[k][i])
-        self._meta = {d: part_meta(prepared.meta, d) for d in self._reference}
         self._truths: dict[str, _DatasetTruth] = {}
         self._lock = threading.Lock()
 
@@ -159,8 +149,14 @@ class OracleEval(RowReward):
             if dataset not in self._truths:
                 if dataset not in self._reference:
                     return None
-                self._truths[dataset] = _DatasetTruth(self._meta[dataset], self._reference[dataset])
+                real = self._context.real_data(dataset)
+                self._truths[dataset] = _DatasetTruth(real, self._reference[dataset])
             return self._truths[dataset]
+
+    @classmethod
+    def from_context(cls, context: RewardContext) -> OracleEval:
+        """The RL pool's reference table and real cells, from the context's prepared data."""
+        return cls(context).with_vocabularies(context)
 
     def score(self, row: Mapping[str, Any], completion: Any) -> float | None:
         task = row.get("task")

@@ -9,9 +9,14 @@ vocabulary (case-folded symbol -> symbol) that the contract's gene cleaning need
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cellduality.tasks.common import RECORD_COLUMNS
+
+if TYPE_CHECKING:
+    from cellduality.rewards.context import RewardContext
+
+R = TypeVar("R", bound="RowReward")
 
 
 def rows_from_columns(n: int, columns: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -36,10 +41,23 @@ class RowReward:
         self.vocabulary = dict(vocabulary) if vocabulary is not None else None
         self.__name__ = self.name  # TRL logs rewards under the function's __name__
 
-    #: per dataset, its own gene vocabulary (``build_rewards(..., vocabularies=...)``): a run on several
+    #: per dataset, its own gene vocabulary (``RewardContext.vocabularies``): a run on several
     #: datasets has the union in ``vocabulary``, and an answer naming another dataset's genes must not
     #: count as a cell of this one (eval parses with the row's dataset's genes too)
     vocabularies: Mapping[str, Mapping[str, str]] | None = None
+
+    @classmethod
+    def from_context(cls: type[R], context: RewardContext, **params: Any) -> R:
+        """The registry's factory, the one signature of every reward (``factory(context, **params)``):
+        the run's vocabularies from the context, ``params`` to the constructor. A reward that reads more
+        of the context (the policy, the prepared data) overrides it."""
+        return cls(vocabulary=context.vocabulary, **params).with_vocabularies(context)
+
+    def with_vocabularies(self: R, context: RewardContext) -> R:
+        """Take each dataset's own vocabulary from ``context`` (returns ``self``)."""
+        if context.vocabularies:
+            self.vocabularies = {k: dict(v) for k, v in context.vocabularies.items()}
+        return self
 
     def vocab_for(self, row: Mapping[str, Any]) -> Mapping[str, str] | None:
         """The gene vocabulary a row's answers are parsed with: its dataset's, else the run's union."""

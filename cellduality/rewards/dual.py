@@ -6,7 +6,12 @@ policy with its current weights; the training module supplies it), and each dual
 Completions that do not parse get 0 without a dual prompt; rows of a task without a dual (neighbourhood
 editing) get ``None``, like rows another reward scores. ``generate`` is called exactly once per
 reward call, also with an empty prompt list, because under several ranks a generation is a collective
-operation: a rank that skipped it would hang the others.
+operation: a rank that skipped it would hang the others. The same holds for every reader of
+``readers`` (the frozen checkpoint answering the duals of ``dual_frozen_tasks``).
+
+Built from a :class:`~cellduality.rewards.context.RewardContext` (``DualReward.from_context``): the
+policy's generation, the readers and the seed come from it; it is label-free, so it is handed the
+context without the prepared data.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cellduality.rewards.base import RowReward, log_per_task, log_zero_std, rows_from_columns
+from cellduality.rewards.context import GenerateFn, Messages, RewardContext
 from cellduality.tasks.dual import (
     CLASSIFICATION_TASKS,
     GENERATION_TASKS,
@@ -30,9 +36,6 @@ from cellduality.tasks.dual import (
 )
 
 logger = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
-GenerateFn = Callable[[list[Messages]], list[str]]
 
 
 class DualReward(RowReward):
@@ -47,6 +50,7 @@ class DualReward(RowReward):
         num_samples: int = 1,
         seed: int = 0,
         deterministic: bool = False,
+        readers: Mapping[str, GenerateFn] | None = None,
     ) -> None:
         super().__init__(vocabulary)
         if num_samples < 1:
@@ -61,18 +65,32 @@ class DualReward(RowReward):
         #: task -> another reader for that task's duals (``dual_frozen_tasks``: the frozen SFT checkpoint
         #: answers those tasks' duals, ``generate`` every other task's). Every reader is
         #: called once per reward call, with an empty list too, so the calls stay equal across ranks.
-        self.readers: dict[str, GenerateFn] = {}
+        self.readers: dict[str, GenerateFn] = dict(readers or {})
         self.last_details: list[dict[str, Any]] = []
         # one entry per call: which tasks this rank saw and how many dual prompts it generated; lets a
         # multi-rank run prove that every rank called ``generate`` the same number of times
         self.history: list[dict[str, Any]] = []
         self._collapsed: set[str] = set()
 
+    @classmethod
+    def from_context(
+        cls, context: RewardContext, num_samples: int = 1, deterministic: bool = False
+    ) -> DualReward:
+        """The policy (``context.generate``), the per-task readers and the seed from the run's context."""
+        return cls(
+            generate=context.generate,
+            vocabulary=context.vocabulary,
+            num_samples=num_samples,
+            seed=context.seed,
+            deterministic=deterministic,
+            readers=context.readers,
+        ).with_vocabularies(context)
+
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any):
         if self.generate is None:
             raise RuntimeError(
-                "the dual reward needs the policy: build it through cellduality.train (which passes the "
-                "trainer's generation) or give DualReward(generate=...)"
+                "the dual reward needs the policy: build it through cellduality.train (whose reward context "
+                "holds the trainer's generation) or give DualReward(generate=...)"
             )
         rows = rows_from_columns(len(completions), columns)
         answers = [

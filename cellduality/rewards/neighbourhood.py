@@ -33,6 +33,7 @@ from typing import Any
 
 from cellduality.parsing import parse_completion
 from cellduality.rewards.base import RowReward, log_per_task, rows_from_columns
+from cellduality.rewards.context import RewardContext
 from cellduality.tasks.neighbourhood import TASK, DeltaTable, edit_gain, parse_edit, resolve_edit
 
 EMPTY_EDIT_PENALTY = -0.5
@@ -97,30 +98,35 @@ class NeighbourhoodGain(RowReward):
     """The scaled, clipped Pearson-delta gain of the edit over the unedited neighbourhood."""
 
     name = "neighbourhood_gain"
-    #: ``build_rewards`` hands this factory the run's ``PreparedTasks`` (its delta table).
-    needs_prepared = True
 
     def __init__(
         self,
+        table: DeltaTable | None,
         vocabulary: Mapping[str, str] | None = None,
-        prepared: Any = None,
-        table: DeltaTable | None = None,
         scale: float = GAIN_SCALE,
         clip: float = GAIN_CLIP,
     ) -> None:
         super().__init__(vocabulary)
         if scale <= 0 or clip <= 0:
             raise ValueError("scale and clip must be positive")
-        self.table = table if table is not None else DeltaTable.from_prepared(prepared)
-        if self.table is None:
+        if table is None:
             raise ValueError(
                 "neighbourhood_gain needs the mean training deltas of a prepared neighbourhood task "
                 "(`cellduality prepare --tasks neighbourhood --split ood`): train through cellduality.train "
-                "(which passes them) or give NeighbourhoodGain(prepared=...) / (table=...)"
+                "(whose reward context holds them) or give NeighbourhoodGain(table)"
             )
+        self.table = table
         self.scale = scale
         self.clip = clip
         self.last_gains: list[float | None] = []
+
+    @classmethod
+    def from_context(
+        cls, context: RewardContext, scale: float = GAIN_SCALE, clip: float = GAIN_CLIP
+    ) -> NeighbourhoodGain:
+        """The delta table of the context's prepared data (its ``neighbourhood_deltas`` side table)."""
+        table = DeltaTable.from_prepared(context.require_prepared(cls.name))
+        return cls(table, context.vocabulary, scale, clip).with_vocabularies(context)
 
     def gain(self, row: Mapping[str, Any], completion: Any) -> float | None:
         """The raw (unscaled) gain; ``None`` when the row's target has no training delta."""

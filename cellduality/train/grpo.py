@@ -4,9 +4,11 @@
         --config recipes/llama-3.2-3b/grpo_dual.yaml [--any_field value]
     python -m cellduality.train.grpo --config recipes/tiny-cpu/grpo_dual.yaml
 
-Rewards come from the registry (``reward_funcs`` + ``reward_weights``). In ``self_supervised`` mode
-the ground-truth ``answer`` column is removed from the training data before the trainer sees it, so
-no reward can read a label even by mistake.
+Rewards come from the registry (``reward_funcs`` + ``reward_weights``), each built from the run's one
+:class:`~cellduality.rewards.context.RewardContext` (vocabularies, the prepared data as loaded here, the
+policy's generation and the frozen reader, the seed). In ``self_supervised`` mode the ground-truth
+``answer`` column is removed from the training data before the trainer sees it, and the reward context
+holds no prepared data, so no reward can read a label even by mistake.
 """
 
 from __future__ import annotations
@@ -21,21 +23,12 @@ from typing import Any
 LABEL_COLUMNS = ("answer", "cell_id")
 
 
-def dataset_vocabularies(prepared: Any) -> dict[str, dict[str, str]]:
-    """Each dataset's own gene vocabulary (a merged run's ``genes`` is the union of its datasets')."""
-    from cellduality.parsing import gene_vocabulary
-
-    parts = prepared.meta.get("parts") or {prepared.meta.get("dataset", ""): prepared.meta}
-    return {str(name): gene_vocabulary(meta.get("genes", [])) for name, meta in parts.items()}
-
-
 def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     """The configured ``GRPOTrainer`` (dual reward wired to the trainer's own generation)."""
     from transformers import set_seed
     from trl import GRPOTrainer, get_peft_config
 
-    from cellduality.parsing import gene_vocabulary
-    from cellduality.rewards import DualReward, build_rewards
+    from cellduality.rewards import DualReward, RewardContext, build_rewards
     from cellduality.tasks.plan import REFERENCE_TABLE, RL_SPLIT
     from cellduality.train.common import (
         apply_auto_vllm,
@@ -49,25 +42,12 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.launch_guard import check_training_setup
     from cellduality.train.lm_head import compact_lm_head
 
-    verifiers = any(name.startswith("verifier_") for name in cd_args.reward_funcs)
-    if verifiers:
-        from cellduality.eval.verifier_rewards import register_verifier_rewards
-
-        register_verifier_rewards()
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     compact_lm_head()
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
     check_training_setup(training_args)  # ZeRO-3 + HF generation without the gather: refused
     prepared = load_task_data(cd_args, training_args)
-    if verifiers:  # they read observed cells from a prepared folder: bind the one this run trains on
-        from cellduality.tasks import save_prepared
-
-        folder = Path(training_args.output_dir) / "prepared_for_verifiers"
-        with training_args.main_process_first(local=False, desc="saving data for the verifier rewards"):
-            if training_args.process_index == 0:
-                save_prepared(prepared, folder)
-        register_verifier_rewards(folder)
     ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
     warn_sentence_mismatch(
         model_args.model_name_or_path, prepared.meta, "this GRPO run's data", training_args
@@ -98,9 +78,10 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
                 if training_args.process_index == 0:
                     monitor.save_to_disk(str(monitor_dir))
         del monitor  # only its folder is kept: the trainer holds no labelled rows
-    if cd_args.reward_mode == "self_supervised":
+    labelled = cd_args.reward_mode != "self_supervised"
+    if not labelled:
         # no label reaches a reward: not the answer, not the original cell id (it can encode one), not the
-        # RL pool's reference cells
+        # RL pool's reference cells; and the reward context below holds no prepared data
         train = train.remove_columns([c for c in LABEL_COLUMNS if c in train.column_names])
         prepared.tables.pop(REFERENCE_TABLE, None)
     generator, reference = (
@@ -114,30 +95,19 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         for reader in ("policy", "reference")
     )
 
-    def wire_readers(dual: DualReward) -> DualReward:
-        """The frozen reader answers the duals of ``dual_frozen_tasks``; the policy every other task's."""
-        dual.readers = dict.fromkeys(cd_args.dual_frozen_tasks or (), reference)
-        return dual
-
-    rewards = build_rewards(
-        cd_args.reward_funcs,
-        gene_vocabulary(prepared.genes),
-        vocabularies=dataset_vocabularies(prepared),
+    # the run's one reward context: the frozen reader answers the duals of ``dual_frozen_tasks``, the
+    # policy every other task's
+    context = RewardContext.for_data(
+        prepared,
+        labelled=labelled,
         generate=generator,
-        num_samples=cd_args.dual_num_samples,
+        readers=dict.fromkeys(cd_args.dual_frozen_tasks or (), reference),
         seed=training_args.seed,
-        deterministic=not cd_args.dual_do_sample,
-        prepared=prepared,
     )
-    for reward in rewards:
-        if isinstance(reward, DualReward):
-            wire_readers(reward)
-    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(rewards):
-        from cellduality.data.schema import DataError
-
-        raise DataError(
-            f"reward_weights has {len(training_args.reward_weights)} values for {len(rewards)} reward_funcs"
-        )
+    dual_params = {"num_samples": cd_args.dual_num_samples, "deterministic": not cd_args.dual_do_sample}
+    rewards = build_rewards(
+        cd_args.reward_funcs, context, training_args.reward_weights, params={"dual": dual_params}
+    )
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -164,15 +134,12 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         sampler.trainer = trainer
         dual = next((r for r in rewards if isinstance(r, DualReward)), None)
         if dual is None:  # an oracle run: the monitor still shows what the dual reward would say
-            dual = wire_readers(
-                DualReward(generate=generator, vocabulary=gene_vocabulary(prepared.genes), deterministic=True)
-            )
-            dual.vocabularies = dataset_vocabularies(prepared)
+            dual = DualReward.from_context(context.without_labels(), deterministic=True)
         monitor_callback = DualMonitor(
             monitor_dir,
             dual,
             sampler,
-            gene_vocabulary(prepared.genes),
+            context.vocabulary or {},
             group_size=training_args.num_generations,
             every=cd_args.monitor_steps,
         )
@@ -191,7 +158,8 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
         from cellduality.train.monitor import ImportanceRatioWatch
 
         trainer.add_callback(ImportanceRatioWatch())
-    # the run metadata only (genes, fit, split): the trainer never holds train or test answers
+    # the run metadata only (genes, fit, split); the rewards' context holds the training splits' labels in a
+    # run whose rewards read them, never the test split's, and none in a self-supervised run
     trainer.cellduality_meta = prepared.meta
     del prepared
     trainer.cellduality_dual = next((r for r in rewards if isinstance(r, DualReward)), None)
