@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from cellduality import metrics as m
 from cellduality.data.schema import Columns, DataError
-from cellduality.eval import metrics as m
 from cellduality.parsing import gene_vocabulary, parse_genes, parse_label
 from cellduality.sentences import RankExpressionFit, sentences_to_matrix
 
@@ -58,7 +58,7 @@ def _mean(values: Any) -> float:
 class MethodScore:
     """One row of a task's table: a model, a baseline or a reference, and what the plots need.
 
-    ``kind`` is one of :data:`cellduality.eval.metric_info.KINDS`: a ``reference`` (real cells scored
+    ``kind`` is one of :data:`cellduality.metrics.registry.KINDS`: a ``reference`` (real cells scored
     like a method) informs but does not bound; ``ceiling`` is reserved for true upper bounds, and the
     report relabels any ceiling that another row beats.
     """

@@ -3,7 +3,7 @@
 Each reward parses the completion's gene sentence, turns it into expression with the dataset's rank ->
 expression fit (the same reconstruction the evaluation uses), subtracts the control mean and compares
 that delta with the observed mean delta of the row's perturbation (``verifier_*`` in
-:mod:`cellduality.eval.metrics`). The ground truth is computed lazily, once per (perturbation, context)
+:mod:`cellduality.metrics.verifier`). The ground truth is computed lazily, once per (perturbation, context)
 and cached, from the prepared folder named at construction:
 
 * observed cells: the real cells of that folder's ``split`` (default ``train``: a reward must never see
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cellduality.eval import metrics as m
+from cellduality import metrics as m
 from cellduality.rewards.base import RowReward
 
 PREPARED_ENV = "CELLDUALITY_PREPARED"
