@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from cellduality.eval import baselines as b
-from cellduality.eval import metrics as m
-from cellduality.eval.knowledge import load_go_bp, load_progeny
+from cellduality import metrics as m
+from cellduality.metrics import baselines as b
+from cellduality.metrics.knowledge import load_go_bp, load_progeny
 
 TARGET_S = 30.0
 
@@ -184,7 +184,7 @@ def run(d: dict[str, Any]) -> list[tuple[str, float, float]]:
     timed("baseline GO neighbours (incl. GO load)", lambda: loo(b.GONeighbourBaseline))
     timed(
         "reproducibility ceiling (20 perts x 5 splits)",
-        lambda: [b.reproducibility_ceiling(obs[p], ctrl) for p in perts],
+        lambda: [b.split_half_reproducibility(obs[p], ctrl) for p in perts],
     )
 
     # verifier rewards: one call per generated cell (10k cells, as GRPO would score them)

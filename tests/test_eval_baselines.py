@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellduality.eval import baselines as b
-from cellduality.eval.knowledge import GO_BP_ROOT, load_go_bp, load_go_term_names
-from cellduality.eval.metrics import pearson_delta, perturbation_metrics
+from cellduality.metrics import baselines as b
+from cellduality.metrics.knowledge import GO_BP_ROOT, load_go_bp, load_go_term_names
+from cellduality.metrics.perturbation import pearson_delta, perturbation_metrics
+from cellduality.metrics.statistics import spearman_brown
 
 NORMAN = Path(__file__).resolve().parents[1] / "cellduality" / "data" / "resources" / "norman_devel.h5ad"
 
@@ -144,20 +145,20 @@ def test_go_bp_package_data() -> None:
 
 
 def test_spearman_brown_and_ceiling_synthetic() -> None:
-    assert b.spearman_brown(0.5) == pytest.approx(2 / 3)  # 2 * 0.5 / (1 + 0.5)
-    assert b.spearman_brown(0.0) == 0.0
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)  # 2 * 0.5 / (1 + 0.5)
+    assert spearman_brown(0.0) == 0.0
     # negative split-half r: left uncorrected (2r/(1+r) would give -3 for -0.6, below -1)
-    assert b.spearman_brown(-0.6) == pytest.approx(-0.6) and b.spearman_brown(-1.0) == -1.0
-    assert math.isnan(b.spearman_brown(float("nan")))
-    assert all(-1.0 <= b.spearman_brown(r) <= 1.0 for r in np.linspace(-1, 1, 41))
+    assert spearman_brown(-0.6) == pytest.approx(-0.6) and spearman_brown(-1.0) == -1.0
+    assert math.isnan(spearman_brown(float("nan")))
+    assert all(-1.0 <= spearman_brown(r) <= 1.0 for r in np.linspace(-1, 1, 41))
     rng = np.random.default_rng(0)
     ctrl = rng.normal(size=(2000, 200))
     effect = rng.normal(scale=2.0, size=200)
     strong = rng.normal(size=(200, 200)) + effect
     null = rng.normal(size=(200, 200))  # no effect; the large control keeps shared noise small
-    assert b.reproducibility_ceiling(strong, ctrl) > 0.98
-    assert abs(b.reproducibility_ceiling(null, ctrl)) < 0.3
-    assert math.isnan(b.reproducibility_ceiling(strong[:1], ctrl))
+    assert b.split_half_reproducibility(strong, ctrl) > 0.98
+    assert abs(b.split_half_reproducibility(null, ctrl)) < 0.3
+    assert math.isnan(b.split_half_reproducibility(strong[:1], ctrl))
     # halves that anti-correlate (one half up, the other down) stay within [-1, 1]
     flip = np.vstack([ctrl[:3] + effect, ctrl[3:6] - effect])
     for seed in range(5):
@@ -196,13 +197,13 @@ def test_norman_reproducibility_ceiling(norman) -> None:
     x, perts, _ = norman
     ctrl = x[perts == "control"]
     names = [p for p in dict.fromkeys(perts) if p != "control" and (perts == p).sum() >= 100]
-    ceilings = {p: b.reproducibility_ceiling(x[perts == p], ctrl, n_splits=3) for p in names}
+    ceilings = {p: b.split_half_reproducibility(x[perts == p], ctrl, n_splits=3) for p in names}
     assert len(ceilings) >= 30
     assert np.median(list(ceilings.values())) > 0.85
     for strong in ("KLF1", "SET+KLF1", "CBL+CNN1"):  # large, well-sampled effects
         assert ceilings[strong] > 0.95
     # a null "perturbation" (half of the controls against the other half) is far lower: shared-control
     # noise alone gives about 2 * (1/3) / (1 + 1/3) = 0.5 here
-    null = b.reproducibility_ceiling(ctrl[:50], ctrl[50:], n_splits=3)
+    null = b.split_half_reproducibility(ctrl[:50], ctrl[50:], n_splits=3)
     assert null < 0.7
     assert null < min(ceilings[s] for s in ("KLF1", "SET+KLF1", "CBL+CNN1")) - 0.3

@@ -18,8 +18,8 @@ import scipy.sparse as sp
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score
 
-from cellduality.eval import metrics as m
-from cellduality.eval.knowledge import load_progeny
+from cellduality import metrics as m
+from cellduality.metrics.knowledge import load_progeny
 from cellduality.rwjs import rwjs
 
 # ------------------------------------------------------------------------------------------ classification

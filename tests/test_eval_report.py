@@ -184,8 +184,8 @@ def _row(name: str, kind: str, **metrics: float) -> MethodScore:
 def test_a_ceiling_in_the_report_bounds_every_row_it_is_compared_with(tmp_path) -> None:
     """Property: whatever the report labels a ceiling scores at least as well as every other row, on
     every metric of the table, in its direction (↑ or ↓); otherwise it is shown as a reference."""
-    from cellduality.eval.metric_info import metric_info
     from cellduality.eval.report import TASK_METRICS
+    from cellduality.metrics.registry import metric_info
 
     rng = np.random.default_rng(0)
     keys = TASK_METRICS["perturbation"]
@@ -264,8 +264,8 @@ def test_headline_shows_strongest_and_simplest_baseline_and_says_when_a_baseline
 
 def test_friendly_names_and_directions_come_from_the_registry() -> None:
     from cellduality.eval.headline import task_headline
-    from cellduality.eval.metric_info import METRICS, describe_directions, metric_label
     from cellduality.eval.report import COLUMNS
+    from cellduality.metrics.registry import METRICS, describe_directions, metric_label
 
     assert metric_label("knn_accuracy", k=3) == "kNN@3 accuracy"
     assert METRICS["scfid"].higher_is_better is False and METRICS["scfid"].better(1.0, 2.0)

@@ -231,7 +231,7 @@ def test_neighbourhood_rows(prepared) -> None:
 
 def test_neighbours_follow_go_rule(norman, prepared) -> None:
     """Uncapped neighbourhoods are the GO graph-neighbour baseline's neighbours (one rule, reused)."""
-    from cellduality.eval.baselines import GONeighbourBaseline
+    from cellduality.metrics.baselines import GONeighbourBaseline
 
     rows = [r for r in _nb(prepared.datasets["train"]) if r["context"] == "cell type: A172"]
     table = prepared.tables[DELTA_TABLE]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellduality.eval import metrics as m
+from cellduality import metrics as m
 from cellduality.parsing import parse_genes
 from cellduality.rewards import REWARDS, USES_LABELS, RewardContext, build_rewards
 from cellduality.rewards.verifier import VERIFIER_NAMES, PerturbationTruth

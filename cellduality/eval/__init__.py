@@ -1,16 +1,14 @@
-"""Benchmark evaluation: metrics, baselines and prior knowledge, as pure functions on arrays.
+"""Benchmark evaluation: generate with each model, score every task next to the baselines, report.
 
-Submodules (imported on demand so that ``import cellduality.eval`` stays cheap):
+The formulas (metrics, baselines, the metric registry, the shipped prior knowledge) are the metrics
+library, :mod:`cellduality.metrics`, a floor below the tasks; this package applies them to prepared
+folders and models. Submodules (imported on demand so that ``import cellduality.eval`` stays cheap):
 
-* :mod:`cellduality.eval.metrics` — classification, conditional-generation and perturbation metrics,
-  and the single-cell ``verifier_*`` rewards;
-* :mod:`cellduality.eval.baselines` — majority / kNN / logistic regression, class-mean sentences,
-  control / mean-perturbation / GO-neighbour predictors and split-half reproducibility (a reference
-  of the real cells, not an upper bound);
-* :mod:`cellduality.eval.metric_info` — the metric registry (friendly name, direction, best value) and
-  the check that keeps the word "ceiling" for rows that really bound the others;
+* :mod:`cellduality.eval.runner`, :mod:`~cellduality.eval.generate`, :mod:`~cellduality.eval.cache`,
+  :mod:`~cellduality.eval.scoring` — ``cellduality eval``: cached generation, then every task scored;
+* :mod:`cellduality.eval.report`, :mod:`~cellduality.eval.markdown`, :mod:`~cellduality.eval.plots` —
+  ``metrics.json``, ``report.md`` and PNG plots, every column's name and direction read from
+  :mod:`cellduality.metrics.registry`;
 * :mod:`cellduality.eval.headline` — per task the headline numbers against the simplest and the
-  strongest baseline, with a verdict; :mod:`cellduality.eval.plots` — the report's PNG plots;
-* :mod:`cellduality.eval.knowledge` — PROGENy pathway weights and GO Biological Process annotations
-  shipped in ``cellduality/knowledge/``.
+  strongest baseline, with a verdict.
 """

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellduality.metrics.statistics import nanmean
+
 NAN = float("nan")
 PERT_COL, CONTEXT_COL, CONTROL = "perturbation", "context", "control"
 
@@ -139,9 +141,7 @@ def score(pred: Any, real: Any, *, num_threads: int = 1, profile: str = "full") 
             per[group] = {k: float(v) if v is not None else NAN for k, v in item.items()}
     means = {}
     for key, _ in HEADLINE:
-        values = np.asarray([p.get(key, NAN) for p in per.values()], dtype=float)
-        values = values[np.isfinite(values)]
-        means[key] = float(values.mean()) if values.size else NAN
+        means[key] = nanmean([p.get(key, NAN) for p in per.values()])
     return {"metrics": means, "per_perturbation": per}
 
 

@@ -4,7 +4,7 @@ A headline that compares a model only with the weakest baseline flatters it: on 
 "predict the control" is easy to beat on top-20 DE genes, while the mean-perturbation baseline often
 wins on all genes (Ahlmann-Eltze et al. 2025: simple baselines often beat deep models). So every
 headline row shows the *simplest* baseline (the floor) and the *strongest* one (the bar to clear), uses
-the registry's friendly metric names and directions (:mod:`cellduality.eval.metric_info`), shows
+the registry's friendly metric names and directions (:mod:`cellduality.metrics.registry`), shows
 accuracy with macro-F1 and the all-genes Pearson Δ with the DE one, and says in words when a baseline
 wins.
 """
@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cellduality.eval.metric_info import best_row, metric_info
+from cellduality.metrics.registry import best_row, metric_info
 
 if TYPE_CHECKING:
     from cellduality.eval.scoring import TaskResult

@@ -10,9 +10,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from cellduality.metrics.registry import metric_info
+
 
 def fmt(value: Any, key: str = "") -> str:
-    """A table cell: 3 decimals, counts as integers, ``—`` for not measurable."""
+    """A table cell: 3 decimals, counts (the registry's ``count`` metrics) as integers, ``—`` for not measurable."""
     if value is None:
         return "—"
     try:
@@ -21,7 +23,7 @@ def fmt(value: Any, key: str = "") -> str:
         return str(value)
     if not math.isfinite(f):
         return "—"
-    if key in ("n", "n_scored", "n_perturbations"):
+    if metric_info(key).count:
         return str(round(f))
     return f"{f:.3f}"
 

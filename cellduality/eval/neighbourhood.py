@@ -28,17 +28,12 @@ from cellduality.eval.scoring import (
     TaskResult,
     group_label,
 )
+from cellduality.metrics.statistics import nanmean
 from cellduality.parsing import parse_completion
 from cellduality.tasks.neighbourhood import TASK, ContextDeltas, parse_edit, resolve_edit
 from cellduality.tasks.real_data import RealData
 
 UNEDITED = "graph neighbourhood, unedited"
-
-
-def _mean(values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    return float(arr.mean()) if arr.size else NAN
 
 
 def edit_statistics(rows: Sequence[Mapping[str, Any]], completions: Sequence[Any]) -> dict[str, float]:
@@ -103,7 +98,7 @@ def _fit_deltas(
     train_rows: Sequence[Mapping[str, Any]], real: RealData, contexts: set[str]
 ) -> dict[str, ContextDeltas]:
     """Per context, the training perturbations' mean deltas, fitted as ``perturbation_baselines`` fits."""
-    from cellduality.eval.baselines import MeanPerturbationBaseline
+    from cellduality.metrics.baselines import MeanPerturbationBaseline
 
     control = str(real.columns.control_value)
     out: dict[str, ContextDeltas] = {}
@@ -167,7 +162,7 @@ def score_neighbourhood(
         ]
         score = ref.score_profiles(name, "model", profiles(finals))
         score.metrics.update(edit_statistics(rows, completions))
-        score.metrics["gain_vs_unedited"] = _mean(
+        score.metrics["gain_vs_unedited"] = nanmean(
             [
                 score.per_condition[g].get("pearson_delta", NAN)
                 - unedited.per_condition[g].get("pearson_delta", NAN)

@@ -25,7 +25,7 @@ def perturbation_baselines(
 ) -> list[MethodScore]:
     """Control, mean perturbation, the perturbation's own training mean and (genetic perturbations) GO graph
     neighbour, fitted per context."""
-    from cellduality.eval import baselines as b
+    from cellduality.metrics import baselines as b
 
     control = str(real.columns.control_value)
     kinds: list[tuple[str, type]] = [
@@ -62,8 +62,8 @@ def reproducibility(ref: PerturbationReference, seed: int = 0) -> MethodScore:
     It says how well the measured response reproduces itself with this many cells; a model predicting a
     smooth average response can score above it, so the report must not call it an upper bound.
     """
-    from cellduality.eval import metrics as m
-    from cellduality.eval.baselines import split_half_reproducibility
+    from cellduality import metrics as m
+    from cellduality.metrics.baselines import split_half_reproducibility
 
     def de_metric(pred: Any, ctrl: Any, obs: Any) -> float:
         return m.pearson_delta_de(pred, ctrl, obs, n_de=ref.n_de)

@@ -3,10 +3,10 @@
 The Markdown report is written for someone who never saw the code: each task gets one table with the
 models and the baselines side by side, every column says which direction is better, and a short legend
 under the table says what the numbers mean and what "—" (not measurable) stands for. Column names and
-directions come from the metric registry (:mod:`cellduality.eval.metric_info`); the best model or
+directions come from the metric registry (:mod:`cellduality.metrics.registry`); the best model or
 baseline value of each column is in bold, and a line under each table says whether a model or a simple
 baseline is strongest (:mod:`cellduality.eval.headline`). A row is only called a *ceiling* if it bounds
-every row it is compared with (:func:`~cellduality.eval.metric_info.honest_kinds`); real cells scored
+every row it is compared with (:func:`~cellduality.metrics.registry.honest_kinds`); real cells scored
 like a method are a *reference*. Plots live in :mod:`cellduality.eval.plots`.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from cellduality.eval.headline import task_headline
 from cellduality.eval.markdown import fmt, markdown_table
-from cellduality.eval.metric_info import best_row, honest_kinds, metric_info, registry_table
 from cellduality.eval.plots import plot_confusions, plot_pca, plot_pearson_delta, write_plots
+from cellduality.metrics.registry import best_row, honest_kinds, metric_info, registry_table
 
 if TYPE_CHECKING:
     from cellduality.eval.scoring import TaskResult
@@ -37,7 +37,7 @@ TASK_TITLES = {
 }
 
 #: Per task, the metric keys of its table, in column order; labels and directions come from the
-#: registry (:mod:`cellduality.eval.metric_info`), so every header says which way is better.
+#: registry (:mod:`cellduality.metrics.registry`), so every header says which way is better.
 TASK_METRICS: dict[str, list[str]] = {
     "annotation": ["accuracy", "macro_f1", "valid_output_rate", "format_rate", "n"],
     "drug_sensitivity": ["accuracy", "macro_f1", "valid_output_rate", "format_rate", "n"],
@@ -70,14 +70,10 @@ TASK_METRICS: dict[str, list[str]] = {
 }
 
 
-def _header_template(key: str) -> str:
-    info = metric_info(key)
-    return info.label + {True: " ↑", False: " ↓", None: ""}[info.higher_is_better]
-
-
 #: task -> [(metric key, column header with ``{k}`` / ``{n_de}`` placeholders)]
 COLUMNS: dict[str, list[tuple[str, str]]] = {
-    task: [(key, _header_template(key)) for key in keys] for task, keys in TASK_METRICS.items()
+    task: [(key, metric_info(key).label + metric_info(key).arrow) for key in keys]
+    for task, keys in TASK_METRICS.items()
 }
 
 LEGENDS = {
@@ -189,7 +185,7 @@ def task_table(result: TaskResult) -> str:
     competitors = [s for s in result.methods if s.kind in ("model", "baseline")]
     best = {}
     for key, _ in cols:
-        if metric_info(key).higher_is_better is not None and key not in ("valid_output_rate", "format_rate"):
+        if metric_info(key).higher_is_better is not None and metric_info(key).ranked:
             top = best_row(competitors, key)
             best[key] = float(top.metrics[key]) if top is not None else None
 

@@ -238,7 +238,7 @@ def classification_baselines(
     rows: Sequence[Row], train_rows: Sequence[Row], real: RealData
 ) -> tuple[list[tuple[str, list[str]]], str]:
     """Majority / kNN / logistic-regression labels for the test cells, from their real expression."""
-    from cellduality.eval import baselines as b
+    from cellduality.metrics import baselines as b
 
     if not train_rows:
         return [], "no train examples of this task in the prepared folder: classification baselines skipped"
@@ -257,7 +257,7 @@ def class_mean_baseline(
     rows: Sequence[Row], train_rows: Sequence[Row], real: RealData
 ) -> tuple[list[list[str]], str]:
     """Per example, the sentence of the mean training cell of its type (empty for an unseen type)."""
-    from cellduality.eval.baselines import class_mean_sentences
+    from cellduality.metrics.baselines import class_mean_sentences
 
     if not train_rows:
         return [[] for _ in rows], "no train examples: the class-mean sentence is empty"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from cellduality.eval import metrics as m
+from cellduality import metrics as m
 from cellduality.parsing import parse_genes, parse_label
 from cellduality.tasks.real_data import RealData
 
@@ -39,13 +39,6 @@ PERTURBATION_AVERAGED = (
 )
 
 
-def _mean(values: Any) -> float:
-    """Mean of the finite values (``nan`` when there are none): one failed item must not hide the rest."""
-    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float).ravel()
-    arr = arr[np.isfinite(arr)]
-    return float(arr.mean()) if arr.size else NAN
-
-
 # ----------------------------------------------------------------------------------------------------
 # results
 
@@ -54,7 +47,7 @@ def _mean(values: Any) -> float:
 class MethodScore:
     """One row of a task's table: a model, a baseline or a reference, and what the plots need.
 
-    ``kind`` is one of :data:`cellduality.eval.metric_info.KINDS`: a ``reference`` (real cells scored
+    ``kind`` is one of :data:`cellduality.metrics.registry.KINDS`: a ``reference`` (real cells scored
     like a method) informs but does not bound; ``ceiling`` is reserved for true upper bounds, and the
     report relabels any ceiling that another row beats.
     """
@@ -107,7 +100,7 @@ def generated_sentences(
 
 
 def _rates(valid: Sequence[bool], completions: Sequence[Any] | None) -> dict[str, float]:
-    out = {"valid_output_rate": float(np.mean(valid)) if len(valid) else NAN}
+    out = {"valid_output_rate": m.share(valid)}
     if completions is not None:
         out["format_rate"] = m.format_rate(completions)
     return out
@@ -205,15 +198,15 @@ class GenerationReference:
         hits = m.knn_hits(self.real_x, self.conditions, gen, self.conditions, self.k, self.embedder)
         metrics.update(
             knn_accuracy=NAN if hits is None else float(hits.mean()),
-            scfid=_mean(list(fids.values())),
-            rwjs_nearest=_mean(rwjs),
+            scfid=m.nanmean(list(fids.values())),
+            rwjs_nearest=m.nanmean(rwjs),
             n=float(len(self.rows)),
         )
         cond = np.asarray(self.conditions, dtype=object)
         per = {
             c: {
                 "scfid": fids.get(c, NAN),
-                "rwjs_nearest": _mean(rwjs[cond == c]),
+                "rwjs_nearest": m.nanmean(rwjs[cond == c]),
                 "n": float((cond == c).sum()),
             }
             for c in sorted(set(self.conditions))
@@ -314,7 +307,9 @@ class PerturbationReference:
     def summary(self, per: dict[str, dict[str, float]], extra: dict[str, float]) -> dict[str, float]:
         """A table row: per-perturbation metrics averaged over the scorable perturbations, plus counts."""
         present = {k for p in per.values() for k in p}
-        out = {k: _mean([p.get(k, NAN) for p in per.values()]) for k in PERTURBATION_AVERAGED if k in present}
+        out = {
+            k: m.nanmean([p.get(k, NAN) for p in per.values()]) for k in PERTURBATION_AVERAGED if k in present
+        }
         out.update(extra)
         out["n_perturbations"] = float(len(self.groups))
         out["n_scored"] = float(sum(np.isfinite(p.get("pearson_delta", NAN)) for p in per.values()))
@@ -344,7 +339,7 @@ class PerturbationReference:
             )
             for g, s in zip(self.groups, scores, strict=True):
                 per[g]["retrieval"] = float(s)
-            retrieval = _mean(scores)
+            retrieval = m.nanmean(scores)
         return per, retrieval
 
     def score_sentences(

@@ -76,7 +76,7 @@ class _DatasetTruth:
         if self._knn is None:
             from sklearn.neighbors import NearestNeighbors
 
-            from cellduality.eval import metrics as m
+            from cellduality import metrics as m
 
             ids = [
                 c
@@ -101,7 +101,7 @@ class _DatasetTruth:
         """Control mean, the pool's mean change and its DE genes for one perturbation and context."""
         key = (condition, context)
         if key not in self._truth:
-            from cellduality.eval import metrics as m
+            from cellduality import metrics as m
 
             ids = [
                 c
@@ -176,7 +176,7 @@ class OracleEval(RowReward):
             return -1.0 if task == "perturbation" else 0.0
         if task == "generation":
             return truth.type_share(genes, str(row.get("condition", "")))
-        from cellduality.eval import metrics as m
+        from cellduality import metrics as m
 
         found = truth.perturbation(str(row.get("condition", "")), str(row.get("context") or ""))
         if found is None:

@@ -3,7 +3,7 @@
 Each reward parses the completion's gene sentence (with the row's dataset's genes), turns it into
 expression with the dataset's rank -> expression fit (the same reconstruction the evaluation uses),
 subtracts the control mean and compares that delta with the observed mean delta of the row's perturbation
-(``verifier_*`` of :mod:`cellduality.eval.metrics`). The ground truth is computed lazily, once per
+(``verifier_*`` of :mod:`cellduality.metrics.verifier`). The ground truth is computed lazily, once per
 (dataset, perturbation, context), from the run's prepared data in its
 :class:`~cellduality.rewards.context.RewardContext`, in memory:
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 # the verifier formulas and PROGENy's weights are still eval's; they move to cellduality.metrics
-from cellduality.eval import metrics as m
+from cellduality import metrics as m
 from cellduality.metrics.perturbation import de_gene_indices
 from cellduality.parsing import parse_genes
 from cellduality.rewards.base import RowReward

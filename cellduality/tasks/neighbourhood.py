@@ -22,7 +22,7 @@ What ``cellduality prepare --tasks neighbourhood --split ood`` writes, per datas
   prepared genes. The gain reward reads only this table, i.e. training data only.
 
 The graph is GO Biological Process from the embedded knowledge tables (the rule of
-:class:`cellduality.eval.baselines.GONeighbourBaseline`: two perturbations are neighbours when a
+:class:`cellduality.metrics.baselines.GONeighbourBaseline`: two perturbations are neighbours when a
 target of one shares a GO BP term with, or is, a target of the other), or a gene-gene edge list the user
 gives (``--graph FILE``, e.g. STRING), read by :func:`read_edge_list` with the same rule on edges.
 
@@ -45,8 +45,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellduality.data.schema import DataError
-from cellduality.eval.baselines import GONeighbourBaseline, perturbation_targets
-from cellduality.metrics.statistics import pearson
+from cellduality.metrics.baselines import GONeighbourBaseline, perturbation_targets
+from cellduality.metrics.statistics import pearson, pearson_rows
 from cellduality.parsing import normalize_label, parse_completion
 from cellduality.tasks.common import (
     TaskConfig,
@@ -435,15 +435,6 @@ def edit_gain(
     return r_edit - r_base
 
 
-def _row_pearson(means: np.ndarray, target: np.ndarray) -> np.ndarray:
-    mc = means - means.mean(axis=1, keepdims=True)
-    tc = target - target.mean()
-    den = np.linalg.norm(mc, axis=1) * np.linalg.norm(tc)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (mc @ tc) / den
-    return np.where(np.isfinite(r), r, 0.0)
-
-
 def greedy_edit(
     neighbours: Sequence[str],
     candidates: Sequence[str],
@@ -479,7 +470,8 @@ def greedy_edit(
             means.append((total - rem) / (k - 1) if k > 1 else np.tile(fallback, (len(removable), 1)))
         if addable:
             means.append((total + deltas.matrix[[deltas.index[c] for c in addable]]) / (k + 1))
-        r = _row_pearson(np.vstack(means), truth)
+        r = pearson_rows(np.vstack(means), truth[None, :])[:, 0]
+        r = np.where(np.isfinite(r), r, 0.0)
         best = int(np.argmax(r))
         if r[best] - score < min_gain:
             break

@@ -1,7 +1,9 @@
 """Prior biological knowledge shipped with the package: PROGENy pathway weights and GO BP annotations.
 
-The evaluation uses them in two places: pathway-activity agreement (does a predicted perturbation move
-the same signalling pathways as the real one?) and the GO graph-neighbour perturbation baseline. The
+They feed pathway-activity agreement (does a predicted perturbation move the same signalling pathways
+as the real one? :mod:`cellduality.metrics.pathways`), the GO graph-neighbour perturbation baseline and
+the neighbourhood task's graph (:mod:`cellduality.metrics.baselines`). They sit on the metrics floor, below
+the tasks, because reading a file the package ships is no I/O of the user's data. The
 files live in ``cellduality/knowledge/`` (provenance and licences in its ``SOURCES.md``) and are read
 with ``importlib.resources``, so they work from a wheel, a zip or a source checkout, offline. Each file
 is parsed once per process (``functools.lru_cache``); the loaders hand out copies or read-only views so

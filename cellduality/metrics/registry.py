@@ -1,10 +1,11 @@
-"""What each benchmark metric is called and which way is better: one registry for tables and headlines.
+"""The metric registry: every benchmark metric's function, name, direction and best value, in one place.
 
-Following cell-eval's metric registry, every metric key that reaches a report has a :class:`MetricInfo`
-with a friendly label (``kNN@3 accuracy``, never ``knn_accuracy``), its direction, its best possible
-value and a one-line description. Tables take their column headers from here, so "↑ higher is better"
-is stated by the registry instead of by prose next to each table, and code that asks "which baseline is
-strongest" or "does this reference row really bound the models" uses the same direction the reader sees.
+Following cell-eval's ``MetricInfo`` registry, every metric key that reaches a report has a
+:class:`MetricInfo` with the function that computes it, a friendly label (``kNN@3 accuracy``, never
+``knn_accuracy``), its direction, its best possible value and a one-line description. Tables take their
+column headers, bold marks and number formats from here, so "↑ higher is better" is stated by the
+registry instead of by prose next to each table, and code that asks "which baseline is strongest" or
+"does this reference row really bound the models" uses the same direction the reader sees.
 
 Rows of a task table have a *kind*: ``model``, ``baseline``, ``reference`` (real held-out cells scored
 like a method: informative, but no bound: a model can beat it) and ``ceiling`` (an upper bound by
@@ -16,9 +17,11 @@ calls a ceiling is never below what it is compared with.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from cellduality.metrics import classification, generation, pathways, perturbation
 
 #: Kinds of table rows. ``ceiling`` is only kept where it bounds every other row (see honest_kinds).
 KINDS = ("model", "baseline", "reference", "ceiling")
@@ -26,10 +29,16 @@ KINDS = ("model", "baseline", "reference", "ceiling")
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """A metric's key, how people call it, which way is better, its best value and what it measures.
+    """A metric's key, how people call it, which way is better, its best value, what it measures and
+    the function that computes it.
 
     ``label`` may hold ``{k}`` / ``{n_de}`` placeholders filled from the task's parameters.
-    ``higher_is_better`` is ``None`` for counts (no direction: they describe the sample, not a method).
+    ``higher_is_better`` is ``None`` where no direction applies (counts describe the sample, not a
+    method). ``function`` computes the value per test set or per perturbation (the report averages the
+    latter); ``None`` where the evaluation derives the value from others (the neighbourhood edit's
+    statistics) or counts. ``ranked`` is ``False`` for metrics a table shows but does not rank (whether
+    the answers had the right form says nothing of which method predicts best); ``count`` marks values
+    shown as whole numbers.
     """
 
     key: str
@@ -37,6 +46,14 @@ class MetricInfo:
     higher_is_better: bool | None
     best: float | None
     description: str
+    function: Callable[..., Any] | None = None
+    ranked: bool = True
+    count: bool = False
+
+    @property
+    def arrow(self) -> str:
+        """`` ↑`` / `` ↓`` for the better direction, empty where there is none."""
+        return {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
 
     def title(self, **params: Any) -> str:
         """The friendly label with its placeholders filled (missing ones default to k=3, n_de=20)."""
@@ -44,8 +61,7 @@ class MetricInfo:
 
     def header(self, **params: Any) -> str:
         """Table column header: label plus ``↑`` / ``↓`` for the better direction."""
-        arrow = {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
-        return self.title(**params) + arrow
+        return self.title(**params) + self.arrow
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is strictly better than ``b``; a non-finite value is never better than anything."""
@@ -67,16 +83,30 @@ _UP, _DOWN = True, False
 METRICS: dict[str, MetricInfo] = {
     info.key: info
     for info in (
-        MetricInfo("accuracy", "accuracy", _UP, 1.0, "share of test items answered with the true label"),
+        MetricInfo(
+            "accuracy",
+            "accuracy",
+            _UP,
+            1.0,
+            "share of test items answered with the true label",
+            classification.accuracy,
+        ),
         MetricInfo(
             "macro_f1",
             "macro-F1",
             _UP,
             1.0,
             "F1 averaged over the classes present in the test labels, each weighted equally",
+            classification.macro_f1,
         ),
         MetricInfo(
-            "valid_output_rate", "valid output", _UP, 1.0, "share of answers naming a usable label or gene"
+            "valid_output_rate",
+            "valid output",
+            _UP,
+            1.0,
+            "share of answers naming a usable label or gene",
+            classification.valid_output_rate,
+            ranked=False,
         ),
         MetricInfo(
             "format_rate",
@@ -84,6 +114,8 @@ METRICS: dict[str, MetricInfo] = {
             _UP,
             1.0,
             "share of completions exactly <think>…</think><answer>…</answer>",
+            classification.format_rate,
+            ranked=False,
         ),
         MetricInfo(
             "knn_accuracy",
@@ -91,14 +123,23 @@ METRICS: dict[str, MetricInfo] = {
             _UP,
             1.0,
             "share of generated cells a {k}-NN classifier fitted on real test cells labels as prompted",
+            generation.knn_accuracy,
         ),
-        MetricInfo("scfid", "scFID", _DOWN, 0.0, "Fréchet distance of generated to real cells in PCA space"),
+        MetricInfo(
+            "scfid",
+            "scFID",
+            _DOWN,
+            0.0,
+            "Fréchet distance of generated to real cells in PCA space",
+            generation.scfid,
+        ),
         MetricInfo(
             "rwjs_nearest",
             "RWJS to nearest real cell",
             _UP,
             1.0,
             "rank-weighted Jaccard similarity of a generated sentence to the closest real one",
+            generation.rwjs_nearest,
         ),
         MetricInfo(
             "pearson_delta",
@@ -106,6 +147,7 @@ METRICS: dict[str, MetricInfo] = {
             _UP,
             1.0,
             "Pearson r of predicted vs observed change from control, over all genes",
+            perturbation.pearson_delta,
         ),
         MetricInfo(
             "pearson_delta_de",
@@ -113,19 +155,49 @@ METRICS: dict[str, MetricInfo] = {
             _UP,
             1.0,
             "Pearson r of predicted vs observed change from control, on the top-{n_de} DE genes",
+            perturbation.pearson_delta_de,
         ),
-        MetricInfo("rmse_de", "RMSE top-{n_de} DE", _DOWN, 0.0, "error of the change on the DE genes"),
-        MetricInfo("de_spearman", "DE Spearman", _UP, 1.0, "ordering of the DE genes' changes"),
+        MetricInfo(
+            "rmse_de",
+            "RMSE top-{n_de} DE",
+            _DOWN,
+            0.0,
+            "error of the change on the DE genes",
+            perturbation.rmse_de,
+        ),
+        MetricInfo(
+            "de_spearman",
+            "DE Spearman",
+            _UP,
+            1.0,
+            "ordering of the DE genes' changes",
+            perturbation.de_spearman,
+        ),
         MetricInfo(
             "retrieval",
             "retrieval (0.5 = random)",
             _UP,
             1.0,
             "share of other perturbations the prediction resembles less than its own",
+            perturbation.retrieval_scores,
         ),
-        MetricInfo("pathway_cosine", "PROGENy cosine", _UP, 1.0, "cosine of pathway activities"),
-        MetricInfo("pathway_pearson", "PROGENy Pearson", _UP, 1.0, "Pearson r of pathway activities"),
-        # knowledge-graph neighbourhood editing (cellduality.eval.neighbourhood)
+        MetricInfo(
+            "pathway_cosine",
+            "PROGENy cosine",
+            _UP,
+            1.0,
+            "cosine of pathway activities",
+            pathways.pathway_agreement,
+        ),
+        MetricInfo(
+            "pathway_pearson",
+            "PROGENy Pearson",
+            _UP,
+            1.0,
+            "Pearson r of pathway activities",
+            pathways.pathway_agreement,
+        ),
+        # knowledge-graph neighbourhood editing: derived by the evaluation (cellduality.eval.neighbourhood)
         MetricInfo(
             "gain_vs_unedited",
             "Pearson Δ gain over unedited",
@@ -141,9 +213,13 @@ METRICS: dict[str, MetricInfo] = {
             "share of proposed additions (among the candidates) and removals (among the neighbours) allowed",
         ),
         MetricInfo("empty_edit_rate", "empty edits", None, None, "share of edits that change nothing"),
-        MetricInfo("n", "n", None, None, "test examples"),
-        MetricInfo("n_scored", "perturbations with a Pearson Δ", None, None, "perturbations scored"),
-        MetricInfo("n_perturbations", "perturbations", None, None, "perturbation groups in the test set"),
+        MetricInfo("n", "n", None, None, "test examples", count=True),
+        MetricInfo(
+            "n_scored", "perturbations with a Pearson Δ", None, None, "perturbations scored", count=True
+        ),
+        MetricInfo(
+            "n_perturbations", "perturbations", None, None, "perturbation groups in the test set", count=True
+        ),
     )
 }
 
@@ -159,7 +235,7 @@ def metric_label(key: str, **params: Any) -> str:
 
 
 class Scored(Protocol):
-    """A table row: what :class:`cellduality.eval.scoring.MethodScore` offers."""
+    """A table row (what the evaluation's ``MethodScore`` offers): a name, a kind, its metric values."""
 
     name: str
     kind: str

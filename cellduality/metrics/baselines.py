@@ -24,16 +24,13 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from cellduality.eval.knowledge import GO_BP_ROOT
-from cellduality.eval.metrics import Matrix, pearson_delta
+from cellduality.metrics.arrays import Matrix, dense
+from cellduality.metrics.knowledge import GO_BP_ROOT, load_go_bp
+from cellduality.metrics.perturbation import pearson_delta
+from cellduality.metrics.statistics import spearman_brown
 
 # ----------------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def _dense(x: Matrix) -> np.ndarray:
-    arr = x.toarray() if sp.issparse(x) else np.asarray(x)
-    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
 
 
 def group_means(x: Matrix, labels: Sequence[Hashable]) -> tuple[list[str], np.ndarray]:
@@ -50,7 +47,7 @@ def group_means(x: Matrix, labels: Sequence[Hashable]) -> tuple[list[str], np.nd
     counts = np.bincount(rows, minlength=len(names)).astype(float)
     indicator = sp.csr_matrix((1.0 / counts[rows], (rows, np.arange(lab.size))), shape=(len(names), lab.size))
     means = indicator @ x
-    return names, _dense(means)
+    return names, dense(means)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,7 +72,7 @@ def logistic_classifier(c: float = 1.0, max_iter: int = 300, seed: int = 0) -> A
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
     return make_pipeline(
-        FunctionTransformer(_dense, accept_sparse=True),  # centring needs dense input
+        FunctionTransformer(dense, accept_sparse=True),  # centring needs dense input
         StandardScaler(),
         LogisticRegression(C=c, max_iter=max_iter, random_state=seed),
     )
@@ -99,26 +96,26 @@ class KNNExpressionClassifier:
         from sklearn.decomposition import PCA
         from sklearn.neighbors import KNeighborsClassifier
 
-        dense = _dense(x)
+        features = dense(x)
         labels = np.asarray(y)
-        if dense.shape[0] == 0:
+        if features.shape[0] == 0:
             raise ValueError("KNNExpressionClassifier needs at least one training cell")
         self._pca = None
-        n = min(self.n_components, dense.shape[0] - 1, dense.shape[1]) if self.n_components else 0
+        n = min(self.n_components, features.shape[0] - 1, features.shape[1]) if self.n_components else 0
         if n >= 1:
-            self._pca = PCA(n_components=n, random_state=self.seed).fit(dense)
-            dense = self._pca.transform(dense)
-        self._knn = KNeighborsClassifier(n_neighbors=max(1, min(self.n_neighbors, dense.shape[0])))
-        self._knn.fit(dense, labels)
+            self._pca = PCA(n_components=n, random_state=self.seed).fit(features)
+            features = self._pca.transform(features)
+        self._knn = KNeighborsClassifier(n_neighbors=max(1, min(self.n_neighbors, features.shape[0])))
+        self._knn.fit(features, labels)
         return self
 
     def predict(self, x: Matrix) -> np.ndarray:
         if self._knn is None:
             raise RuntimeError("KNNExpressionClassifier.fit must be called first")
-        dense = _dense(x)
+        features = dense(x)
         if self._pca is not None:
-            dense = self._pca.transform(dense)
-        return self._knn.predict(dense)
+            features = self._pca.transform(features)
+        return self._knn.predict(features)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,8 +232,6 @@ def _upper_terms(go: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
 @lru_cache(maxsize=1)
 def _shipped_go_upper() -> Mapping[str, frozenset[str]]:
     """The shipped GO BP annotations, upper-cased once per process (one fit per cell context reuses it)."""
-    from cellduality.eval.knowledge import load_go_bp
-
     return MappingProxyType(_upper_terms(load_go_bp(drop_root=True)))
 
 
@@ -244,7 +239,7 @@ class GONeighbourBaseline(_PerturbationBaseline):
     """Control mean + mean delta of the training perturbations whose targets are GO BP neighbours.
 
     ``go`` maps gene symbols to GO BP term sets (default: the shipped human annotations,
-    :func:`cellduality.eval.knowledge.load_go_bp`); symbols match case-insensitively. Two perturbations are neighbours when a target gene of one shares at least one GO Biological Process
+    :func:`cellduality.metrics.knowledge.load_go_bp`); symbols match case-insensitively. Two perturbations are neighbours when a target gene of one shares at least one GO Biological Process
     term (root ``GO:0008150`` excluded) with a target of the other, or when they share a target gene
     (a gene trivially shares its own function, and this keeps unannotated genes usable: ``A+B`` has the
     single perturbation ``A`` as neighbour). The query's own name is never its neighbour. Without
@@ -294,21 +289,6 @@ class GONeighbourBaseline(_PerturbationBaseline):
         return self._control() + np.mean([self.deltas_[n] for n in found], axis=0)
 
 
-def spearman_brown(r: float, factor: float = 2.0) -> float:
-    """Spearman-Brown prophecy for a positive correlation: ``f r / (1 + (f - 1) r)``; ``r <= 0`` unchanged.
-
-    The prophecy predicts the reliability of a ``factor`` times larger sample from a *positive*
-    reliability. A negative split-half correlation says the two halves do not reproduce each other; the
-    formula would inflate it (r = -0.6 -> -3.0, below -1, which no correlation can be), so such values
-    are returned uncorrected and every result stays in [-1, 1]. ``nan`` stays ``nan``.
-    """
-    if not np.isfinite(r):
-        return float("nan")
-    if r <= 0:
-        return float(r)
-    return float(factor * r / (1.0 + (factor - 1.0) * r))
-
-
 def split_half_reproducibility(
     observed: Matrix,
     control: Matrix,
@@ -322,9 +302,9 @@ def split_half_reproducibility(
     The observed cells are split ``n_splits`` times into two random halves (seeded); each time one half
     plays the prediction and the other the observation, ``metric(half_a, control, half_b)``, and a
     positive result is corrected to the full sample size with Spearman-Brown, ``2 r / (1 + r)`` (see
-    :func:`spearman_brown`: negative values are left as they are; turn ``correct`` off for metrics that
-    are not correlations, e.g. RMSE). The mean over splits is returned (``nan`` splits skipped). Fewer
-    than 2 cells -> ``nan``.
+    :func:`~cellduality.metrics.statistics.spearman_brown`: negative values are left as they are; turn
+    ``correct`` off for metrics that are not correlations, e.g. RMSE). The mean over splits is returned
+    (``nan`` splits skipped). Fewer than 2 cells -> ``nan``.
 
     This is a *reference*, not an upper bound on what a model can score: with a few cells per group, each
     half is noisy, while a model (or the mean-perturbation baseline) can predict a smooth average
@@ -346,10 +326,6 @@ def split_half_reproducibility(
     return float(np.mean(finite)) if finite else float("nan")
 
 
-#: Former name, kept for callers; the value is a reference, not a ceiling (see the function's docstring).
-reproducibility_ceiling = split_half_reproducibility
-
-
 __all__ = [
     "ControlBaseline",
     "GONeighbourBaseline",
@@ -361,7 +337,5 @@ __all__ = [
     "logistic_classifier",
     "majority_classifier",
     "perturbation_targets",
-    "reproducibility_ceiling",
-    "spearman_brown",
     "split_half_reproducibility",
 ]
