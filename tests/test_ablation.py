@@ -49,11 +49,16 @@ def test_summarise_over_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_ablation_resumes(tmp_path) -> None:
+def test_tiny_ablation_resumes(uninterrupted: Path, tmp_path: Path) -> None:
+    """The tiny one-seed ablation with one extra RL-pool size (the module's run, made by the command), its
+    report, and a second run (in this process, on a copy of its folder) that trains nothing again."""
+    import shutil
+
     from cellduality.ablation import run_ablation, tiny_config
 
-    config = replace(tiny_config(tmp_path / "abl", seeds=(0,)), pool_sizes=(4,))
-    report = run_ablation(config)
+    shutil.copytree(uninterrupted.parent, tmp_path / "abl", symlinks=True)
+    config = replace(tiny_config(tmp_path / "abl", seeds=(0,)), pool_sizes=(4,))  # the command's config
+    report = tmp_path / "abl" / "report"
     payload = json.loads((report / "ablation.json").read_text())
     rows = {(r["dataset"], r["task"]): r for r in payload["rows"]}
     assert {t for _, t in rows} == {"annotation", "generation", "drug_sensitivity", "perturbation"}
@@ -176,9 +181,9 @@ def test_goal_parts_follow_the_measured_numbers() -> None:
     assert assess(summarise(mixed), mixed)["parts"][3]["measured"].startswith("0 of 0")
 
 
-def _ablation(out: Path) -> subprocess.Popen:
+def _ablation(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [str(Path(sys.executable).parent / "cellduality"), "ablation", "--tiny", "--seeds", "0"]
+    command = [str(Path(sys.executable).parent / "cellduality"), "ablation", "--tiny", "--seeds", "0", *extra]
     return subprocess.Popen(
         [*command, "--out", str(out)],
         env=env,
@@ -191,35 +196,43 @@ def _ablation(out: Path) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """The tiny one-seed ablation, run once without interruption: its report folder."""
+    """``cellduality ablation --tiny --seeds 0 --pool-sizes 4``, run once without interruption: its report
+    folder. Shared by the tests below; they copy it before writing (``test_tiny_ablation_resumes``) or
+    only read its report."""
     out = tmp_path_factory.mktemp("whole")
-    whole = _ablation(out)
+    whole = _ablation(out, "--pool-sizes", "4")
     _, err = whole.communicate(timeout=900)
     assert whole.returncode == 0, err[-2000:]
     return out / "report"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["prepared", "sft", "grpo"])
-def test_ablation_killed_inside_a_stage_resumes_to_the_same_report(
-    stage: str, uninterrupted: Path, tmp_path: Path
+def test_ablation_killed_inside_each_stage_resumes_to_the_same_report(
+    uninterrupted: Path, tmp_path: Path
 ) -> None:
     """SIGKILL while a stage is half-written (its folder exists, its ``.done`` marker does not), then the
-    same command again: it finishes, and its report equals that of a run never interrupted."""
-    folder = tmp_path / "killed" / "seed0" / stage
-    run = _ablation(tmp_path / "killed")
-    deadline = time.monotonic() + 600
-    while not (folder.is_dir() and any(folder.iterdir())) and time.monotonic() < deadline:
-        assert run.poll() is None, "the run ended before the stage to kill began"
-        time.sleep(0.02)
-    assert not (folder / ".done").exists(), "the stage finished before it could be killed"
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait(timeout=60)
-    again = _ablation(tmp_path / "killed")
+    same command again, for each stage in turn: killed inside ``prepared``; run again and killed inside
+    ``sft``; run again and killed inside ``grpo``; run again, it finishes, and its report's rows equal
+    those of a run never interrupted. (One chain instead of one run per stage: every resumption still
+    meets a half-written stage; the uninterrupted run also trained the RL-pool size 4, which comes after
+    these stages and does not enter the rows.)"""
+    out = tmp_path / "killed"
+    for stage in ("prepared", "sft", "grpo"):
+        folder = out / "seed0" / stage
+        run = _ablation(out)
+        deadline = time.monotonic() + 600
+        while not (folder.is_dir() and any(folder.iterdir())) and time.monotonic() < deadline:
+            assert run.poll() is None, f"the run ended before the stage to kill ({stage}) began"
+            time.sleep(0.02)
+        assert not (folder / ".done").exists(), f"the stage {stage} finished before it could be killed"
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=60)
+        assert not (folder / ".done").exists(), stage  # left half-written, as a kill leaves it
+    again = _ablation(out)
     _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err[-2000:]
     rows = [
         json.loads((report / "ablation.json").read_text())["rows"]
-        for report in (uninterrupted, tmp_path / "killed" / "report")
+        for report in (uninterrupted, out / "report")
     ]
     assert rows[0] == rows[1]

@@ -112,22 +112,14 @@ def test_sft_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeyp
     _assert_same_weights(whole, killed, model)
 
 
-def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
-    """From a short SFT checkpoint: its completions vary in length (the sampling RNG matters), but its
-    rewards do not vary yet (measured: frac_reward_zero_std 1 after 100 SFT steps; the full tiny SFT
-    recipe, 180 steps, gets 0), so every advantage is 0. Weight decay moves the weights all the same, as a
-    function of the optimiser and scheduler state, which the resumption must restore."""
-    from cellduality.train.sft import parse_args, run_sft
-
-    sft = tmp_path / "sft"  # GRPO from a short SFT checkpoint, so that its rewards vary and it learns
-    run_sft(
-        *parse_args(
-            [
-                "--config", str(SFT_RECIPE), "--output_dir", str(sft), "--model_name_or_path",
-                str(tmp_path / "model"), "--sft_limit", "48", "--max_steps", "100", "--save_strategy", "no",
-            ]
-        )
-    )  # fmt: skip
+def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(
+    tmp_path, monkeypatch, sft_checkpoint
+) -> None:
+    """From the session's tiny SFT checkpoint (conftest.py; read, never written), which any trained
+    checkpoint would serve: its completions vary in length (asserted below), so the sampling RNG matters,
+    and weight decay (1.0) moves the weights whatever the advantages, as a function of the optimiser and
+    scheduler state. The resumption must restore all three."""
+    sft = sft_checkpoint
 
     def argv(out: Path) -> list[str]:
         return [

@@ -281,11 +281,27 @@ def test_concurrency_limit_holds(key: str) -> None:
         assert all(r.ok and r.tries == 1 for r in results)
         assert srv.max_in_flight == 4  # never above the limit, and the limit was actually used
         assert [r.example_id for r in results] == [r.example_id for r in requests]  # input order
-        # Our semaphore, not the HTTP pool, does the queueing: a request waiting in the pool would
-        # spend its timeout there and show a latency of two server round trips. (Median: robust to
-        # a busy machine; with a pool-bound queue nearly every request waits a full round trip.)
-        latencies = sorted(r.latency_s for r in results)
-        assert latencies[len(latencies) // 2] < 0.225, latencies
+
+
+def test_requests_queue_for_a_slot_not_inside_the_http_pool(key: str) -> None:
+    """Our slots, not the HTTP pool, do the queueing: a request's try (and its timeout) begins only when
+    a connection is free for it. The first 12 requests the server gets are answered after the timeout,
+    the others at once; a request queued inside a pool behind those 12 would spend its timeout there and
+    time out without ever being sent. Counted, not timed: all 16 requests reached the server, and only
+    the 12 held ones timed out. 12 slots make two pools of 6 connections (POOL_SHARD_SIZE 8), so a pool
+    given more requests than connections fails this too."""
+    from cellduality.teacher.client import POOL_SHARD_SIZE
+
+    assert 12 // 2 <= POOL_SHARD_SIZE < 12  # two pools
+    retry = RetryPolicy(max_tries=1, backoff_base_s=0.01)
+    with OpenAITestServer(fault_fn=lambda request: Fault.slow(60.0) if request.index < 12 else None) as srv:
+        requests = [TeacherRequest(f"ex/{i}", MESSAGES) for i in range(16)]
+        results = run_teacher_batch(
+            endpoint(srv, timeout_s=1.0), requests, concurrency=12, retry=retry, progress=False
+        )
+        sent = len(srv.requests)
+    assert sent == 16, f"{16 - sent} of 16 requests timed out before they were sent"
+    assert Counter(r.error for r in results) == {"timeout": 12, None: 4}
 
 
 def test_weighted_choice_is_seeded_and_reproducible(key: str) -> None:
