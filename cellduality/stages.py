@@ -177,6 +177,27 @@ def _parser(*types: type):
     return TrlParser(types).parse_args_and_config
 
 
+def read_stage(plan: Plan, stage: str, run: Mapping[str, Any] | None = None) -> tuple:
+    """The recipe of ``stage`` read by its own parser, with the run's ``--field value`` flags: the SFT and
+    GRPO recipes by ``cellduality sft`` / ``grpo``'s ``parse_args`` (our arguments, TRL's config and
+    ``ModelConfig``), the others into the dataclasses above (prepare: with ``TaskConfig``)."""
+    if stage == "sft":
+        from cellduality.train.sft import parse_args
+    elif stage.startswith("grpo_"):
+        from cellduality.train.grpo import parse_args
+    elif stage == "prepare":
+        from cellduality.tasks import TaskConfig
+
+        parse_args = _parser(PrepareArguments, TaskConfig)
+    elif stage == "eval":
+        parse_args = _parser(EvalArguments)
+    elif stage == "dual_check":
+        parse_args = _parser(DualCheckArguments)
+    else:
+        raise ValueError(f"no stage {stage!r}; the stages are {', '.join(STAGES)}")
+    return read_recipe(plan, stage, parse_args, run)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the stages
 
@@ -185,9 +206,9 @@ def prepare(plan: Plan, out: Path, seed: int, console: Any = None) -> list[Path]
     """``cellduality prepare`` of each dataset of the prepare recipe into ``out/prepared/<name>``."""
     from cellduality.data import load_dataset
     from cellduality.reporting import print_prepared
-    from cellduality.tasks import TaskConfig, build_tasks, save_prepared
+    from cellduality.tasks import build_tasks, save_prepared
 
-    args, config = read_recipe(plan, "prepare", _parser(PrepareArguments, TaskConfig), {"seed": seed})
+    args, config = read_stage(plan, "prepare", {"seed": seed})
     folders = []
     for name in args.datasets:
         prepared = build_tasks(load_dataset(name), config=config, split=args.split)
@@ -202,7 +223,7 @@ def sft(plan: Plan, out: Path, folders: Sequence[Path], seed: int, name: str = "
 
     ``run`` adds (or replaces) ``--field value`` flags after the recipe, like ``max_steps`` for a benchmark.
     """
-    from cellduality.train.sft import parse_args, run_sft
+    from cellduality.train.sft import run_sft
 
     out = Path(out)
     values = {
@@ -215,7 +236,7 @@ def sft(plan: Plan, out: Path, folders: Sequence[Path], seed: int, name: str = "
         "data_seed": seed,
         **run,
     }
-    return run_sft(*read_recipe(plan, "sft", parse_args, values))
+    return run_sft(*read_stage(plan, "sft", values))
 
 
 def grpo(
@@ -230,7 +251,7 @@ def grpo(
 ):
     """The GRPO recipe of ``arm`` (``grpo_dual.yaml`` or ``grpo_oracle.yaml``) from ``out/<start>`` into
     ``out/<name>``; returns the trainer (its log history holds the rewards)."""
-    from cellduality.train.grpo import parse_args, run_grpo
+    from cellduality.train.grpo import run_grpo
 
     out = Path(out)
     values = {
@@ -242,12 +263,12 @@ def grpo(
         "data_seed": seed,
         **run,
     }
-    return run_grpo(*read_recipe(plan, f"grpo_{arm}", parse_args, values))
+    return run_grpo(*read_stage(plan, f"grpo_{arm}", values))
 
 
 def eval_settings(plan: Plan) -> EvalArguments:
     """The eval recipe, read."""
-    (args,) = read_recipe(plan, "eval", _parser(EvalArguments))
+    (args,) = read_stage(plan, "eval")
     return args
 
 
@@ -293,7 +314,7 @@ def dual_check(
     ``out/report/dual_check/<folder>``: name -> its checks."""
     from cellduality.eval.dual_check import DualCheckConfig, run_dual_check
 
-    (args,) = read_recipe(plan, "dual_check", _parser(DualCheckArguments))
+    (args,) = read_stage(plan, "dual_check")
     config = DualCheckConfig(
         max_rows=args.max_rows,
         group_size=args.group_size,

@@ -95,7 +95,7 @@ def test_tiny_ablation_resumes(tmp_path) -> None:
     # resuming under another plan would mix two sizes in one table: refused in one line, nothing touched
     steps = config.plan.fields("grpo_dual")["max_steps"]
     other = replace(config, plan=config.plan.replace("grpo_dual", max_steps=steps + 1))
-    with pytest.raises(SystemExit, match="another plan \\(grpo_dual.max_steps differ\\)"):
+    with pytest.raises(SystemExit, match=r"another plan \(grpo_dual\.max_steps differ\)"):
         run_ablation(other)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
 
