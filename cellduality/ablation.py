@@ -455,7 +455,7 @@ def write_report(
     goal = assess(rows, seeds, "sampled" if sampled_rows else "greedy")
     payload = {
         "seeds": list(config.seeds),
-        "recipes": str(config.plan.folder),
+        "recipes": config.plan.label,
         "plan": config.plan.record(),
         "rows": rows,
         "sampled_rows": sampled_rows,
@@ -485,7 +485,7 @@ def write_report(
             if prepare.get("sft_examples")
             else ""
         )
-        + f"The settings of every stage are the recipes in `{config.plan.folder}` (ablation.json: `plan`). "
+        + f"The settings of every stage are the recipes in `{config.plan.label}` (ablation.json: `plan`). "
         + "Held-out test cells (no out-of-distribution split: the perturbation data whose dual carries signal "
         "has a single perturbation). Mean [95% t-interval across seeds]; higher is better for every metric.",
         "",

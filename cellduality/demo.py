@@ -159,7 +159,7 @@ def _write_report(
     metrics = {
         "mode": mode,
         "seed": seed,
-        "recipes": str(plan.folder),
+        "recipes": plan.label,
         "plan": plan.record(),
         "timings_s": timings,
         "headline": headline,
@@ -176,7 +176,7 @@ def _write_report(
         f"{sft.get('tiny_num_layers')} layers) was fine-tuned on offline-teacher traces (SFT), then trained "
         f"with self-supervised dual GRPO ({grpo.get('max_steps')} steps, rewards: format + dual, no labels). "
         f"Cell sentences have {prepare.get('top_k')} genes. Every number below is on held-out test cells. "
-        f"The settings of every stage are the recipes in `{plan.folder}` (metrics.json: `plan`).",
+        f"The settings of every stage are the recipes in `{plan.label}` (metrics.json: `plan`).",
         "",
         "## Headline",
         "",

@@ -98,6 +98,15 @@ class Plan:
             raise DataError(f"no recipe folder {name}; the packaged plans are {', '.join(packaged)}")
         return cls(folder)
 
+    @property
+    def label(self) -> str:
+        """How reports name the plan: ``recipes/demo/quick`` for a packaged one (the name a user finds in
+        the repository and the docs, wherever the package is installed), else its folder."""
+        folder = Path(self.folder).resolve()
+        if folder.is_relative_to(RECIPES):
+            return f"recipes/{folder.relative_to(RECIPES).as_posix()}"
+        return str(self.folder)
+
     def recipe(self, stage: str) -> Path:
         path = Path(self.folder) / f"{stage}.yaml"
         if not path.is_file():

@@ -88,7 +88,7 @@ def test_quick_demo(tmp_path, monkeypatch) -> None:
     metrics = _check_report(tmp_path / "demo" / "report")
     # the report shows what the recipes said
     assert metrics["mode"] == "quick" and metrics["plan"] == TINY.record()
-    assert metrics["plan"]["grpo_dual"]["max_steps"] == 2 and metrics["recipes"] == str(TINY.folder)
+    assert metrics["plan"]["grpo_dual"]["max_steps"] == 2 and metrics["recipes"] == "recipes/ablation/tiny"
     assert metrics["grpo_dual_reward"]["curves"], "the dual reward must be logged during GRPO"
 
 

@@ -36,6 +36,7 @@ def test_the_packaged_plans_are_in_the_package_and_linked_from_recipes() -> None
     """Inside the package (so a pip-installed `cellduality demo` finds them), shipped as package data,
     and reachable from the repository's recipes/ as the docs name them."""
     assert {name: plan.folder for name, plan in PLANS.items()} == {n: RECIPES / n for n in PLANS}
+    assert QUICK.label == "recipes/demo/quick"  # how a report names it, wherever the package is installed
     assert RECIPES.parent == REPO / "cellduality"
     package_data = next(
         line
@@ -120,7 +121,7 @@ def test_a_recipe_folder_of_ones_own_and_its_mistakes(tmp_path, capsys) -> None:
     fields = yaml.safe_load((mine / "sft.yaml").read_text())
     (mine / "sft.yaml").write_text(yaml.safe_dump({**fields, "num_train_epoch": 1}))
     plan = Plan.named(str(mine))
-    assert plan.fields("eval") == QUICK.fields("eval")
+    assert plan.fields("eval") == QUICK.fields("eval") and plan.label == str(mine)
     with pytest.raises(
         DataError,
         match=r"unknown field in the recipe .*: num_train_epoch \(did you mean num_train_epochs\?\)",
