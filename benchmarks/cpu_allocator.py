@@ -25,12 +25,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _demo_sft(out: Path, work: Path, steps: int):
-    """The demo's SFT (``cellduality.demo._sft``), ``steps`` optimizer steps into ``out``."""
-    from cellduality.demo import FULL, _sft
+    """The demo's SFT (``cellduality.stages.sft``, recipes/demo/full), ``steps`` optimizer steps into ``out``."""
+    from cellduality import stages
+    from cellduality.demo import FULL
 
     folders = [Path(f) for f in json.loads((work / "folders.json").read_text())]
-    return _sft(
-        work, folders, FULL, 0, name=out.name, max_steps=steps, logging_steps=10_000, disable_tqdm=True
+    return stages.sft(
+        FULL, work, folders, 0, name=out.name, max_steps=steps, logging_steps=10_000, disable_tqdm=True
     )
 
 
@@ -64,10 +65,11 @@ def _setup(work: Path) -> None:
         return
     from rich.console import Console
 
-    from cellduality.demo import FULL, _prepare
+    from cellduality import stages
+    from cellduality.demo import FULL
 
     work.mkdir(parents=True, exist_ok=True)
-    folders = [str(f) for f in _prepare(work, FULL, 0, Console())]
+    folders = [str(f) for f in stages.prepare(FULL, work, 0, Console())]
     (work / "folders.json").write_text(json.dumps(folders))
     _demo_sft(work / "setup-run", work, 1)
 

@@ -1,8 +1,8 @@
 """CPU training throughput of the demo's SFT and dual GRPO: the old settings against the new, in one run.
 
 Throughput is what TRL logs: ``num_tokens / train_runtime`` (prompt and completion tokens that are not
-padding, per second of training). Each stage runs the demo's own code (``cellduality.demo._sft`` and
-``_grpo`` with the ``FULL`` plan: pbmc68k, scad_plx4720 and glioblastoma_panobinostat, 16-gene
+padding, per second of training). Each stage runs the demo's own code (``cellduality.stages.sft`` and
+``grpo`` with the full demo's recipes, ``recipes/demo/full``: pbmc68k, scad_plx4720 and glioblastoma_panobinostat, 16-gene
 sentences, the tiny Llama 128 wide with 4 layers, SFT batch 32, GRPO 8 prompts x 4 completions with
 the self-supervised dual reward) for a few optimizer steps, in a fresh process per setting, the
 settings interleaved ``--rounds`` times so that a change of load on the machine hits all of them; each
@@ -21,7 +21,7 @@ ratio is taken round by round and printed as min / median / max, next to the tar
 
 GRPO starts from an SFT checkpoint made once in ``--out`` (``--warm-steps`` SFT steps, enough for most
 forward answers to parse, so that the dual reward generates as it does in the demo); the monitor split
-keeps the demo's cadence (every 20 steps, so never in a short run). Tokens per CPU second (every thread
+keeps the recipe's cadence (``monitor_steps``, so never in a short run). Tokens per CPU second (every thread
 of the process, during ``train``) are printed too: they move less than wall time when the machine is
 shared, but count threads that spin while waiting.
 
@@ -85,7 +85,8 @@ def _throughput(trainer: Any, cpu_s: float) -> dict[str, Any]:
 def _child(stage: str, work: Path, steps: int) -> None:
     import transformers
 
-    from cellduality.demo import FULL, _sft
+    from cellduality import stages
+    from cellduality.demo import FULL
 
     cpu: dict[str, float] = {}
     train = transformers.Trainer.train
@@ -100,8 +101,8 @@ def _child(stage: str, work: Path, steps: int) -> None:
     transformers.Trainer.train = timed_train  # type: ignore[method-assign]
     name = f"run-{stage}-{os.getpid()}"
     if stage == "sft":
-        trainer = _sft(
-            work, _folders(work), FULL, 0, name=name, max_steps=steps, logging_steps=1, disable_tqdm=True
+        trainer = stages.sft(
+            FULL, work, _folders(work), 0, name=name, max_steps=steps, logging_steps=1, disable_tqdm=True
         )
     else:
         trainer = _grpo_steps(work, steps, name)
@@ -110,32 +111,25 @@ def _child(stage: str, work: Path, steps: int) -> None:
 
 
 def _grpo_steps(work: Path, steps: int, name: str) -> Any:
-    """The demo's dual GRPO (``cellduality.demo._grpo``) for ``steps`` steps from ``work/sft``."""
-    from dataclasses import replace
+    """The demo's dual GRPO (``cellduality.stages.grpo`` with ``recipes/demo/full/grpo_dual.yaml``) for
+    ``steps`` steps from ``work/sft``; the warm-up shrinks with the run (a tenth of it, at most the
+    recipe's 5 steps), the monitor keeps the recipe's cadence (it never checks in a short run)."""
+    from cellduality import stages
+    from cellduality.demo import FULL
 
-    from cellduality.demo import FULL, _grpo
-    from cellduality.train import monitor
-
-    # the demo checks its monitor split every 20 of 60 steps; a run of a few steps keeps that cadence
-    # (it never checks) instead of checking every steps // 3
-    init = monitor.DualMonitor.__init__
-
-    def demo_cadence(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        self.every = max(1, FULL.grpo_steps // 3)
-
-    monitor.DualMonitor.__init__ = demo_cadence  # type: ignore[method-assign]
-    if os.environ.get(_OLD_CACHE) == "1":
-        import trl
-
-        config = trl.GRPOConfig
-
-        def dynamic_cache(*args: Any, **kwargs: Any) -> Any:
-            return config(*args, **{**kwargs, "cache_implementation": None})
-
-        trl.GRPOConfig = dynamic_cache  # type: ignore[misc]  # what _grpo imports
-    plan = replace(FULL, grpo_steps=steps)
-    return _grpo(work, _folders(work), plan, 0, mode="dual", name=name)
+    plan = FULL
+    if os.environ.get(_OLD_CACHE) == "1":  # the rollouts' dynamic KV cache, TRL's default
+        plan = plan.replace("grpo_dual", cache_implementation=None)
+    return stages.grpo(
+        plan,
+        work,
+        _folders(work),
+        0,
+        arm="dual",
+        name=name,
+        max_steps=steps,
+        warmup_steps=min(5, steps // 10),
+    )
 
 
 def _setup(work: Path, warm_steps: int) -> None:
@@ -144,14 +138,15 @@ def _setup(work: Path, warm_steps: int) -> None:
         return
     from rich.console import Console
 
-    from cellduality.demo import FULL, _prepare, _sft
+    from cellduality import stages
+    from cellduality.demo import FULL
 
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "folders.json").exists():
-        folders = [str(f) for f in _prepare(work, FULL, 0, Console())]
+        folders = [str(f) for f in stages.prepare(FULL, work, 0, Console())]
         (work / "folders.json").write_text(json.dumps(folders))
     start = time.perf_counter()
-    _sft(work, _folders(work), FULL, 0, max_steps=warm_steps, disable_tqdm=True)
+    stages.sft(FULL, work, _folders(work), 0, max_steps=warm_steps, disable_tqdm=True)
     print(
         f"setup: SFT checkpoint for GRPO ({warm_steps} steps) in {time.perf_counter() - start:.0f} s",
         flush=True,

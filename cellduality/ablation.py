@@ -2,12 +2,16 @@
 
 Per seed, on the demo's embedded data (no out-of-distribution split: the perturbation data whose dual
 carries signal, glioblastoma_panobinostat, has a single perturbation to hold out), one SFT
-checkpoint of the demo's size, then two GRPO runs from it with the same steps, data and settings:
-self-supervised dual rewards (no labels) and the oracle's ground-truth rewards. All three are evaluated on held-out cells
-next to the baselines, and the dual reward is validated on the SFT and the dual GRPO checkpoints
+checkpoint of the full demo's size, then two GRPO runs from it with the same steps, data and settings:
+self-supervised dual rewards (no labels) and the oracle's ground-truth rewards. All three are evaluated
+on held-out cells next to the baselines, and the dual reward is validated on the SFT and the dual GRPO checkpoints
 (``cellduality dual-check``). The report gives, per task, the mean and 95% interval across seeds, and
 the share of the SFT -> oracle gap that dual GRPO closes (undefined where the oracle does not beat SFT),
 and the goal judged part by part with the measured reasons (``cellduality.ablation_goal``).
+
+The stages are :mod:`cellduality.stages`' (the demo's); every size and setting, and why it was chosen,
+is in the plan's recipes: ``recipes/ablation/full/*.yaml`` (``ABLATION``), ``recipes/ablation/tiny/*.yaml``
+(``--tiny``), or a folder of one's own (``--recipes``).
 
 Every stage writes a ``.done`` marker after its outputs, so running the same command again resumes
 where it stopped: finished stages are read back, never redone, and nothing a stage did not write is
@@ -21,51 +25,21 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
+from cellduality import stages
 from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval, paired_differences
-from cellduality.demo import FULL, DemoPlan, _dual_check, _evaluate_models, _grpo, _prepare, _sft
+from cellduality.stages import RECIPES, Plan
 
-# The paper's data design: per task 64 labelled training cells form the SFT set (16-gene sentences, the
-# tiny Llama 128 wide and 4 layers, offline-teacher forward + dual + counterfactual examples, 20 epochs:
-# about 480 optimizer steps, what the demo's SFT took at 250 examples per task: at 8 epochs of the small
-# set most answers did not parse); the rest of the training split is the RL pool, capped at 96 prompt
-# cells per task (drug sensitivity has 22). GRPO: 320 steps (4 prompts per step: every pool prompt about
-# four times) at a constant lr 1e-4 after 5 warm-up steps, G = 8, oracle arm rewarded by oracle_eval
-# (what eval scores). Chosen on seed 0's training rewards only: at 160 steps the oracle's own reward
-# rose on annotation (0.494 -> 0.636) and perturbation (-0.469 -> 0.112) but fell on generation (0.331 ->
-# 0.299); at 320 it rose on all three (annotation 0.469 -> 0.552, generation 0.307 -> 0.346, perturbation
-# -0.258 -> 0.354; first vs last third). The dual arm's reader (``dual_frozen_tasks``): the SFT checkpoint,
-# frozen, answers annotation's and drug sensitivity's duals, the policy the generation tasks'; chosen on
-# seed 0's training rewards, the oracle_eval reward logged at weight 0 in dual GRPO (first -> last third):
-# annotation's stayed flat with the policy reading (-0.001) and rose with the frozen reader (+0.064,
-# +0.050 in two runs), perturbation's rose with the policy reading (+0.466, +0.597) and fell with the
-# frozen reader (-0.145); docs/results.md has the table. Eval: every test row, greedy and sampled at T = 1.
-ABLATION = replace(FULL, oracle_reward="oracle_eval", eval_examples=None, eval_sampled=True)
-TINY = DemoPlan(
-    8,
-    24,
-    16,
-    2,
-    32,
-    2,
-    2,
-    8,
-    8,
-    check_rows=4,
-    check_group=2,
-    sft_examples=12,
-    rl_examples=8,
-    grpo_schedule="constant_with_warmup",
-    oracle_reward="oracle_eval",
-    eval_sampled=True,
-)
-SPLITS: dict[str, str] = {}  # dataset -> "ood"; see the module docstring for why none
+#: the packaged plans: recipes/ablation/full (the default: the paper's data design, the full demo's SFT
+#: and dual arm, every test row evaluated greedy and sampled) and --tiny's (minutes: checks the pipeline)
+ABLATION = Plan(RECIPES / "ablation" / "full")
+TINY = Plan(RECIPES / "ablation" / "tiny")
 ARMS = ("SFT", "dual GRPO", "oracle GRPO")
 DONE = ".done"
 
@@ -82,7 +56,7 @@ HEADLINE = {
 class AblationConfig:
     out: Path
     seeds: Sequence[int] = (0, 1, 2)
-    plan: DemoPlan = ABLATION
+    plan: Plan = field(default_factory=lambda: ABLATION)
     #: the label-efficiency curve: RL-pool sizes (prompt cells per task) to train dual GRPO with, from
     #: each seed's SFT checkpoint; the main run's own size is one point of it
     pool_sizes: Sequence[int] = ()
@@ -121,28 +95,28 @@ def reward_curves(
     return curves
 
 
-def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str, Any]:
+def run_seed(out: Path, seed: int, plan: Plan, console: Console) -> dict[str, Any]:
     """SFT, dual GRPO, oracle GRPO, evaluation and dual check for one seed (resumable stage by stage)."""
     out.mkdir(parents=True, exist_ok=True)
     label = f"seed {seed}"
     folders_file = out / "prepared" / "folders.json"
 
     def prepare() -> list[str]:
-        folders = [str(f) for f in _prepare(out, plan, seed, console, SPLITS)]
+        folders = [str(f) for f in stages.prepare(plan, out, seed, console)]
         folders_file.write_text(json.dumps(folders))
         return folders
 
     folders = [Path(f) for f in _stage(out / "prepared", "prepare", prepare, console, label)["result"]]
-    _stage(out / "sft", "SFT", lambda: _sft(out, folders, plan, seed) and None, console, label)
+    _stage(out / "sft", "SFT", lambda: stages.sft(plan, out, folders, seed) and None, console, label)
     curves, training = {}, {}
     for arm, mode, name in (("dual GRPO", "dual", "grpo"), ("oracle GRPO", "oracle", "grpo_oracle")):
 
         def train(mode: str = mode, name: str = name) -> dict[str, Any]:
             from cellduality.train.collapse import read_collapse
 
-            trainer = _grpo(out, folders, plan, seed, mode=mode, name=name)
+            trainer = stages.grpo(plan, out, folders, seed, arm=mode, name=name)
             history = trainer.state.log_history
-            reward = "dual" if mode == "dual" else plan.oracle_reward
+            reward = graded_reward(plan, mode)
             return {
                 "curves": reward_curves(history, reward),
                 "zero_std": reward_curves(history, reward, "zero_std"),
@@ -162,12 +136,14 @@ def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str
     arms = [("SFT", "sft"), ("dual GRPO", "grpo"), ("oracle GRPO", "grpo_oracle")]
 
     def evaluate(temperature: float = 0.0, report: Path = out / "report") -> dict[str, Any]:
-        results = _evaluate_models(out, folders, plan, seed, arms, temperature=temperature, report=report)
+        results = stages.evaluate(plan, out, folders, seed, arms, temperature=temperature, report=report)
         return {name: json.loads((report / name / "metrics.json").read_text()) for name in results}
 
     metrics = _stage(out / "report", "evaluation (greedy)", evaluate, console, label)["result"]
     sampled = None
-    if plan.eval_sampled:  # what GRPO optimises: answers sampled at its own temperature (1.0), seeded
+    if stages.eval_settings(
+        plan
+    ).sampled:  # what GRPO optimises: answers sampled at its own temperature (1.0), seeded
         sampled = _stage(
             out / "report" / "sampled",
             "evaluation (sampled, T = 1)",
@@ -179,7 +155,7 @@ def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str
     def check() -> dict[str, Any]:
         from cellduality.eval.dual_check import to_json
 
-        return {name: to_json(c) for name, c in _dual_check(out, folders, plan, seed).items()}
+        return {name: to_json(c) for name, c in stages.dual_check(plan, out, folders, seed).items()}
 
     checks = _stage(out / "report" / "dual_check", "dual check", check, console, label)["result"]
     return {
@@ -192,15 +168,15 @@ def run_seed(out: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str
     }
 
 
-def run_pool_size(out: Path, main: Path, seed: int, plan: DemoPlan, console: Console) -> dict[str, Any]:
+def run_pool_size(out: Path, main: Path, seed: int, plan: Plan, console: Console) -> dict[str, Any]:
     """Dual GRPO from the seed's own SFT checkpoint (``main/sft``, shared: the SFT set does not depend on
-    the pool's size) on an RL pool of ``plan.rl_examples`` prompt cells per task, then the sampled
+    the pool's size) on an RL pool of the prepare recipe's ``rl_examples`` prompt cells per task, then the sampled
     evaluation of that checkpoint next to the SFT's; resumable like the main run."""
-    label = f"pool {plan.rl_examples}, seed {seed}"
+    label = f"pool {plan.fields('prepare').get('rl_examples')}, seed {seed}"
     out.mkdir(parents=True, exist_ok=True)
 
     def prepare() -> list[str]:
-        return [str(f) for f in _prepare(out, plan, seed, console, SPLITS)]
+        return [str(f) for f in stages.prepare(plan, out, seed, console)]
 
     folders = [Path(f) for f in _stage(out / "prepared", "prepare", prepare, console, label)["result"]]
     sft = out / "sft"
@@ -208,7 +184,7 @@ def run_pool_size(out: Path, main: Path, seed: int, plan: DemoPlan, console: Con
         sft.symlink_to((main / "sft").resolve(), target_is_directory=True)
 
     def train() -> dict[str, Any]:
-        trainer = _grpo(out, folders, plan, seed, mode="dual", name="grpo")
+        trainer = stages.grpo(plan, out, folders, seed, arm="dual", name="grpo")
         return {"curves": reward_curves(trainer.state.log_history, "dual")}
 
     _stage(out / "grpo", "dual GRPO", train, console, label)
@@ -216,7 +192,7 @@ def run_pool_size(out: Path, main: Path, seed: int, plan: DemoPlan, console: Con
 
     def evaluate() -> dict[str, Any]:
         arms = [("SFT", "sft"), ("dual GRPO", "grpo")]
-        results = _evaluate_models(out, folders, plan, seed, arms, temperature=1.0, report=report)
+        results = stages.evaluate(plan, out, folders, seed, arms, temperature=1.0, report=report)
         return {name: json.loads((report / name / "metrics.json").read_text()) for name in results}
 
     return {
@@ -226,7 +202,7 @@ def run_pool_size(out: Path, main: Path, seed: int, plan: DemoPlan, console: Con
 
 
 def pool_curve(
-    main: list[dict[str, Any]], pools: dict[int, list[dict[str, Any]]], plan: DemoPlan
+    main: list[dict[str, Any]], pools: dict[int, list[dict[str, Any]]], plan: Plan
 ) -> dict[str, Any]:
     """Per task, dual − SFT (sampled, paired per test cell, pooled over seeds, bootstrap interval) at each
     RL-pool size; the task the curve is about is the one where dual GRPO gains most in the main run."""
@@ -248,7 +224,7 @@ def pool_curve(
         low, high = np.percentile(boot, [2.5, 97.5])
         return (float(d.mean()), float(low), float(high))
 
-    sizes = {**{size: runs for size, runs in pools.items()}, plan.rl_examples: main}
+    sizes = {**{size: runs for size, runs in pools.items()}, plan.fields("prepare").get("rl_examples"): main}
     curves: dict[str, dict[int, Any]] = {}
     first = main[0].get("sampled") or {}
     for dataset, metrics in first.items():
@@ -335,9 +311,16 @@ def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[st
     return rows
 
 
-def _readers(plan: DemoPlan) -> str:
+def graded_reward(plan: Plan, arm: str) -> str:
+    """The reward an arm's recipe trains on besides ``format`` (``dual``, ``oracle_eval``): the one whose
+    per-task curves the report draws."""
+    funcs = [r for r in plan.fields(f"grpo_{arm}").get("reward_funcs", []) if r != "format"]
+    return funcs[0] if funcs else "format"
+
+
+def _readers(plan: Plan) -> str:
     """Who answered the dual arm's duals, in words."""
-    frozen = ", ".join(plan.dual_frozen_tasks)
+    frozen = ", ".join(plan.fields("grpo_dual").get("dual_frozen_tasks") or ())
     if not frozen:
         return "the policy being trained answered every dual"
     return f"the SFT checkpoint, frozen, answered the duals of {frozen}; the policy every other task's"
@@ -472,7 +455,8 @@ def write_report(
     goal = assess(rows, seeds, "sampled" if sampled_rows else "greedy")
     payload = {
         "seeds": list(config.seeds),
-        "plan": asdict(config.plan),
+        "recipes": config.plan.label,
+        "plan": config.plan.record(),
         "rows": rows,
         "sampled_rows": sampled_rows,
         "goal": goal,
@@ -485,20 +469,23 @@ def write_report(
         }
         plot_pool_curve(curve, report / "pool_sizes.png")
     (report / "ablation.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    grpo, prepare = config.plan.fields("grpo_dual"), config.plan.fields("prepare")
     lines = [
         "# CellDuality ablation: SFT vs dual GRPO vs oracle GRPO",
         "",
         f"Seeds {', '.join(map(str, config.seeds))}; per seed one SFT checkpoint, then dual GRPO (self-supervised, "
         "no labels) and oracle GRPO (ground-truth rewards) from it with the same steps, data and settings "
-        f"({config.plan.grpo_steps} steps, learning rate {config.plan.grpo_lr:g} ({config.plan.grpo_schedule}), "
-        f"{config.plan.grpo_generations} completions per prompt; {_readers(config.plan)}). "
+        f"({grpo.get('max_steps')} steps, learning rate {grpo.get('learning_rate'):g} "
+        f"({grpo.get('lr_scheduler_type')}), {grpo.get('num_generations')} completions per prompt; "
+        f"{_readers(config.plan)}). "
         + (
-            f"Data design: {config.plan.sft_examples} labelled training cells per task form the SFT set; GRPO's "
-            f"prompts come from the disjoint RL pool (at most {config.plan.rl_examples} prompt cells per task), "
-            f"whose labels only the oracle arm reads (reward `{config.plan.oracle_reward}`). "
-            if config.plan.sft_examples
+            f"Data design: {prepare['sft_examples']} labelled training cells per task form the SFT set; GRPO's "
+            f"prompts come from the disjoint RL pool (at most {prepare.get('rl_examples')} prompt cells per "
+            f"task), whose labels only the oracle arm reads (reward `{graded_reward(config.plan, 'oracle')}`). "
+            if prepare.get("sft_examples")
             else ""
         )
+        + f"The settings of every stage are the recipes in `{config.plan.label}` (ablation.json: `plan`). "
         + "Held-out test cells (no out-of-distribution split: the perturbation data whose dual carries signal "
         "has a single perturbation). Mean [95% t-interval across seeds]; higher is better for every metric.",
         "",
@@ -574,18 +561,32 @@ def _pool_markdown(curve: dict[str, dict[int, Any]]) -> list[str]:
 PLAN_FILE = "plan.json"
 
 
-def check_plan(out: Path, plan: DemoPlan) -> None:
+def plan_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``stage.field`` for each recipe field that differs (a stage for a whole recipe added or removed,
+    or a plan stored before plans were recipes)."""
+    found = []
+    for stage in sorted(set(before) | set(now)):
+        old, new = before.get(stage), now.get(stage)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += [f"{stage}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            found.append(stage)
+    return found
+
+
+def check_plan(out: Path, plan: Plan) -> None:
     """Resume only under the plan the finished stages were made with; record it on a first run.
 
     The stage markers say that a stage finished, not with which sizes: a run resumed under another plan
-    (``--tiny`` into a full run's folder, or a changed default) would mix the two in one table.
+    (``--tiny`` into a full run's folder, or an edited recipe) would mix the two in one table. The plan is
+    what the recipes say (:meth:`Plan.record`), so a resumed run compares every field of every recipe.
     """
     path = out / PLAN_FILE
-    now = json.loads(json.dumps(asdict(plan)))  # as stored: tuples are lists in JSON
+    now = plan.record()
     if path.exists():
         before = json.loads(path.read_text())
         if before != now:
-            changed = ", ".join(k for k in now if before.get(k) != now[k])
+            changed = ", ".join(plan_differences(before, now))
             raise SystemExit(
                 f"cellduality ablation: error: {out} holds a run with another plan ({changed} differ); "
                 "give a new --out"
@@ -609,9 +610,9 @@ def run_ablation(config: AblationConfig) -> Path:
         seeds.append(run_seed(out / f"seed{seed}", seed, config.plan, console))
     pools: dict[int, list[dict[str, Any]]] = {}
     for size in config.pool_sizes:
-        if size == config.plan.rl_examples:
+        if size == config.plan.fields("prepare").get("rl_examples"):
             continue  # the main run is that point
-        plan = replace(config.plan, rl_examples=size)
+        plan = config.plan.replace("prepare", rl_examples=size)
         pools[size] = [
             run_pool_size(
                 out / "pool_sizes" / f"rl{size}" / f"seed{seed}", out / f"seed{seed}", seed, plan, console
@@ -625,4 +626,4 @@ def run_ablation(config: AblationConfig) -> Path:
 
 def tiny_config(out: Path, seeds: Sequence[int] = (0, 1)) -> AblationConfig:
     """A few-minute budget for tests: the same code path, tiny sizes."""
-    return AblationConfig(out=out, seeds=tuple(seeds), plan=replace(TINY))
+    return AblationConfig(out=out, seeds=tuple(seeds), plan=TINY)

@@ -179,16 +179,17 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cellduality.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seed=args.seed)
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, recipes=args.recipes)
     return 0
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
     from cellduality.ablation import ABLATION, TINY, AblationConfig, run_ablation
+    from cellduality.stages import Plan
 
     if not args.seeds:
         raise SystemExit("cellduality ablation: error: give at least one --seeds value")
-    plan = TINY if args.tiny else ABLATION
+    plan = Plan.named(str(args.recipes)) if args.recipes else TINY if args.tiny else ABLATION
     if any(size < 1 for size in args.pool_sizes):
         raise SystemExit(
             "cellduality ablation: error: --pool-sizes are prompt cells per task, each at least 1"
@@ -242,7 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the end-to-end demo on the embedded real data", formatter_class=HelpFormatter
     )
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    d.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smaller, faster run (recipes/demo/quick)")
+    size.add_argument(
+        "--recipes",
+        type=Path,
+        metavar="FOLDER",
+        help="a folder of stage recipes (prepare, sft, grpo_dual, eval, dual_check .yaml) to run instead of "
+        "the packaged recipes/demo/full: copy that folder and edit it",
+    )
     d.add_argument("--seed", type=int, default=0, help="every random choice")
     d.set_defaults(func=cmd_demo)
     a = sub.add_parser(
@@ -252,7 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--out", type=Path, default=Path("ablation_out"), help="run folder (reused to resume)")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed")
-    a.add_argument("--tiny", action="store_true", help="a tiny budget (minutes): checks the pipeline only")
+    size = a.add_mutually_exclusive_group()
+    size.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny budget (minutes): checks the pipeline only (recipes/ablation/tiny)",
+    )
+    size.add_argument(
+        "--recipes",
+        type=Path,
+        metavar="FOLDER",
+        help="a folder of stage recipes (as recipes/ablation/full, with grpo_oracle.yaml) to run instead of the "
+        "packaged ones",
+    )
     a.add_argument(
         "--pool-sizes",
         type=int,

@@ -1,16 +1,19 @@
 """``cellduality demo``: the whole idea on embedded real cells, on a laptop CPU, offline.
 
 prepare -> offline-teacher SFT data (with dual examples) -> SFT -> self-supervised dual GRPO ->
-evaluation of the SFT and GRPO checkpoints next to the baselines -> one report folder.
+evaluation of the SFT and GRPO checkpoints next to the baselines -> dual check -> one report folder.
+Each stage is :mod:`cellduality.stages`' function of that name; every size and setting is in the plan's
+recipes, ``recipes/demo/full/*.yaml`` (``FULL``, the default) or ``recipes/demo/quick/*.yaml``
+(``--quick``: every stage shrunk, a smoke run of a few minutes), or a folder of one's own
+(``--recipes``). ``docs/quickstart.md`` has a measured run.
 
-Data: ``pbmc68k`` (annotation, conditional generation), ``scad_plx4720`` (drug sensitivity),
-``glioblastoma_panobinostat`` (chemical perturbation response: the embedded perturbation data whose dual
-carries signal; on the genetic screens in ``norman_devel`` a reader fitted on the training labels names
-a perturbation from a cell barely better than chance at this size, see ``cellduality dual-check``). The model is the tiny offline Llama. The
-full demo uses the paper's data design: 64 labelled cells per task for the teacher and SFT, dual GRPO
-on the disjoint unlabelled RL pool (``FULL``). ``--quick`` shrinks every stage (a smoke run in about 2
-minutes); ``docs/quickstart.md`` has a measured run. The same seed gives the same numbers on one
-machine.
+Data (``prepare.yaml``): ``pbmc68k`` (annotation, conditional generation), ``scad_plx4720`` (drug
+sensitivity), ``glioblastoma_panobinostat`` (chemical perturbation response: the embedded perturbation
+data whose dual carries signal; on the genetic screens in ``norman_devel`` a reader fitted on the
+training labels names a perturbation from a cell barely better than chance at this size, see
+``cellduality dual-check``). The model is the tiny offline Llama. The full demo uses the paper's data
+design: 64 labelled cells per task for the teacher and SFT, dual GRPO on the disjoint unlabelled RL
+pool. The same seed gives the same numbers on one machine.
 """
 
 from __future__ import annotations
@@ -19,70 +22,19 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from cellduality import stages
 from cellduality.eval.headline import HEADLINE_METRICS, headline_markdown, headline_rows
+from cellduality.stages import RECIPES, Plan
 
-DEMO_DATASETS = ("pbmc68k", "scad_plx4720", "glioblastoma_panobinostat")
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes of every stage; ``FULL`` and ``QUICK`` are the two the command offers."""
-
-    top_k: int
-    max_examples: int  # per task and split, when building the examples
-    sft_limit: int  # forward examples per task given to the offline teacher
-    sft_epochs: float
-    hidden_size: int
-    num_layers: int
-    grpo_steps: int
-    grpo_batch: int  # completions per step (prompts x num_generations)
-    eval_examples: int | None  # test examples per task (None: all)
-    check_rows: int = 60  # test examples per task for the dual check
-    check_group: int = 4  # sampled forward answers per prompt in the dual check (GRPO's G)
-    grpo_lr: float = 3e-5
-    grpo_generations: int = 4  # completions per prompt (GRPO's G); grpo_batch / G prompts per step
-    # the paper's data design: labelled cells per task in the SFT set, the rest of the training split is
-    # the RL pool (GRPO's prompts), capped at ``rl_examples`` prompt cells per task; None: no RL pool
-    sft_examples: int | None = None
-    rl_examples: int | None = None
-    grpo_schedule: str = "linear"  # GRPO's learning-rate schedule (transformers' lr_scheduler_type)
-    oracle_reward: str = "oracle"  # the oracle arm's reward (oracle_eval: what eval scores)
-    eval_sampled: bool = False  # also evaluate sampled answers (T = 1, GRPO's own temperature)
-    # tasks whose dual the SFT checkpoint answers, frozen, in dual GRPO (the others: the policy itself)
-    dual_frozen_tasks: tuple[str, ...] = ()
-
-
-# the paper's data design (docs/results.md): 64 labelled cells per task for SFT (20 epochs, about 480
-# optimizer steps), dual GRPO on the disjoint RL pool (96 prompt cells per task), 320 steps at a
-# constant lr 1e-4 after warm-up, 8 completions per prompt; the SFT checkpoint, frozen, answers the
-# classification tasks' in-painting duals, the policy the generation tasks' (docs/results.md: chosen on
-# seed 0's training rewards): the ablation's SFT and dual arm, seed 0
-FULL = DemoPlan(
-    16,
-    400,
-    250,
-    20,
-    128,
-    4,
-    320,
-    32,
-    120,
-    check_group=8,
-    grpo_lr=1e-4,
-    grpo_generations=8,
-    sft_examples=64,
-    rl_examples=96,
-    grpo_schedule="constant_with_warmup",
-    dual_frozen_tasks=("annotation", "drug_sensitivity"),
-)
-QUICK = DemoPlan(12, 60, 60, 6, 128, 4, 6, 8, 24, check_rows=12, check_group=2)
+#: the two packaged plans ``cellduality demo`` offers: recipes/demo/full (the default) and --quick's
+FULL = Plan(RECIPES / "demo" / "full")
+QUICK = Plan(RECIPES / "demo" / "quick")
 
 
 class Stages:
@@ -99,117 +51,6 @@ class Stages:
         yield
         self.timings[name] = round(time.perf_counter() - start, 1)
         self.console.print(f"[green]{name} done in {self.timings[name]:.0f} s")
-
-
-def _prepare(
-    out: Path, plan: DemoPlan, seed: int, console: Console, splits: dict[str, str] | None = None
-) -> list[Path]:
-    """The embedded datasets' examples; ``splits`` names the datasets to split OOD (default: all ID)."""
-    from cellduality.data import load_dataset
-    from cellduality.reporting import print_prepared
-    from cellduality.tasks import TaskConfig, build_tasks, save_prepared
-
-    folders = []
-    for name in DEMO_DATASETS:
-        cfg = TaskConfig(
-            top_k=plan.top_k,
-            max_examples=plan.max_examples,
-            seed=seed,
-            sft_examples=plan.sft_examples,
-            rl_examples=plan.rl_examples,
-        )
-        prepared = build_tasks(load_dataset(name), config=cfg, split=(splits or {}).get(name, "id"))
-        folder = save_prepared(prepared, out / "prepared" / name)
-        print_prepared(prepared, folder, console)
-        folders.append(folder)
-    return folders
-
-
-def _common_train_args(seed: int) -> dict[str, Any]:
-    return {
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "seed": seed,
-        "data_seed": seed,
-        "disable_tqdm": False,
-    }
-
-
-def _sft(out: Path, folders: list[Path], plan: DemoPlan, seed: int, name: str = "sft", **overrides: Any):
-    """SFT into ``out/<name>``; ``overrides`` replace SFTConfig fields (the allocator benchmark's
-    ``max_steps``), every other setting is the demo's."""
-    from trl import ModelConfig, SFTConfig
-
-    from cellduality.train.configs import CellDualityArguments, SFTDataArguments
-    from cellduality.train.sft import run_sft
-
-    cd = CellDualityArguments(
-        dataset=[str(f) for f in folders],
-        build_tiny_model=True,
-        tiny_hidden_size=plan.hidden_size,
-        tiny_num_layers=plan.num_layers,
-        tiny_seen_genes_only=True,
-        prepared_dir=str(out / "train_prepared"),
-    )
-    data = SFTDataArguments(sft_data=str(out / "sft_data"), sft_limit=plan.sft_limit, sft_concise=True)
-    settings: dict[str, Any] = {
-        "num_train_epochs": plan.sft_epochs,
-        "learning_rate": 3e-3,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 10,
-        "per_device_train_batch_size": 32,
-        "max_length": 512,
-        "logging_steps": 10,
-        "save_strategy": "no",
-        **_common_train_args(seed),
-    }
-    args = SFTConfig(output_dir=str(out / name), **{**settings, **overrides})
-    model = ModelConfig(model_name_or_path=str(out / "model"), dtype="float32")
-    return run_sft(cd, data, args, model)
-
-
-def _grpo(out: Path, folders: list[Path], plan: DemoPlan, seed: int, mode: str = "dual", name: str = "grpo"):
-    """GRPO from ``out/sft`` into ``out/<name>``: self-supervised dual rewards, or (``mode='oracle'``) the
-    ground-truth rewards of the ablation, with every other setting the same."""
-    from trl import GRPOConfig, ModelConfig
-
-    from cellduality.train.configs import CellDualityArguments
-    from cellduality.train.grpo import run_grpo
-
-    cd = CellDualityArguments(
-        dataset=[str(f) for f in folders],
-        reward_mode="self_supervised" if mode == "dual" else "oracle",
-        reward_funcs=["format", "dual"] if mode == "dual" else ["format", plan.oracle_reward],
-        dual_max_new_tokens=2 * plan.top_k + 8,
-        prepared_dir=str(out / "train_prepared"),
-        monitor_rows=8,
-        monitor_steps=max(1, plan.grpo_steps // 3),
-        dual_frozen_tasks=list(plan.dual_frozen_tasks),
-    )
-    args = GRPOConfig(
-        output_dir=str(out / name),
-        max_steps=plan.grpo_steps,
-        learning_rate=plan.grpo_lr,
-        lr_scheduler_type=plan.grpo_schedule,
-        warmup_steps=min(5, plan.grpo_steps // 10) if plan.grpo_schedule != "linear" else 0,
-        beta=0.0,
-        num_generations=plan.grpo_generations,
-        per_device_train_batch_size=plan.grpo_batch,
-        max_completion_length=2 * plan.top_k + 8,
-        temperature=1.0,
-        reward_weights=[0.2, 1.0],
-        logging_steps=1,
-        save_strategy="no",
-        log_completions=False,
-        # issue 21: the rollouts' KV cache allocated once per generation instead of grown token by token
-        # (the same samples; 6-10% more tokens per CPU second on the demo's GRPO, benchmarks/train_speed.py)
-        cache_implementation="static",
-        **_common_train_args(seed),
-    )
-    model = ModelConfig(model_name_or_path=str(out / "sft"), dtype="float32")
-    return run_grpo(cd, args, model)
 
 
 ALL_TASKS = "all tasks"
@@ -261,56 +102,6 @@ def plot_dual_rewards(curves: dict[str, list[tuple[int, float]]], path: Path) ->
     plot_reward_curves(curves, path)
 
 
-def _evaluate(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
-    return _evaluate_models(out, folders, plan, seed, [("SFT", "sft"), ("dual GRPO", "grpo")])
-
-
-def _evaluate_models(
-    out: Path,
-    folders: list[Path],
-    plan: DemoPlan,
-    seed: int,
-    models: list[tuple[str, str]],
-    temperature: float = 0.0,
-    report: Path | None = None,
-) -> dict[str, Any]:
-    """Evaluate the checkpoints ``out/<folder>`` (as ``name``) next to the baselines, into ``report``
-    (default ``out/report``); ``temperature`` > 0 scores sampled answers (seeded) instead of greedy ones."""
-    from cellduality.eval.generate import GenerationSettings, ModelSpec
-    from cellduality.eval.runner import EvalConfig, run_eval_many
-
-    config = EvalConfig(
-        out_dir=report or out / "report",
-        models=[ModelSpec(str(out / folder), name=name) for name, folder in models],
-        max_examples=plan.eval_examples,
-        generation=GenerationSettings(
-            max_new_tokens=2 * plan.top_k + 8, batch_size=32, seed=seed, temperature=temperature
-        ),
-        cache_dir=out / "eval_cache",
-        backend="hf",
-        seed=seed,
-    )
-    return run_eval_many(folders, config)
-
-
-def _dual_check(out: Path, folders: list[Path], plan: DemoPlan, seed: int) -> dict[str, Any]:
-    """The dual reward's own validation on the SFT and the GRPO checkpoints (``cellduality dual-check``)."""
-    from cellduality.eval.dual_check import DualCheckConfig, run_dual_check
-
-    config = DualCheckConfig(
-        max_rows=plan.check_rows,
-        group_size=plan.check_group,
-        max_new_tokens=2 * plan.top_k + 8,
-        seed=seed,
-    )
-    return {
-        name: run_dual_check(
-            str(out / folder), folders, config, out_dir=out / "report" / "dual_check" / folder
-        )
-        for name, folder in (("SFT", "sft"), ("dual GRPO", "grpo"))
-    }
-
-
 # task -> headline metrics (friendly names, accuracy with macro-F1, Pearson Δ on DE and on all genes);
 # each row shows the simplest and the strongest baseline and says when a baseline wins
 HEADLINE = HEADLINE_METRICS
@@ -352,22 +143,24 @@ def _write_report(
     results: dict[str, Any],
     curves: dict[str, list[tuple[int, float]]],
     timings: dict[str, float],
-    plan: DemoPlan,
-    quick: bool,
+    plan: Plan,
+    mode: str,
     seed: int,
     checks: dict[str, Any] | None = None,
     monitor: dict[str, dict[str, list[tuple[int, float]]]] | None = None,
 ) -> Path:
     markdown_table, to_json = _check_imports()
+    sft, grpo, prepare = (plan.fields(stage) for stage in ("sft", "grpo_dual", "prepare"))
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     plot_dual_rewards(curves, report / "dual_rewards.png")
     trends = {task: trend(points) for task, points in curves.items()}
     headline = _headline(results)
     metrics = {
-        "mode": "quick" if quick else "full",
+        "mode": mode,
         "seed": seed,
-        "plan": plan.__dict__,
+        "recipes": plan.label,
+        "plan": plan.record(),
         "timings_s": timings,
         "headline": headline,
         "grpo_dual_reward": {"curves": curves, "trend": trends},
@@ -379,10 +172,11 @@ def _write_report(
     lines = [
         "# CellDuality demo report",
         "",
-        f"Mode **{metrics['mode']}**, seed {seed}. A tiny Llama ({plan.hidden_size} wide, {plan.num_layers} "
-        f"layers) was fine-tuned on offline-teacher traces (SFT), then trained with self-supervised dual GRPO "
-        f"({plan.grpo_steps} steps, rewards: format + dual, no labels). Cell sentences have {plan.top_k} "
-        "genes. Every number below is on held-out test cells.",
+        f"Mode **{metrics['mode']}**, seed {seed}. A tiny Llama ({sft.get('tiny_hidden_size')} wide, "
+        f"{sft.get('tiny_num_layers')} layers) was fine-tuned on offline-teacher traces (SFT), then trained "
+        f"with self-supervised dual GRPO ({grpo.get('max_steps')} steps, rewards: format + dual, no labels). "
+        f"Cell sentences have {prepare.get('top_k')} genes. Every number below is on held-out test cells. "
+        f"The settings of every stage are the recipes in `{plan.label}` (metrics.json: `plan`).",
         "",
         "## Headline",
         "",
@@ -465,30 +259,34 @@ def _write_report(
     return report
 
 
-def run_demo(out: Path = Path("demo_out"), quick: bool = False, seed: int = 0) -> Path:
-    """Run every stage; return the report folder."""
+def run_demo(
+    out: Path = Path("demo_out"), quick: bool = False, seed: int = 0, recipes: Path | None = None
+) -> Path:
+    """Run every stage with the plan's recipes (``recipes``: a folder of one's own; else the packaged
+    full plan, or the quick one); return the report folder."""
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     console = Console()
-    plan = QUICK if quick else FULL
+    plan = Plan.named(str(recipes)) if recipes is not None else QUICK if quick else FULL
+    mode = "quick" if quick else "full" if recipes is None else "recipes"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(console)
-    with stages.stage("1/6 prepare", "cell sentences and task examples from embedded real data"):
-        folders = _prepare(out, plan, seed, console)
-    with stages.stage("2/6 SFT", "offline-teacher traces (forward + dual) -> supervised fine-tuning"):
-        _sft(out, folders, plan, seed)
-    with stages.stage("3/6 dual GRPO", "self-supervised rewards from the dual tasks, no labels"):
-        grpo = _grpo(out, folders, plan, seed)
-    with stages.stage("4/6 eval", "SFT and dual GRPO against baselines on held-out cells"):
-        results = _evaluate(out, folders, plan, seed)
-    with stages.stage("5/6 dual check", "does each dual reward score right answers above wrong ones?"):
-        checks = _dual_check(out, folders, plan, seed)
-    with stages.stage("6/6 report", "tables and plots"):
+    timer = Stages(console)
+    with timer.stage("1/6 prepare", "cell sentences and task examples from embedded real data"):
+        folders = stages.prepare(plan, out, seed, console)
+    with timer.stage("2/6 SFT", "offline-teacher traces (forward + dual) -> supervised fine-tuning"):
+        stages.sft(plan, out, folders, seed)
+    with timer.stage("3/6 dual GRPO", "self-supervised rewards from the dual tasks, no labels"):
+        grpo = stages.grpo(plan, out, folders, seed)
+    with timer.stage("4/6 eval", "SFT and dual GRPO against baselines on held-out cells"):
+        results = stages.evaluate(plan, out, folders, seed, [("SFT", "sft"), ("dual GRPO", "grpo")])
+    with timer.stage("5/6 dual check", "does each dual reward score right answers above wrong ones?"):
+        checks = stages.dual_check(plan, out, folders, seed)
+    with timer.stage("6/6 report", "tables and plots"):
         curves = dual_reward_curves(grpo.state.log_history)
         monitor = monitor_series(grpo.state.log_history)
-        report = _write_report(out, results, curves, stages.timings, plan, quick, seed, checks, monitor)
+        report = _write_report(out, results, curves, timer.timings, plan, mode, seed, checks, monitor)
     table = Table(title="CellDuality demo: headline (held-out cells)")
     for col in ("task", "metric", *MODELS, "simplest baseline", "strongest baseline"):
         table.add_column(col)

@@ -88,7 +88,7 @@ def test_tiny_ablation_resumes(uninterrupted: Path, tmp_path: Path) -> None:
     pool = tmp_path / "abl" / "pool_sizes" / "rl4" / "seed0"
     assert (pool / "sft").is_symlink() and (pool / "grpo" / "model.safetensors").is_file()
     curve = payload["pool_curve"]["pbmc68k/annotation"]
-    assert set(curve) == {"4", str(config.plan.rl_examples)}
+    assert set(curve) == {"4", str(config.plan.fields("prepare")["rl_examples"])}
     assert "## Label efficiency" in text
     for png in ("arms.png", "reward_curves.png", "pool_sizes.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
@@ -98,8 +98,9 @@ def test_tiny_ablation_resumes(uninterrupted: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
     assert json.loads((report / "ablation.json").read_text())["rows"] == payload["rows"]
     # resuming under another plan would mix two sizes in one table: refused in one line, nothing touched
-    other = replace(config, plan=replace(config.plan, grpo_steps=config.plan.grpo_steps + 1))
-    with pytest.raises(SystemExit, match="another plan \\(grpo_steps differ\\)"):
+    steps = config.plan.fields("grpo_dual")["max_steps"]
+    other = replace(config, plan=config.plan.replace("grpo_dual", max_steps=steps + 1))
+    with pytest.raises(SystemExit, match=r"another plan \(grpo_dual\.max_steps differ\)"):
         run_ablation(other)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
 

@@ -154,27 +154,27 @@ def test_permuting_the_pools_labels_leaves_the_label_free_checkpoints_byte_ident
     """The contract's property, end to end on real training: permute the RL pool's labels, and the SFT
     data, the SFT checkpoint and the dual GRPO checkpoint are byte for byte what they were (same seed);
     the oracle arm reads the permuted labels (its rewards on the same completions differ)."""
-    from dataclasses import replace
-
+    from cellduality import stages
     from cellduality.ablation import TINY
-    from cellduality.demo import _grpo, _sft
     from cellduality.rewards import RewardContext, build_rewards
     from cellduality.tasks import load_prepared, save_prepared
     from cellduality.teacher.pipeline import load_sft_dataset
 
-    plan = replace(TINY, grpo_steps=3, sft_epochs=1)
-    cfg = TaskConfig(top_k=plan.top_k, max_examples=40, seed=0, sft_examples=16, rl_examples=12)
+    plan = TINY.replace("grpo_dual", max_steps=3).replace("sft", num_train_epochs=1)
+    cfg = TaskConfig(
+        top_k=plan.fields("prepare")["top_k"], max_examples=40, seed=0, sft_examples=16, rl_examples=12
+    )
     tasks = ["annotation", "generation"]
     other = _permuted(pbmc, "bulk_labels", _rl_cells(pbmc, "annotation", cfg))
     runs = {}
     for name, data in (("original", pbmc), ("permuted", other)):
         out = tmp_path / name
         folder = save_prepared(build_tasks(data, tasks, config=cfg), out / "prepared" / "pbmc68k")
-        _sft(out, [folder], plan, 0)
-        _grpo(out, [folder], plan, 0, mode="dual", name="grpo")
+        stages.sft(plan, out, [folder], 0)
+        stages.grpo(plan, out, [folder], 0, arm="dual", name="grpo")
         # the ablation's dual arm: the SFT checkpoint, frozen, reads annotation's in-painting dual
-        frozen = replace(plan, dual_frozen_tasks=("annotation",))
-        _grpo(out, [folder], frozen, 0, mode="dual", name="grpo_frozen")
+        frozen = plan.replace("grpo_dual", dual_frozen_tasks=["annotation"])
+        stages.grpo(frozen, out, [folder], 0, arm="dual", name="grpo_frozen")
         runs[name] = (out, folder)
     (a, fa), (b, fb) = runs["original"], runs["permuted"]
     assert (

@@ -86,7 +86,9 @@ def test_quick_demo(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(demo, "QUICK", TINY)
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     metrics = _check_report(tmp_path / "demo" / "report")
-    assert metrics["mode"] == "quick" and metrics["plan"] == json.loads(json.dumps(TINY.__dict__))
+    # the report shows what the recipes said
+    assert metrics["mode"] == "quick" and metrics["plan"] == TINY.record()
+    assert metrics["plan"]["grpo_dual"]["max_steps"] == 2 and metrics["recipes"] == "recipes/ablation/tiny"
     assert metrics["grpo_dual_reward"]["curves"], "the dual reward must be logged during GRPO"
 
 

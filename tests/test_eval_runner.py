@@ -410,3 +410,62 @@ def test_eval_several_prepared_folders(tmp_path) -> None:
         assert (out / name / "report.md").exists() and f"[{name}/report.md]" in index
     assert "drug_sensitivity" in index and "annotation" in index
     assert main(["eval", "--prepared", *map(str, folders), "--data", "x.h5ad", "--out", str(out)]) == 2
+
+
+def _user_file_with_a_layer(pbmc_file, path) -> None:
+    """pbmc68k_reduced as a user's file that only reads right with ``--layer lognorm --gene-symbols
+    symbol``: the log-normalised matrix in a layer, ``.X`` the same values shuffled across genes, and
+    IDs as ``var_names`` with the symbols in a column."""
+    import anndata as ad
+    import numpy as np
+
+    source = ad.read_h5ad(pbmc_file)
+    lognorm = np.asarray(source.raw.X.todense() if hasattr(source.raw.X, "todense") else source.raw.X)
+    shuffled = lognorm[:, np.random.default_rng(0).permutation(lognorm.shape[1])]
+    var = source.raw.var.copy()
+    var["symbol"] = list(source.raw.var_names)
+    var.index = [f"gene{i}" for i in range(len(var))]
+    user = ad.AnnData(X=shuffled, obs=source.obs[["bulk_labels"]].copy(), var=var)
+    user.layers["lognorm"] = lognorm
+    user.write_h5ad(path)
+
+
+def test_a_prepared_folder_tells_eval_where_its_data_is(pbmc_file, tmp_path, capsys) -> None:
+    """`prepare` records the file, layer and gene-symbol column it read; `eval --prepared` re-reads the
+    real cells from them without --data/--layer/--gene-symbols; flags given win; a moved file is one line."""
+    from cellduality.cli import main
+    from cellduality.data.schema import DataError
+    from cellduality.tasks import load_prepared
+    from cellduality.tasks.real_data import load_real_data
+
+    user = tmp_path / "atlas.h5ad"
+    _user_file_with_a_layer(pbmc_file, user)
+    folder = tmp_path / "prepared"
+    argv = ["prepare", "--dataset", str(user), "--cell-type-col", "bulk_labels", "--layer", "lognorm"]
+    argv += ["--gene-symbols", "symbol", "--tasks", "generation", "--top-k", "8", "--max-examples", "12"]
+    assert main([*argv, "--out", str(folder)]) == 0
+    meta = load_prepared(folder).meta
+    assert meta["source"]["path"] == str(user.resolve())
+    assert (meta["source"]["layer"], meta["source"]["gene_symbols"]) == ("lognorm", "symbol")
+
+    recorded = load_real_data(meta)  # nothing repeated
+    explicit = load_real_data(meta, user, layer="lognorm", gene_symbols="symbol")
+    assert recorded.genes == explicit.genes and (recorded.x != explicit.x).nnz == 0
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--prepared", str(folder), "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    assert (out / "metrics.json").exists()
+
+    moved = tmp_path / "moved.h5ad"
+    user.rename(moved)
+    with pytest.raises(DataError, match=r"prepared from .*atlas\.h5ad, which no longer exists.*--data"):
+        load_real_data(meta)
+    capsys.readouterr()
+    assert main(["eval", "--prepared", str(folder), "--out", str(tmp_path / "e2"), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no longer exists" in error
+    # a flag given wins over the record: the moved file, with the recorded layer and symbols
+    again = load_real_data(meta, moved)
+    assert again.genes == explicit.genes and (again.x != explicit.x).nnz == 0
+    with pytest.raises(DataError, match="layer"):  # and an explicit --layer wins over the recorded one
+        load_real_data(meta, moved, layer="no_such_layer")

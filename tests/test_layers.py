@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("cellduality.eval",)),
     ("train", ("cellduality.train",)),
     ("predict", ("cellduality.predict",)),
+    ("stages", ("cellduality.stages",)),
     (
         "commands",
         ("cellduality.demo", "cellduality.ablation_goal", "cellduality.ablation", "cellduality.cli"),

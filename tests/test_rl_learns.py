@@ -12,7 +12,6 @@ sampling alone moves a frozen policy by up to 0.16 here, hence the means.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -46,30 +45,30 @@ def _sampled_accuracy(out, folder, name: str, seed: int) -> float:
 def test_oracle_grpo_raises_its_reward_on_held_out_cells(pbmc, tmp_path) -> None:
     import copy
 
+    from cellduality import stages
     from cellduality.ablation import TINY
-    from cellduality.demo import _grpo, _sft
     from cellduality.tasks import TaskConfig, build_tasks, save_prepared
 
     data = copy.deepcopy(pbmc)
     data.adata = data.adata[data.adata.obs["bulk_labels"].isin(TYPES).to_numpy()].copy()
     cfg = TaskConfig(top_k=8, max_examples=80, seed=0, sft_examples=48, rl_examples=64)
     folder = save_prepared(build_tasks(data, ["annotation"], config=cfg), tmp_path / "prepared" / "pbmc3")
-    plan = replace(
-        TINY,
-        top_k=8,
-        hidden_size=64,
-        num_layers=2,
-        sft_epochs=40,
-        sft_limit=48,
-        grpo_steps=60,
-        grpo_lr=1e-3,
-        grpo_batch=32,
-        grpo_generations=8,
-        grpo_schedule="constant_with_warmup",
-        oracle_reward="oracle_eval",
+    # the tiny ablation's recipes (8-gene sentences: answers of 2 x 8 + 8 tokens), longer and faster
+    plan = TINY.replace(
+        "sft", tiny_hidden_size=64, tiny_num_layers=2, num_train_epochs=40, sft_limit=48
+    ).replace(
+        "grpo_oracle",
+        max_steps=60,
+        learning_rate=1e-3,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=5,
+        monitor_steps=20,
+        reward_funcs=["format", "oracle_eval"],
     )
-    _sft(tmp_path, [folder], plan, 0)
-    _grpo(tmp_path, [folder], plan, 0, mode="oracle", name="grpo_oracle")
+    stages.sft(plan, tmp_path, [folder], 0)
+    stages.grpo(plan, tmp_path, [folder], 0, arm="oracle", name="grpo_oracle")
     # four samplings of each policy (204 sampled answers): the mean's standard error is about 0.03, so a
     # frozen policy's two means differ by more than MARGIN (2.7 standard errors of the difference) with a
     # probability below 1%

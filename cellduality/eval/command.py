@@ -70,7 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--max-examples", type=int, help="cap per task (seeded sample, the same for every model)")
     p.add_argument(
-        "--data", help="the .h5ad the prepared examples came from, when it is not an embedded dataset"
+        "--data",
+        help="the .h5ad the prepared examples came from (default: the file `prepare` recorded in the prepared "
+        "folder, read with its --layer and --gene-symbols; give it when the file has moved)",
     )
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
@@ -109,7 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b = p.add_argument_group("--dataset: building examples (as `cellduality prepare`)")
     add_sentence_args(b)
     add_split_args(b)
-    c = p.add_argument_group("--dataset: columns of your own .h5ad (as `cellduality prepare`)")
+    c = p.add_argument_group(
+        "--dataset: columns of your own .h5ad (as `cellduality prepare`); with --prepared, --layer and "
+        "--gene-symbols default to what `prepare` recorded"
+    )
     add_column_args(c)
     p.set_defaults(func=cmd_eval)
     return p

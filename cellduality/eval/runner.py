@@ -58,8 +58,9 @@ class EvalConfig:
 
     ``max_examples`` caps the examples per task (seeded sample, the same for every model).
     ``self_verify`` = N > 1 adds, per model, the "N samples, keep the one whose dual task the model
-    solves best" row; the samples use ``self_verify_temperature``. ``data_path`` (with ``layer`` and
-    ``gene_symbols`` as given to ``prepare``) is needed when the prepared dataset is not an embedded one.
+    solves best" row; the samples use ``self_verify_temperature``. ``data_path``, ``layer`` and
+    ``gene_symbols``: how to re-read the real cells; ``None`` takes what ``prepare`` recorded in the
+    prepared folder (:func:`cellduality.tasks.real_data.load_real_data`).
     """
 
     out_dir: Path

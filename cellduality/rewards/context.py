@@ -104,13 +104,13 @@ class RewardContext:
         """The real expression of ``dataset``'s cells, read once from what ``prepare`` recorded (the
         embedded dataset by name, or the ``.h5ad`` path of ``meta['source']``)."""
         from cellduality.tasks.build import part_meta
-        from cellduality.tasks.real_data import load_real_data, recorded_source
+        from cellduality.tasks.real_data import load_real_data
 
         prepared = self.require_prepared("the real expression data")
 
         def load() -> RealData:
             meta = part_meta(prepared.meta, dataset)
-            return load_real_data(meta, recorded_source(meta))
+            return load_real_data(meta)  # the path, layer and gene-symbol column prepare recorded
 
         return self.shared(("real_data", dataset), load)
 

@@ -122,16 +122,31 @@ def load_real_data(
     layer: str | None = None,
     gene_symbols: str | None = None,
 ) -> RealData:
-    """Re-read the dataset named in ``meta['dataset']`` (embedded), or ``data_path`` for a user's file.
+    """Re-read the dataset the prepared examples came from: embedded (``meta['dataset']``), or a file.
 
-    The file is validated and normalised exactly as ``cellduality prepare`` did, with the columns stored in
-    the prepared meta; ``layer`` / ``gene_symbols`` must repeat what was passed to ``prepare``.
+    The file is validated and normalised exactly as ``cellduality prepare`` did, with the columns stored
+    in the prepared meta. Why the arguments default to the meta: a prepared folder records where its
+    data came from and how it was read (``meta['source']``: path, layer, gene-symbol column), so that
+    evaluation and the ground-truth rewards need not be told again what ``prepare`` was told.
+    ``data_path`` / ``layer`` / ``gene_symbols`` given here win over the recorded ones (the file moved,
+    or it is read another way).
     """
     from cellduality.data.embedded import EMBEDDED, load_dataset
     from cellduality.data.loading import ZSCORE
 
     name = str(meta.get("dataset", ""))
     allow_scaled = meta.get("value_type") == ZSCORE
+    source = meta.get("source")
+    source = dict(source) if isinstance(source, Mapping) else {}
+    layer = layer if layer is not None else source.get("layer")
+    gene_symbols = gene_symbols if gene_symbols is not None else source.get("gene_symbols")
+    if data_path is None:
+        data_path = recorded_source(meta)
+        if data_path is not None and not Path(data_path).exists():
+            raise DataError(
+                f"the examples were prepared from {data_path}, which no longer exists; pass the file's "
+                "new place (--data PATH)"
+            )
     if data_path is not None:
         data = load_dataset(
             str(data_path),
@@ -145,8 +160,9 @@ def load_real_data(
         data = load_dataset(name, layer=layer, gene_symbols=gene_symbols)
     else:
         raise DataError(
-            f"the examples were prepared from {name!r}, which is not an embedded dataset; pass the .h5ad "
-            "it came from (--data PATH) so generated cells can be compared with the real ones"
+            f"the examples were prepared from {name!r}, which is not an embedded dataset and whose file "
+            "the prepared folder does not record; pass the .h5ad it came from (--data PATH) so generated "
+            "cells can be compared with the real ones"
         )
     return RealData(data, meta)
 
