@@ -293,8 +293,8 @@ def evaluate(
     """``cellduality eval`` of the checkpoints ``out/<folder>`` (each as its name) next to the baselines,
     into ``report`` (default ``out/report``), one report per prepared folder; ``temperature`` > 0 scores
     sampled answers (seeded) instead of greedy ones."""
-    from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval_many
+    from cellduality.inference.generate import GenerationSettings, ModelSpec
 
     args = eval_settings(plan)
     out = Path(out)

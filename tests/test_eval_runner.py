@@ -18,7 +18,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 
-from cellduality.eval.generate import GenerationSettings, ModelSpec, load_backend
 from cellduality.eval.runner import EvalConfig, run_eval
 from cellduality.eval.scoring import (
     GenerationReference,
@@ -26,6 +25,7 @@ from cellduality.eval.scoring import (
     generated_sentences,
     score_classification,
 )
+from cellduality.inference.generate import GenerationSettings, ModelSpec, load_backend
 from cellduality.tasks import TaskConfig, build_tasks, dual_prompt, save_prepared
 from cellduality.tasks.real_data import RealData
 

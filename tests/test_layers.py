@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sentences", ("cellduality.sentences",)),
     ("modeling", ("cellduality.modeling",)),
     ("tasks", ("cellduality.tasks",)),
+    ("inference", ("cellduality.inference",)),
     ("rewards", ("cellduality.rewards",)),
     ("command helpers", ("cellduality.cli_common", "cellduality.reporting")),
     ("teacher", ("cellduality.teacher",)),

@@ -406,8 +406,8 @@ def _neighbours_of(messages) -> list[str]:
 
 
 def test_eval_edited_vs_unedited(prepared, norman, tmp_path) -> None:
-    from cellduality.eval.generate import ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval
+    from cellduality.inference.generate import ModelSpec
     from cellduality.tasks.real_data import RealData
 
     models = {

@@ -125,7 +125,7 @@ class ForwardScripted:
     name = "forward-scripted"
 
     def __init__(self, spec, settings, candidates) -> None:
-        from cellduality.eval.generate import HFBackend
+        from cellduality.inference.generate import HFBackend
 
         self.model = HFBackend(spec, settings)
         self.chunk_size = 64
@@ -149,7 +149,7 @@ class ForwardScripted:
 def test_confidence_is_the_label_free_dual_score(trained, pbmc_h5ad) -> None:
     """The confidence is the dual score of the predicted label, recomputed here by hand with the model;
     it reads no label: the same cells without their cell-type column get the same labels and scores."""
-    from cellduality.eval.generate import GenerationSettings, HFBackend, ModelSpec
+    from cellduality.inference.generate import GenerationSettings, HFBackend, ModelSpec
     from cellduality.parsing import gene_vocabulary
     from cellduality.predict import Checkpoint, annotate
     from cellduality.predict.cells import prepare_cells
@@ -452,8 +452,8 @@ def test_run_metadata_records_candidates(trained) -> None:
 
 def test_eval_puts_cell_eval_next_to_our_metrics(trained, tmp_path) -> None:
     pytest.importorskip("cell_eval", reason="cell-eval is not installed (pip install -e '.[eval]')")
-    from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval
+    from cellduality.inference.generate import GenerationSettings, ModelSpec
 
     config = EvalConfig(
         out_dir=tmp_path / "eval", models=[ModelSpec(str(trained / "sft"), name="tiny")], max_examples=6,

@@ -22,8 +22,8 @@ MARGIN = 0.12
 
 
 def _sampled_accuracy(out, folder, name: str, seed: int) -> float:
-    from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval_many
+    from cellduality.inference.generate import GenerationSettings, ModelSpec
 
     report = out / f"eval_{name}_{seed}"
     config = EvalConfig(

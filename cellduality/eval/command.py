@@ -124,8 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``cellduality eval``."""
     from rich.console import Console
 
-    from cellduality.eval.generate import GenerationSettings, ModelSpec
     from cellduality.eval.runner import EvalConfig, run_eval
+    from cellduality.inference.generate import GenerationSettings, ModelSpec
     from cellduality.modeling.checkpoint import check_model_folder
 
     console = Console(stderr=True)

@@ -376,7 +376,7 @@ def run_dual_check(
     """The check for one checkpoint over prepared folders; writes ``dual_check.json`` / ``.md`` to ``out_dir``."""
     from tqdm.auto import tqdm
 
-    from cellduality.eval.generate import GenerationSettings, ModelSpec, load_backend
+    from cellduality.inference.generate import GenerationSettings, ModelSpec, load_backend
     from cellduality.tasks import load_prepared
 
     cfg = config or DualCheckConfig()

@@ -25,16 +25,6 @@ from typing import Any
 import numpy as np
 
 from cellduality.data.schema import TASKS, DataError
-from cellduality.eval.cache import entry_key, open_cache, path_fingerprint
-from cellduality.eval.generate import (
-    Backend,
-    BackendFactory,
-    GenerationSettings,
-    ModelSpec,
-    backend_name,
-    generate_cached,
-    load_backend,
-)
 from cellduality.eval.perturbation_rows import perturbation_baselines, reproducibility
 from cellduality.eval.scoring import (
     GenerationReference,
@@ -44,6 +34,16 @@ from cellduality.eval.scoring import (
     classification_predictions,
     generated_sentences,
     score_classification,
+)
+from cellduality.inference.cache import entry_key, open_cache, path_fingerprint
+from cellduality.inference.generate import (
+    Backend,
+    BackendFactory,
+    GenerationSettings,
+    ModelSpec,
+    backend_name,
+    generate_cached,
+    load_backend,
 )
 from cellduality.tasks import PreparedTasks, load_prepared
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, dual_score, forward_answer

@@ -20,11 +20,11 @@ import scipy.sparse as sp
 
 from cellduality.data.loading import read_h5ad
 from cellduality.data.schema import DataError
-from cellduality.eval.generate import GenerationSettings
+from cellduality.inference.engine import Engine, best_of
+from cellduality.inference.generate import GenerationSettings
 from cellduality.parsing import gene_vocabulary, parse_genes, parse_label
 from cellduality.predict.cells import prepare_cells, require_context
 from cellduality.predict.checkpoint import Checkpoint, TrainedDataset, match_condition
-from cellduality.predict.engine import Engine, best_of
 from cellduality.predict.examples import annotation_example, generation_example, perturbation_example
 from cellduality.sentences import sentences_to_matrix
 from cellduality.tasks.classification import context_text

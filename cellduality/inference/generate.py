@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellduality.eval.cache import CompletionCache
+from cellduality.inference.cache import CompletionCache
 
 Messages = list[dict[str, str]]
 

@@ -1,8 +1,8 @@
-"""Generation for prediction: the evaluation's backends, batched with a progress bar, plus the dual check.
+"""One model for prediction: the backends eval uses, batched with a progress bar, plus the dual check.
 
-The backend is chosen as ``cellduality eval`` chooses it (:func:`cellduality.eval.generate.load_backend`:
+The backend is chosen as ``cellduality eval`` chooses it (:func:`cellduality.inference.generate.load_backend`:
 vLLM when it is installed and a CUDA device is present, Hugging Face otherwise) and is loaded on first
-use. Completions go through :func:`cellduality.eval.generate.generate_cached` with an in-memory cache, so
+use. Completions go through :func:`cellduality.inference.generate.generate_cached` with an in-memory cache, so
 identical greedy prompts (two identical cells) are generated once. Sampled batches get their own seed
 each: the Hugging Face backend re-seeds torch per call, and the same prompts in two batches must not
 sample the same answer.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cellduality.eval.cache import entry_key, stable_hash
-from cellduality.eval.generate import (
+from cellduality.inference.cache import entry_key, stable_hash
+from cellduality.inference.generate import (
     Backend,
     GenerationSettings,
     ModelSpec,
@@ -35,7 +35,7 @@ Row = dict[str, Any]
 
 
 class MemoryCache:
-    """The part of :class:`cellduality.eval.cache.CompletionCache` generation needs, kept in memory."""
+    """The part of :class:`cellduality.inference.cache.CompletionCache` generation needs, kept in memory."""
 
     def __init__(self) -> None:
         self._entries: dict[str, str] = {}
