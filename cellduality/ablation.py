@@ -34,6 +34,8 @@ from rich.console import Console
 
 from cellduality import stages
 from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval, paired_differences
+from cellduality.eval.headline import HEADLINE_METRICS
+from cellduality.metrics.registry import metric_info
 from cellduality.stages import RECIPES, Plan
 
 #: the packaged plans: recipes/ablation/full (the default: the paper's data design, the full demo's SFT
@@ -43,13 +45,9 @@ TINY = Plan(RECIPES / "ablation" / "tiny")
 ARMS = ("SFT", "dual GRPO", "oracle GRPO")
 DONE = ".done"
 
-# task -> (metric, friendly name); higher is better for each
-HEADLINE = {
-    "annotation": ("accuracy", "accuracy"),
-    "drug_sensitivity": ("accuracy", "accuracy"),
-    "generation": ("knn_accuracy", "kNN@3 accuracy"),
-    "perturbation": ("pearson_delta_de", "Pearson delta (top-20 DE)"),
-}
+#: task -> the metric the ablation compares the arms on: the first headline metric of the task (its name,
+#: direction and best value come from the metric registry, ``cellduality.metrics.registry``)
+HEADLINE = {task: keys[0] for task, keys in HEADLINE_METRICS.items() if task != "neighbourhood"}
 
 
 @dataclass
@@ -276,6 +274,16 @@ def _method(metrics: dict[str, Any], task: str, name: str, metric: str) -> float
     return None if value is None else float(value)
 
 
+def _best_baseline(row: dict[str, Any]) -> tuple[str, float] | None:
+    """The baseline that scores best on the row's metric, in the metric's own direction (the registry's)."""
+    info = metric_info(row["metric_key"])
+    best: tuple[str, float] | None = None
+    for name, value in row["baselines"].items():
+        if best is None or info.better(value, best[1]):
+            best = (name, value)
+    return best
+
+
 def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[str, Any]]:
     """One row per dataset and task: each arm's mean and interval, baselines, and the gap closed
     (``key``: the greedy evaluation, ``metrics``, or the sampled one, ``sampled``)."""
@@ -283,7 +291,8 @@ def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[st
     first = seeds[0].get(key) or {}
     for dataset, metrics in first.items():
         for task in metrics.get("tasks", {}):
-            metric, friendly = HEADLINE.get(task, ("accuracy", "accuracy"))
+            metric = HEADLINE.get(task, "accuracy")
+            friendly = metric_info(metric).header()
             arms = {arm: [_method(s[key][dataset], task, arm, metric) for s in seeds] for arm in ARMS}
             closed = [
                 gap_closed(a, b, c)
@@ -300,6 +309,7 @@ def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[st
                     "dataset": dataset,
                     "task": task,
                     "metric": friendly,
+                    "metric_key": metric,
                     **{arm: interval([v for v in arms[arm] if v is not None]) for arm in ARMS},
                     "per_seed": arms,
                     "gap_closed": interval(defined) if defined else None,
@@ -487,14 +497,14 @@ def write_report(
         )
         + f"The settings of every stage are the recipes in `{config.plan.label}` (ablation.json: `plan`). "
         + "Held-out test cells (no out-of-distribution split: the perturbation data whose dual carries signal "
-        "has a single perturbation). Mean [95% t-interval across seeds]; higher is better for every metric.",
+        "has a single perturbation). Mean [95% t-interval across seeds]; ↑: higher is better, ↓: lower.",
         "",
         "| answers | dataset | task | metric | SFT | dual GRPO | oracle GRPO | gap closed by dual | best baseline |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, table in (("greedy", rows), ("sampled, T = 1", sampled_rows)):
         for r in table:
-            best = max(r["baselines"].items(), key=lambda kv: kv[1], default=None)
+            best = _best_baseline(r)
             closed = _fmt(r["gap_closed"]) if r["gap_closed"] else "undefined"
             lines.append(
                 f"| {mode} | {r['dataset']} | {r['task']} | {r['metric']} | {_fmt(r['SFT'])} | "
