@@ -111,7 +111,7 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
 
     The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`.
     """
-    from cellduality.topk import top_keys_csr
+    from cellduality.topk import top_genes_csr
 
     data, indices, indptr = rows
     counts = np.diff(indptr)
@@ -121,22 +121,20 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
     if n == 0 or kk == 0:
         return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
     bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
-    keys = np.empty((n, kk), dtype=np.uint64)
+    genes = np.empty((n, kk), dtype=np.int64)
     found = np.empty(n, dtype=np.int64)
-    top_keys_csr(
+    top_genes_csr(
         bits,
         np.ascontiguousarray(indices),
         np.ascontiguousarray(indptr),
         kk,
         np.uint64(order.a),
         np.uint64(order.b),
-        keys,
+        np.uint64(pow(order.a, -1, _MOD32)),
+        genes,
         found,
     )
-    keys = keys[:, : int(found.max())]
-    genes = order.decode(keys)
-    genes[keys == 0] = -1
-    return genes, found
+    return genes[:, : int(found.max())], found
 
 
 def _block_sparse_numpy(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
