@@ -210,7 +210,7 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
 
     The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`.
     """
-    from cellduality.topk import top_genes_csr
+    from cellduality.topk import genes_of_keys, top_keys_csr
 
     data, indices, indptr = rows
     counts = np.diff(indptr)
@@ -220,20 +220,23 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
     if n == 0 or kk == 0:
         return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
     bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
-    genes = np.empty((n, kk), dtype=np.int64)
+    keys = np.empty((n, kk), dtype=np.uint64)
     found = np.empty(n, dtype=np.int64)
-    top_genes_csr(
+    top_keys_csr(
         bits,
         np.ascontiguousarray(indices),
         np.ascontiguousarray(indptr),
         kk,
         np.uint64(order.a),
         np.uint64(order.b),
-        np.uint64(pow(order.a, -1, _MOD32)),
-        genes,
+        keys,
         found,
     )
-    return genes[:, : int(found.max())], found
+    keys.sort(axis=1)  # numpy's vectorised sort, ascending: read backwards, largest first
+    width = int(found.max())
+    genes = np.empty((n, width), dtype=np.int64)
+    genes_of_keys(keys, width, np.uint64(order.b), np.uint64(pow(order.a, -1, _MOD32)), genes)
+    return genes, found
 
 
 def _block_sparse_numpy(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
