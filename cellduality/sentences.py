@@ -55,6 +55,10 @@ class Sentences(Sequence):
         c = i if self.positions is None else int(self.positions[i])
         return self.names[self.genes[c, : self.counts[c]]].tolist()
 
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
             return NotImplemented

@@ -11,7 +11,9 @@ The steps, and what each holds in memory:
    indices (:class:`SentenceStore`, a memory-mapped file of ``cells x K`` int16/int32: 200 MB for 10^6
    cells at K = 100), the counts of each gene in the sentences (the hidden-gene scores), and the
    rows of the seeded rank -> expression sample (5,000 cells).
-4. The examples are built chunk by chunk from the plan and the store and appended to Arrow shards
+4. The examples are built chunk by chunk from the plan and the store, column-wise (every example's
+   seeded draws in one compiled pass, :mod:`cellduality.tasks.draws`; the text as Arrow columns,
+   :mod:`cellduality.tasks.columns`), and appended to Arrow shards
    (:class:`cellduality.tasks.output.ShardWriter`), optionally by ``workers`` forked processes.
 
 Row for row, the output is that of ``build_tasks`` on the same file read whole (``tests/test_blockwise.py``
@@ -212,6 +214,9 @@ def _write_rows(
             return summary, labels
         import multiprocessing as mp
 
+        from cellduality.tasks.draws import compile_draws
+
+        compile_draws()  # once, here: the forked workers inherit the compiled loop
         _WORKER.update(plan=plan, store=store, data=data, cfg=cfg, gene_scores=gene_scores)
         paths = [
             (split, index, chunk, str(writer.folder / split / f".job-{os.getpid()}-{k:06d}.arrow"))

@@ -298,6 +298,26 @@ def covered(pop: int, size: int) -> bool:
     return not (pop > TAIL_SHUFFLE_POP and size > pop // 50)
 
 
+def compile_draws() -> None:
+    """Compile (or load from numba's cache) the draw loop now: forked workers then inherit it instead
+    of each compiling it on its first chunk."""
+    params = np.array([[3, 2, 2, 4]])
+    sizes = np.array([[0, 0, 0, 2]])
+    genes = np.arange(3).reshape(1, 3)
+    for scores in (np.ones(3), None):
+        run_program(
+            0,
+            ["warm-up"],
+            [HIDE, PERMUTE, INTEGER, CHOICE],
+            params,
+            sizes,
+            genes=genes,
+            lengths=np.array([3]),
+            scores=scores,
+            n_hidden=np.array([1]),
+        )
+
+
 def seed_words(seed: int) -> np.ndarray:
     """The uint32 words SeedSequence makes of a non-negative int seed (``_int_to_uint32_array``)."""
     words = []
