@@ -376,10 +376,11 @@ class GenePresence:
         flat = np.flatnonzero(valid.ravel())
         ids = top.ravel()[flat].astype(np.int64)
         self.counts += np.bincount(ids, minlength=self.counts.size)
-        uniq, where = np.unique(ids, return_index=True)
         # position of a gene = (cell, rank) in reading order; the block's cells follow all earlier ones
-        pos = (offset + flat[where] // top.shape[1]) * self.top_k + flat[where] % top.shape[1]
-        self.first[uniq] = np.minimum(self.first[uniq], pos)
+        pos = (offset + flat // top.shape[1]) * self.top_k + flat % top.shape[1]
+        first = np.full(self.first.size, np.iinfo(np.int64).max, dtype=np.int64)
+        first[ids[::-1]] = pos[::-1]  # repeated indices keep the last value assigned: the earliest
+        np.minimum(self.first, first, out=self.first)
         self.n += genes.shape[0]
 
     def scores(self, names: Sequence[str]) -> dict[str, float]:
