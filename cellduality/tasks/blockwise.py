@@ -116,7 +116,9 @@ def _sentence_pass(
     def compute(block: tuple[int, int]) -> tuple[int, int, sp.csr_matrix, np.ndarray, np.ndarray]:
         start, stop = block
         x = source.normalise(source.matrix.rows(start, stop))
-        x = x[source.keep_rows[start:stop]]
+        keep = source.keep_rows[start:stop]
+        if not keep.all():  # selecting rows copies the block: only when a cell is dropped
+            x = x[keep]
         genes, counts = _block_sparse(_csr_rows(x, 0, x.shape[0]), width, order)
         return start, stop, x, genes, counts
 
