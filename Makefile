@@ -42,6 +42,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sentences.py
+	$(PY) benchmarks/prepare_scale.py --workers 2
 	$(PY) benchmarks/dual_overhead.py
 	$(PY) benchmarks/teacher_throughput.py
 	$(PY) benchmarks/eval_speed.py

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TypeVar
@@ -20,6 +20,109 @@ import numpy as np
 import scipy.sparse as sp
 
 _BLOCK_CELLS = 1024
+
+
+class Sentences(Sequence):
+    """Cell sentences kept as gene indices: ``genes[c, :counts[c]]`` are cell c's genes, most expressed
+    first, ``names`` their symbols. ``sentences[c]`` is the list of symbols, made when asked for.
+
+    The task builders read the indices (a chunk of cells is a gather, not a list per cell) and turn
+    them into text as Arrow columns (:meth:`arrow`); a Python list of symbols per cell costs more than
+    choosing the genes did. ``positions`` (optional) makes this a view: entry i is cell
+    ``positions[i]`` of the arrays, nothing copied.
+    """
+
+    __hash__ = None  # type: ignore[assignment]  (compared by value, like the lists it stands for)
+
+    def __init__(
+        self, genes: np.ndarray, counts: np.ndarray, names: Sequence[str], positions: np.ndarray | None = None
+    ) -> None:
+        self.genes = genes
+        self.counts = counts
+        self.names = names if isinstance(names, np.ndarray) else np.asarray(names, dtype=object)
+        self.positions = positions
+        self._shared: dict[str, object] = {}  # made once per gene list, shared with every view
+
+    def __len__(self) -> int:
+        return self.counts.size if self.positions is None else self.positions.size
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        c = i if self.positions is None else int(self.positions[i])
+        return self.names[self.genes[c, : self.counts[c]]].tolist()
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == list(b) for a, b in zip(self, other, strict=True))
+
+    def view(self, positions: np.ndarray) -> Sentences:
+        """Entry i of the view is entry ``positions[i]`` of this one (no copy)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        base = positions if self.positions is None else self.positions[positions]
+        view = Sentences(self.genes, self.counts, self.names, base)
+        view._shared = self._shared
+        return view
+
+    def rows(self, cells: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``limit`` gene indices of each of ``cells`` (entries of this sequence) as a
+        (cells x width) int64 array and each one's length (what lies past it is meaningless)."""
+        cells = np.asarray(cells, dtype=np.int64)
+        at = cells if self.positions is None else self.positions[cells]
+        width = min(limit, self.genes.shape[1])
+        return self.genes[at, :width].astype(np.int64), np.minimum(self.counts[at], width).astype(np.int64)
+
+    def arrow_names(self):
+        """The symbols as an Arrow string array (what :meth:`arrow` takes from), made once."""
+        if "names" not in self._shared:
+            import pyarrow as pa
+
+            self._shared["names"] = pa.array(self.names.tolist(), type=pa.string())
+        return self._shared["names"]
+
+    def score_array(self, gene_scores: Mapping[str, float] | None) -> np.ndarray | None:
+        """``gene_scores`` per gene index (0 for a gene without a score, as ``hide_genes`` reads it),
+        made once per scores object."""
+        if gene_scores is None:
+            return None
+        cached = self._shared.get("scores")
+        if cached is None or cached[0] is not gene_scores:
+            values = (gene_scores.get(g, 0.0) for g in self.names.tolist())
+            cached = (gene_scores, np.fromiter(values, dtype=np.float64, count=len(self.names)))
+            self._shared["scores"] = cached
+        return cached[1]
+
+    def arrow(self, cells: np.ndarray | None = None, limit: int | None = None):
+        """The sentences of ``cells`` (default all), each cut to ``limit`` genes, as an Arrow
+        ``list<string>`` column: the text, without a Python object per cell."""
+        cells = np.arange(len(self)) if cells is None else cells
+        genes, lengths = self.rows(cells, self.genes.shape[1] if limit is None else limit)
+        return gene_lists(self.arrow_names(), genes, lengths)
+
+    def tolist(self) -> list[list[str]]:
+        return [self[i] for i in range(len(self))]
+
+
+def gene_lists(names, genes: np.ndarray, lengths: np.ndarray, keep: np.ndarray | None = None):
+    """An Arrow ``list<string>`` column: row r is ``names[genes[r, j]]`` for j < ``lengths[r]`` (and
+    ``keep[r, j]``, when given), in order."""
+    import pyarrow as pa
+
+    valid = np.arange(genes.shape[1])[None, :] < lengths[:, None]
+    if keep is not None:
+        valid &= keep[:, : genes.shape[1]]
+    offsets = np.zeros(genes.shape[0] + 1, dtype=np.int32)
+    np.cumsum(valid.sum(axis=1), out=offsets[1:])
+    flat = genes[valid]
+    return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(flat, type=pa.int64())))
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -111,7 +214,7 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
 
     The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`.
     """
-    from cellduality.topk import top_keys_csr
+    from cellduality.topk import genes_of_keys, top_keys_csr
 
     data, indices, indptr = rows
     counts = np.diff(indptr)
@@ -133,9 +236,10 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
         keys,
         found,
     )
-    keys = keys[:, : int(found.max())]
-    genes = order.decode(keys)
-    genes[keys == 0] = -1
+    keys.sort(axis=1)  # numpy's vectorised sort, ascending: read backwards, largest first
+    width = int(found.max())
+    genes = np.empty((n, width), dtype=np.int64)
+    genes_of_keys(keys, width, np.uint64(order.b), np.uint64(pow(order.a, -1, _MOD32)), genes)
     return genes, found
 
 
@@ -221,8 +325,10 @@ def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np
 
 def cell_sentences(
     adata, top_k: int | None = None, seed: int = 0, *, layer: str | None = None, allow_scaled: bool = False
-) -> list[list[str]]:
-    """Ordered gene symbols per cell (expressed genes only; ``top_k=None`` keeps all).
+) -> Sentences:
+    """Ordered gene symbols per cell (expressed genes only; ``top_k=None`` keeps all), as
+    :class:`Sentences`: gene indices until the text is needed (``sentences[i]`` is a list of symbols,
+    ``sentences.arrow()`` all of them as an Arrow column).
 
     The matrix follows the rules of ``cellduality prepare`` (``cellduality.data.loading.pick_expression``):
     ``.X`` or ``layer``; a scaled ``.X`` (negative values, e.g. after ``sc.pp.scale``) is replaced by
@@ -240,15 +346,49 @@ def cell_sentences(
         if note.startswith(".X is scaled"):  # said once per call: the caller may not expect it
             warnings.warn(f"cell_sentences: {note}", UserWarning, stacklevel=2)
     names = np.asarray(var.index, dtype=object)
+    dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
+    parts = _blocks(matrix, top_k, seed, lambda cols, counts: [(cols.astype(dtype), counts)])
+    width = max((cols.shape[1] for cols, _ in parts), default=0)
+    genes = np.full((matrix.shape[0], max(width, 1)), -1, dtype=dtype)
+    counts = np.zeros(matrix.shape[0], dtype=np.int32)
+    start = 0
+    for cols, n in parts:
+        genes[start : start + cols.shape[0], : cols.shape[1]] = cols
+        counts[start : start + cols.shape[0]] = n
+        start += cols.shape[0]
+    return Sentences(genes, counts, names)
 
-    def to_words(cols: np.ndarray, counts: np.ndarray) -> list[list[str]]:
-        width = cols.shape[1]
-        if width == 0:
-            return [[] for _ in range(cols.shape[0])]
-        words = names[np.maximum(cols, 0)].tolist()
-        return [row if c == width else row[:c] for row, c in zip(words, counts.tolist(), strict=True)]
 
-    return _blocks(matrix, top_k, seed, to_words)
+class GenePresence:
+    """Counts of every gene over the first ``top_k`` genes of the sentences, and where each gene was
+    first seen: ``cellduality.tasks.common.presence_scores`` from gene indices, block by block."""
+
+    def __init__(self, n_genes: int, top_k: int) -> None:
+        self.top_k = top_k
+        self.counts = np.zeros(n_genes, dtype=np.int64)
+        self.first = np.full(n_genes, np.iinfo(np.int64).max, dtype=np.int64)
+        self.n = 0
+
+    def add(self, offset: int, genes: np.ndarray, counts: np.ndarray) -> None:
+        """The sentences of cells ``offset, offset + 1, ...`` (gene indices, lengths)."""
+        top = genes[:, : self.top_k]
+        valid = np.arange(top.shape[1])[None, :] < np.minimum(counts, self.top_k)[:, None]
+        flat = np.flatnonzero(valid.ravel())
+        ids = top.ravel()[flat].astype(np.int64)
+        self.counts += np.bincount(ids, minlength=self.counts.size)
+        # position of a gene = (cell, rank) in reading order; the block's cells follow all earlier ones
+        pos = (offset + flat // top.shape[1]) * self.top_k + flat % top.shape[1]
+        first = np.full(self.first.size, np.iinfo(np.int64).max, dtype=np.int64)
+        first[ids[::-1]] = pos[::-1]  # repeated indices keep the last value assigned: the earliest
+        np.minimum(self.first, first, out=self.first)
+        self.n += genes.shape[0]
+
+    def scores(self, names: Sequence[str]) -> dict[str, float]:
+        """``presence_scores`` of the sentences added: ``p * (1 - p)`` per gene, in first-seen order."""
+        seen = np.flatnonzero(self.counts)
+        order = seen[np.argsort(self.first[seen], kind="stable")]
+        n = max(1, self.n)
+        return {str(names[j]): (int(self.counts[j]) / n) * (1 - int(self.counts[j]) / n) for j in order}
 
 
 @dataclass(frozen=True)

@@ -367,7 +367,7 @@ def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
     extra = {"pool": candidates, "gene_scores": scores}
     for row in annotation_rows(
         pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
-    ):
+    ).to_pylist():
         i = list(pbmc.adata.obs_names).index(row["cell_id"])
         mine = annotation_example(
             row["cell_id"], sentences[i], candidates, CFG, "pbmc68k", split="test", gene_scores=scores
@@ -375,7 +375,7 @@ def test_prediction_prompts_are_the_training_prompts(pbmc) -> None:
         assert {k: mine[k] for k in fields} == {k: row[k] for k in fields}
     for row in generation_rows(
         pbmc.adata.obs, sentences, cells, pbmc.columns, "pbmc68k", "test", CFG, **extra
-    ):
+    ).to_pylist():
         mine = generation_example(row["cell_id"], row["condition"], candidates, CFG, "pbmc68k", split="test")
         assert mine["prompt"] == row["prompt"] and mine["candidates"] == row["candidates"]
 

@@ -104,3 +104,27 @@ def test_compiled_top_k_matches_numpy_reference(k) -> None:
     assert np.array_equal(got_n, ref_n) and got_n.max() > 0
     width = int(ref_n.max())
     assert np.array_equal(got[:, :width], ref[:, :width])
+
+
+@pytest.mark.parametrize("k", [1, 20, 100, 200])
+def test_compiled_top_k_cuts_long_rows_by_a_sampled_threshold(k) -> None:
+    """Rows of hundreds to thousands of non-zeros, where the kernel first cuts by a threshold sampled
+    along the row: the same genes in the same order as the numpy version, with count-like ties at the
+    threshold, non-expressed values, and rows whose sample overshoots (every sampled position holds
+    the row's largest value, too few others reach it: the full row is read instead)."""
+    from cellduality.sentences import _block_sparse, _block_sparse_numpy, _csr_rows, _TieOrder
+
+    rng = np.random.default_rng(8)
+    x = sp.random(120, 6000, density=0.25, format="csr", random_state=9, dtype=np.float32)
+    x.data = np.log1p(rng.geometric(0.35, size=x.nnz)).astype(np.float32)  # few distinct values
+    x.data[rng.random(x.nnz) < 0.05] = -1.0
+    x.data[rng.random(x.nnz) < 0.02] = 0.0
+    for row in (3, 50):  # a skewed sample: 64 evenly spaced entries hold the only high values
+        lo, hi = x.indptr[row], x.indptr[row + 1]
+        x.data[lo:hi] = 0.5
+        x.data[lo : lo + (hi - lo) // 64 * 64 : (hi - lo) // 64] = 9.0
+    order = _TieOrder.from_seed(5)
+    got, got_n = _block_sparse(_csr_rows(x, 0, 120), k, order)
+    ref, ref_n = _block_sparse_numpy(_csr_rows(x, 0, 120), k, order)
+    assert np.array_equal(got_n, ref_n) and got_n.min() == k
+    assert np.array_equal(got[:, :k], ref[:, :k])

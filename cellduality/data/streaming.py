@@ -96,11 +96,16 @@ def _scan(
             lo, hi = int(matrix.indptr[start]), int(matrix.indptr[stop])
             values = np.asarray(matrix._data[lo:hi])
             scan.add(values)
-            hit = values > 0
-            if mask is not None:
-                hit &= mask[np.asarray(matrix._indices[lo:hi])]
-            ends = np.concatenate([[0], np.cumsum(hit)])[matrix.indptr[start : stop + 1] - lo]
-            positive[start:stop] = np.diff(ends) > 0
+            if mask is not None:  # a value in a dropped column counts as not expressed
+                values = np.where(mask[np.asarray(matrix._indices[lo:hi])], values, 0)
+            # a row is positive when its largest value is (fmax skips NaN, as ``> 0`` does); one
+            # reduceat over the rows that store values, no cumulative count over every value
+            bounds = np.asarray(matrix.indptr[start : stop + 1]) - lo
+            stored = bounds[1:] > bounds[:-1]
+            largest = np.zeros(stop - start, dtype=values.dtype)
+            if stored.any():
+                largest[stored] = np.fmax.reduceat(values, bounds[:-1][stored])
+            positive[start:stop] = largest > 0
         else:
             block = np.asarray(matrix.rows(start, stop))
             scan.add(block)

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from cellduality.data.loading import prepare_anndata
 from cellduality.data.schema import Columns, DataError
 from cellduality.predict.checkpoint import TrainedDataset
-from cellduality.sentences import cell_sentences
+from cellduality.sentences import Sentences, cell_sentences
 
 POSITION = "__cellduality_position"
 
@@ -30,7 +30,7 @@ class UserCells:
 
     adata: ad.AnnData  # log-normalised, var_names = the trained dataset's genes (its order)
     positions: np.ndarray  # row of each cell in the user's AnnData (empty cells were dropped)
-    sentences: list[list[str]]
+    sentences: Sentences  # a sequence of symbol lists, gene indices underneath
     n_shared: int
     notes: list[str] = field(default_factory=list)
 

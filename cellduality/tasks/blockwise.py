@@ -11,7 +11,9 @@ The steps, and what each holds in memory:
    indices (:class:`SentenceStore`, a memory-mapped file of ``cells x K`` int16/int32: 200 MB for 10^6
    cells at K = 100), the counts of each gene in the sentences (the hidden-gene scores), and the
    rows of the seeded rank -> expression sample (5,000 cells).
-4. The examples are built chunk by chunk from the plan and the store and appended to Arrow shards
+4. The examples are built chunk by chunk from the plan and the store, column-wise (every example's
+   seeded draws in one compiled pass, :mod:`cellduality.tasks.draws`; the text as Arrow columns,
+   :mod:`cellduality.tasks.columns`), and appended to Arrow shards
    (:class:`cellduality.tasks.output.ShardWriter`), optionally by ``workers`` forked processes.
 
 Row for row, the output is that of ``build_tasks`` on the same file read whole (``tests/test_blockwise.py``
@@ -36,9 +38,16 @@ import scipy.sparse as sp
 
 from cellduality.data.schema import Columns
 from cellduality.data.streaming import StreamedSource, open_streamed
-from cellduality.sentences import _block_sparse, _csr_rows, _TieOrder, fit_rank_expression_rows, fit_sample
+from cellduality.sentences import (
+    GenePresence,
+    Sentences,
+    _block_sparse,
+    _csr_rows,
+    _TieOrder,
+    fit_rank_expression_rows,
+    fit_sample,
+)
 from cellduality.tasks.build import (
-    FEATURES,
     META_FILE,
     TABLES_DIR,
     PreparedTasks,
@@ -46,8 +55,9 @@ from cellduality.tasks.build import (
     finish_meta,
     prepared_meta,
 )
+from cellduality.tasks.columns import FEATURES
 from cellduality.tasks.common import TaskConfig
-from cellduality.tasks.output import LabelCollector, ShardWriter, SummaryCounter, rows_table
+from cellduality.tasks.output import LabelCollector, ShardWriter, SummaryCounter
 from cellduality.tasks.plan import (
     REFERENCE_TABLE,
     RL_SPLIT,
@@ -62,59 +72,22 @@ from cellduality.tasks.plan import (
 CHUNK_ROWS = 5_000
 
 
-class SentenceStore(Sequence):
-    """The top-K gene indices of every kept cell, in a memory-mapped file: ``store[i]`` is cell i's
-    sentence (gene symbols, most expressed first), built when asked for."""
+class SentenceStore(Sentences):
+    """The top-K gene indices of every kept cell, in a memory-mapped file (:class:`Sentences` whose
+    ``genes`` live on disk): ``store[i]`` is cell i's sentence, built when asked for."""
 
     def __init__(self, folder: Path, n_cells: int, width: int, names: Sequence[str]) -> None:
-        self.names = np.asarray(names, dtype=object)
         dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
         self._map = np.lib.format.open_memmap(
             folder / "sentences.npy", mode="w+", dtype=dtype, shape=(n_cells, max(width, 1))
         )
-        self.genes = np.asarray(self._map)  # a plain view: slicing a memmap object costs microseconds
-        self.counts = np.zeros(n_cells, dtype=np.int32)
-
-    def __len__(self) -> int:
-        return self.counts.size
-
-    def __getitem__(self, i):  # type: ignore[override]
-        i = int(i)
-        return self.names[self.genes[i, : self.counts[i]]].tolist()
+        # a plain view: slicing a memmap object costs microseconds
+        super().__init__(np.asarray(self._map), np.zeros(n_cells, dtype=np.int32), names)
 
     def put(self, start: int, genes: np.ndarray, counts: np.ndarray) -> None:
         width = min(genes.shape[1], self.genes.shape[1])
         self.genes[start : start + genes.shape[0], :width] = genes[:, :width]
         self.counts[start : start + genes.shape[0]] = counts
-
-
-class _Presence:
-    """Counts of every gene over the first ``top_k`` genes of the sentences, and where each gene was
-    first seen (the order ``presence_scores`` puts its keys in)."""
-
-    def __init__(self, n_genes: int, top_k: int) -> None:
-        self.top_k = top_k
-        self.counts = np.zeros(n_genes, dtype=np.int64)
-        self.first = np.full(n_genes, np.iinfo(np.int64).max, dtype=np.int64)
-        self.n = 0
-
-    def add(self, offset: int, genes: np.ndarray, counts: np.ndarray) -> None:
-        top = genes[:, : self.top_k]
-        valid = np.arange(top.shape[1])[None, :] < np.minimum(counts, self.top_k)[:, None]
-        flat = np.flatnonzero(valid.ravel())
-        ids = top.ravel()[flat]
-        self.counts += np.bincount(ids, minlength=self.counts.size)
-        uniq, where = np.unique(ids, return_index=True)
-        # position of a gene = (cell, rank) in reading order; the block's cells follow all earlier ones
-        pos = (offset + flat[where] // top.shape[1]) * self.top_k + flat[where] % top.shape[1]
-        self.first[uniq] = np.minimum(self.first[uniq], pos)
-        self.n += genes.shape[0]
-
-    def scores(self, names: Sequence[str]) -> dict[str, float]:
-        seen = np.flatnonzero(self.counts)
-        order = seen[np.argsort(self.first[seen], kind="stable")]
-        n = max(1, self.n)
-        return {str(names[j]): (int(self.counts[j]) / n) * (1 - int(self.counts[j]) / n) for j in order}
 
 
 def _bar(desc: str, total: int, unit: str, enabled: bool):
@@ -126,7 +99,7 @@ def _bar(desc: str, total: int, unit: str, enabled: bool):
 def _sentence_pass(
     source: StreamedSource,
     store: SentenceStore,
-    presence: _Presence | None,
+    presence: GenePresence | None,
     sample_rows: np.ndarray,
     cfg: TaskConfig,
     workers: int,
@@ -143,7 +116,9 @@ def _sentence_pass(
     def compute(block: tuple[int, int]) -> tuple[int, int, sp.csr_matrix, np.ndarray, np.ndarray]:
         start, stop = block
         x = source.normalise(source.matrix.rows(start, stop))
-        x = x[source.keep_rows[start:stop]]
+        keep = source.keep_rows[start:stop]
+        if not keep.all():  # selecting rows copies the block: only when a cell is dropped
+            x = x[keep]
         genes, counts = _block_sparse(_csr_rows(x, 0, x.shape[0]), width, order)
         return start, stop, x, genes, counts
 
@@ -189,24 +164,24 @@ def _chunks(cells: np.ndarray, size: int) -> Iterator[np.ndarray]:
 _WORKER: dict[str, Any] = {}
 
 
-def _build_chunk(job: tuple[str, int, np.ndarray, str]) -> tuple[str, int, list, list]:
+def _build_chunk(job: tuple[str, int, np.ndarray, str]) -> tuple[str, int, SummaryCounter, LabelCollector]:
     """A worker's job: the rows of one chunk, written to their own shard; returns what the main
-    process needs of them (shard path, row count, summary rows, training rows' labels)."""
+    process needs of them (shard path, row count, summary sums, training rows' labels)."""
     split, index, cells, path = job
     w = _WORKER
     task_plan: TaskPlan = w["plan"].plans[index]
-    rows = task_plan.rows(split, cells, w["store"], w["data"], w["cfg"], w["gene_scores"])
+    table = task_plan.rows(split, cells, w["store"], w["data"], w["cfg"], w["gene_scores"])
     from datasets.arrow_writer import ArrowWriter
 
     writer = ArrowWriter(features=FEATURES, path=path)
-    writer.write_table(rows_table(rows, FEATURES))
+    writer.write_table(table)
     writer.finalize()
     writer.close()
     summary, labels = SummaryCounter(), LabelCollector()
-    summary.add(split, rows)
+    summary.add_table(split, table)
     if split == "train":
-        labels.add(rows)
-    return path, len(rows), summary, labels  # sums and label sets only: the rows stay in the shard
+        labels.add_table(table)
+    return path, len(table), summary, labels  # sums and label sets only: the rows stay in the shard
 
 
 def _write_rows(
@@ -232,15 +207,18 @@ def _write_rows(
     with _bar("examples", total, "rows", progress) as bar:
         if workers <= 1 or len(jobs) < 2:
             for split, index, chunk in jobs:
-                rows = plan.plans[index].rows(split, chunk, store, data, cfg, gene_scores)
-                writer.write(split, rows_table(rows, FEATURES))
-                summary.add(split, rows)
+                table = plan.plans[index].rows(split, chunk, store, data, cfg, gene_scores)
+                writer.write(split, table)
+                summary.add_table(split, table)
                 if split == "train":
-                    labels.add(rows)
-                bar.update(len(rows))
+                    labels.add_table(table)
+                bar.update(len(table))
             return summary, labels
         import multiprocessing as mp
 
+        from cellduality.tasks.draws import compile_draws
+
+        compile_draws()  # once, here: the forked workers inherit the compiled loop
         _WORKER.update(plan=plan, store=store, data=data, cfg=cfg, gene_scores=gene_scores)
         paths = [
             (split, index, chunk, str(writer.folder / split / f".job-{os.getpid()}-{k:06d}.arrow"))
@@ -336,7 +314,7 @@ def prepare_blockwise(
 def _build(source, data, plan, cfg, tasks, test_fraction, out, scratch, workers, progress) -> PreparedTasks:
     n_cells = data.adata.n_obs
     store = SentenceStore(scratch, n_cells, max(cfg.top_k, cfg.answer_genes), data.genes)
-    presence = _Presence(len(data.genes), cfg.top_k) if cfg.hidden_rule == "informative" else None
+    presence = GenePresence(len(data.genes), cfg.top_k) if cfg.hidden_rule == "informative" else None
     kept = np.flatnonzero(source.keep_rows)
     sample = fit_sample(n_cells, cfg.seed)
     clock = [time.perf_counter()]

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
-from datasets import Sequence as HFSequence
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from cellduality.data.loading import CellData
 from cellduality.data.schema import DataError
-from cellduality.sentences import RankExpressionFit, cell_sentences, fit_rank_expression
-from cellduality.tasks.common import TaskConfig, presence_scores, record
+from cellduality.sentences import GenePresence, RankExpressionFit, cell_sentences, fit_rank_expression
+from cellduality.tasks.columns import FEATURES
+from cellduality.tasks.common import TaskConfig, record
 from cellduality.tasks.neighbourhood import DELTA_TABLE, delta_table, neighbourhood_examples
-from cellduality.tasks.output import LabelCollector, SummaryCounter, rows_dataset
+from cellduality.tasks.output import LabelCollector, SummaryCounter, rows_dataset, table_dataset
 from cellduality.tasks.plan import (  # noqa: F401  (split_key, candidate_pool: public names of this module)
     REFERENCE_TABLE,
     RL_SPLIT,
@@ -40,26 +40,6 @@ from cellduality.tasks.plan import (  # noqa: F401  (split_key, candidate_pool: 
 
 META_FILE = "meta.json"
 TABLES_DIR = "tables"
-
-FEATURES = Features(
-    {
-        "id": Value("string"),
-        "task": Value("string"),
-        "prompt": [{"role": Value("string"), "content": Value("string")}],
-        "answer": Value("string"),
-        "candidates": HFSequence(Value("string")),
-        "condition": Value("string"),
-        "condition_text": Value("string"),
-        "cell_genes": HFSequence(Value("string")),
-        "visible_genes": HFSequence(Value("string")),
-        "hidden_genes": HFSequence(Value("string")),
-        "n_genes": Value("int32"),
-        "context": Value("string"),
-        "cell_id": Value("string"),
-        "dataset": Value("string"),
-        "neighbours": HFSequence(Value("string")),
-    }
-)
 
 
 @dataclass
@@ -105,9 +85,11 @@ def build_tasks(
     )
     fit = fit_rank_expression(data.adata, seed=cfg.seed)
     # label-free: only the sentences are read (see presence_scores)
-    gene_scores = (
-        presence_scores([s[: cfg.top_k] for s in sentences]) if cfg.hidden_rule == "informative" else None
-    )
+    gene_scores = None
+    if cfg.hidden_rule == "informative":
+        presence = GenePresence(len(sentences.names), cfg.top_k)
+        presence.add(0, sentences.genes, sentences.counts)
+        gene_scores = presence.scores(sentences.names)
     parts: dict[str, list[Dataset]] = {name: [] for name in plan.splits}
     tables: dict[str, Dataset] = {}
     reference = reference_rows(plan, data) if RL_SPLIT in plan.splits else None
@@ -125,13 +107,13 @@ def build_tasks(
             notes += built.notes
             continue
         for name in task_plan.cells:
-            rows = task_plan.rows(name, task_plan.cells[name], sentences, data, cfg, gene_scores)
-            parts[name].append(rows_dataset(rows, FEATURES))
+            table = task_plan.rows(name, task_plan.cells[name], sentences, data, cfg, gene_scores)
+            parts[name].append(table_dataset(table, FEATURES))
     dd = DatasetDict(
         {name: concatenate_datasets(ds) if ds else rows_dataset([], FEATURES) for name, ds in parts.items()}
     )
     labels = LabelCollector()
-    labels.add(dd["train"].select_columns(["task", "candidates", "condition"]).to_list())
+    labels.add_table(dd["train"].data.table)
     meta = prepared_meta(data, tasks, cfg, notes, fit, plan.split_info, gene_scores, test_fraction)
     meta["summary"] = summarise(dd)
     finish_meta(meta, data, tasks, plan.split_info, labels, gene_scores)

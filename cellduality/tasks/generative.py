@@ -12,9 +12,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cellduality.data.schema import Columns, DataError
-from cellduality.tasks.classification import context_texts
+from cellduality.sentences import Sentences, gene_lists
+from cellduality.tasks import draws
+from cellduality.tasks.classification import candidate_rows, context_texts
+from cellduality.tasks.columns import (
+    SCHEMA,
+    format_column,
+    join_lists,
+    prompt_column,
+    record_table,
+    strings,
+    take_lists,
+)
 from cellduality.tasks.common import (
     TaskConfig,
     example_rng,
@@ -30,7 +42,7 @@ from cellduality.tasks.templates import GENERATION, PERTURBATION
 
 def generation_rows(
     obs: pd.DataFrame,
-    sentences: list[list[str]],
+    sentences: Sentences,
     cells: np.ndarray,
     columns: Columns,
     dataset: str,
@@ -39,53 +51,97 @@ def generation_rows(
     *,
     pool: Sequence[str] | None = None,
     gene_scores: Mapping[str, float] | None = None,
-) -> list[dict]:
-    """One example per cell: its type -> its sentence (the sentence is the oracle reference).
+) -> pa.Table:
+    """One example per cell: its type -> its sentence (the sentence is the oracle reference), as a
+    record table: the rows :func:`generation_example` gives, built column by column.
 
     ``pool``: the dual's candidate types (the training split's; the row's own type is added if absent).
     """
     labels = obs[columns.cell_type].astype(str)
     candidates = sorted(pool) if pool is not None else sorted(labels.iloc[cells].unique())
-    n = cfg.answer_genes
     known = set(candidates)
     ids = obs.index[cells].astype(str).tolist()
-    own_labels = labels.iloc[cells].tolist()
-    rows = []
-    for k, i in enumerate(np.asarray(cells).tolist()):
-        cell_id, label = ids[k], own_labels[k]
-        rows.append(
-            generation_example(
-                cell_id,
-                label,
-                candidates if label in known else sorted([*candidates, label]),
-                cfg,
-                dataset,
-                split=split,
-                answer=join_genes(sentences[i][:n]),
-                cell_id=cell_id,
-                stored_id=opaque_id(cfg.seed, dataset, "generation", split, cell_id),
-            )
-        )
-    return rows
+    own = labels.iloc[cells].tolist()
+    extend = np.array([label not in known for label in own], dtype=bool)
+    vocabulary, index, m = candidate_rows(candidates, own, extend)
+    keys = [f"{dataset}/generation/{split}/{cell_id}" for cell_id in ids]
+    genes, lengths = sentences.rows(cells, cfg.answer_genes)
+    answer = join_lists(gene_lists(sentences.arrow_names(), genes, lengths), " ")
+    return _generation_table(
+        keys,
+        [opaque_id(cfg.seed, dataset, "generation", split, cell_id) for cell_id in ids],
+        strings(own),
+        vocabulary,
+        index,
+        m,
+        cfg,
+        dataset,
+        answer=answer,
+        cell_id=strings(ids),
+    )
 
 
 def generation_prompts(
     obs: pd.DataFrame, cells: np.ndarray, dataset: str, cfg: TaskConfig, pool: Sequence[str] | None
-) -> list[dict]:
+) -> pa.Table:
     """The RL pool's generation prompts: one per pool cell, each asking for a type of the SFT set
     (``pool``) drawn from the cell's seeded stream, never the cell's own type: a prompt reads no label of
     the pool, so permuting the pool's labels leaves every prompt as it was. No answer: the oracle
     scores a generated cell against the pool's real cells (``rl_reference``)."""
     candidates = sorted(pool or [])
     if not candidates:
-        return []
+        return record_table(0, SCHEMA)
     ids = obs.index[cells].astype(str).tolist()
-    rows = []
-    for cell_id in ids:
-        key = opaque_id(cfg.seed, dataset, "generation", "rl", cell_id)
-        condition = candidates[int(example_rng(cfg.seed, key).integers(len(candidates)))]
-        rows.append(generation_example(key, condition, candidates, cfg, dataset, split="rl", stored_id=key))
-    return rows
+    keys = [opaque_id(cfg.seed, dataset, "generation", "rl", cell_id) for cell_id in ids]
+    n = len(keys)
+    (drawn,), _ = draws.run_program(cfg.seed, keys, [draws.INTEGER], np.full((n, 1), len(candidates)))
+    vocabulary = strings(candidates)
+    conditions = vocabulary.take(pa.array(drawn[:, 0]))
+    index = np.tile(np.arange(len(candidates), dtype=np.int64), (n, 1))
+    return _generation_table(
+        [f"{dataset}/generation/rl/{key}" for key in keys],
+        keys,
+        conditions,
+        vocabulary,
+        index,
+        np.full(n, len(candidates), dtype=np.int64),
+        cfg,
+        dataset,
+    )
+
+
+def _generation_table(
+    keys: Sequence[str],
+    ids: Sequence[str],
+    conditions: pa.Array,
+    vocabulary: pa.Array,
+    index: np.ndarray,
+    m: np.ndarray,
+    cfg: TaskConfig,
+    dataset: str,
+    **extra: pa.Array,
+) -> pa.Table:
+    """Generation records of :func:`generation_example`, seeded by ``keys`` (its ``rid``s): the
+    template, then the order of each row's candidates (``vocabulary[index[r, :m[r]]]``)."""
+    n = len(keys)
+    n_genes = cfg.answer_genes
+    (template, perm), _ = draws.run_program(
+        cfg.seed, keys, [draws.INTEGER, draws.PERMUTE], np.stack([np.full(n, len(GENERATION)), m], axis=1)
+    )
+    prompt = format_column(GENERATION, template[:, 0], {"condition": conditions, "n": n_genes})
+    return record_table(
+        n,
+        SCHEMA,
+        id=list(ids),
+        task="generation",
+        prompt=prompt_column(prompt),
+        candidates=take_lists(vocabulary, np.take_along_axis(index, np.maximum(perm, 0), axis=1), m),
+        condition=conditions,
+        condition_text=conditions,
+        n_genes=n_genes,
+        dataset=dataset,
+        **extra,
+    )
 
 
 def generation_example(
@@ -186,13 +242,16 @@ class PerturbationPlan:
     def rows(
         self,
         obs: pd.DataFrame,
-        sentences: Sequence[Sequence[str]],
+        sentences: Sentences,
         cells: np.ndarray,
         columns: Columns,
         dataset: str,
         cfg: TaskConfig,
-    ) -> list[dict]:
-        """The examples of the perturbed cells among ``cells`` (positions into ``obs``/``sentences``)."""
+    ) -> pa.Table:
+        """The examples of the perturbed cells among ``cells`` (positions into ``obs``/``sentences``),
+        as a record table. Seeded per example by ``dataset/perturbation/split/cell_id``: the control
+        cell (of the same context), the dual's candidates (:func:`perturbation_candidates`), the
+        template."""
         split = self.split
         n = cfg.answer_genes
         cells = self.perturbed(cells)
@@ -200,94 +259,162 @@ class PerturbationPlan:
         directions = obs[columns.direction].iloc[cells].astype(str).tolist() if columns.direction else None
         doses = obs[columns.dose].iloc[cells].astype(str).tolist() if columns.dose else None
         ctx_texts = context_texts(obs, cells, columns.context)
-        rows = []
-        for k, i in enumerate(cells.tolist()):
-            cell_id = ids[k]
-            rng = example_rng(cfg.seed, f"{dataset}/perturbation/{split}/{cell_id}")
-            ctrl_pool = self.controls_by_context[self.contexts[i]]
-            ctrl_pool = ctrl_pool if ctrl_pool.size else self.any_controls
-            control = int(ctrl_pool[int(rng.integers(ctrl_pool.size))])
-            condition = self.conditions[i]
-            text = perturbation_text(
-                condition, columns, directions[k] if directions else None, doses[k] if doses else None
-            )
-            candidates = perturbation_candidates(
-                rng,
-                condition,
-                str(columns.control_value),
-                self.perturbations_by_context[self.contexts[i]],
-                cfg,
-            )
-            ctx = ctx_texts[k]
-            control_genes = list(sentences[control])[: cfg.top_k]
-            prompt = pick(rng, PERTURBATION).format(
-                cell=join_genes(control_genes),
-                condition_text=text,
-                n=n,
-                context=f" ({ctx})" if ctx else "",
-            )
-            rows.append(
-                record(
-                    id=opaque_id(cfg.seed, dataset, "perturbation", split, cell_id),
-                    task="perturbation",
-                    prompt=messages(prompt),
-                    answer=join_genes(list(sentences[i])[:n]),
-                    candidates=candidates,
-                    condition=condition,
-                    condition_text=text,
-                    cell_genes=control_genes,
-                    n_genes=n,
-                    context=ctx,
-                    cell_id=cell_id,
-                    dataset=dataset,
-                )
-            )
-        return rows
+        keys = [f"{dataset}/perturbation/{split}/{cell_id}" for cell_id in ids]
+        pools = [self.controls_by_context[self.contexts[i]] for i in cells.tolist()]
+        pools = [p if p.size else self.any_controls for p in pools]
+        conditions = self.conditions[cells].tolist()
+        others = [
+            [p for p in self.perturbations_by_context[self.contexts[i]] if p != c]
+            for i, c in zip(cells.tolist(), conditions, strict=True)
+        ]
+        (control_at, _, _, template), candidates = _perturbation_draws(
+            keys, others, conditions, str(columns.control_value), cfg, pools=[p.size for p in pools]
+        )
+        controls = np.array(
+            [int(p[k]) for p, k in zip(pools, control_at[:, 0].tolist(), strict=True)], dtype=np.int64
+        )
+        texts = [
+            perturbation_text(c, columns, directions[k] if directions else None, doses[k] if doses else None)
+            for k, c in enumerate(conditions)
+        ]
+        control_genes = sentences.arrow(controls, cfg.top_k) if cells.size else _empty_lists()
+        answer = join_lists(sentences.arrow(cells, n), " ") if cells.size else strings([])
+        text_column = strings(texts)
+        prompt = format_column(
+            PERTURBATION,
+            template[:, 0],
+            {
+                "cell": join_lists(control_genes, " "),
+                "condition_text": text_column,
+                "n": n,
+                "context": strings([f" ({c})" if c else "" for c in ctx_texts]),
+            },
+        )
+        return record_table(
+            len(ids),
+            SCHEMA,
+            id=[opaque_id(cfg.seed, dataset, "perturbation", split, cell_id) for cell_id in ids],
+            task="perturbation",
+            prompt=prompt_column(prompt),
+            answer=answer,
+            candidates=candidates,
+            condition=strings(conditions),
+            condition_text=text_column,
+            cell_genes=control_genes,
+            n_genes=n,
+            context=strings(ctx_texts),
+            cell_id=strings(ids),
+            dataset=dataset,
+        )
 
     def rl_rows(
         self,
         obs: pd.DataFrame,
-        sentences: Sequence[Sequence[str]],
+        sentences: Sentences,
         cells: np.ndarray,
         columns: Columns,
         dataset: str,
         cfg: TaskConfig,
-    ) -> list[dict]:
+    ) -> pa.Table:
         """The RL pool's prompts: each control cell of ``cells`` with each perturbation the SFT set has in
-        its context. No perturbed cell and no answer: the oracle compares a generated cell with the
-        pool's perturbed cells of that perturbation (``rl_reference``)."""
+        its context, as a record table (the rows :func:`perturbation_example` gives). No perturbed cell
+        and no answer: the oracle compares a generated cell with the pool's perturbed cells of that
+        perturbation (``rl_reference``)."""
         cells = np.asarray(cells, dtype=np.int64)
         cells = cells[self.is_control[cells]]
         ids = obs.index[cells].astype(str).tolist()
         ctx_texts = context_texts(obs, cells, columns.context)
-        rows = []
+        texts: dict[tuple[object, str], str] = {}
+        row_cell, row_condition, row_text, row_others, keys = [], [], [], [], []
         for k, i in enumerate(cells.tolist()):
             ctx_key = self.contexts[i]
-            control_genes = list(sentences[i])[: cfg.top_k]
-            for condition in self.perturbations_by_context[ctx_key]:
-                example = self.pool_cells[(ctx_key, condition)] if self.pool_cells else None
-                text = perturbation_text(
-                    condition,
-                    columns,
-                    str(obs[columns.direction].iloc[example])
-                    if columns.direction and example is not None
-                    else None,
-                    str(obs[columns.dose].iloc[example]) if columns.dose and example is not None else None,
-                )
-                rows.append(
-                    perturbation_example(
-                        opaque_id(cfg.seed, dataset, "perturbation", "rl", f"{ids[k]}|{condition}"),
-                        control_genes,
+            perturbations = self.perturbations_by_context[ctx_key]
+            for condition in perturbations:
+                if (ctx_key, condition) not in texts:
+                    example = self.pool_cells[(ctx_key, condition)] if self.pool_cells else None
+                    texts[(ctx_key, condition)] = perturbation_text(
                         condition,
-                        text,
-                        self.perturbations_by_context[ctx_key],
-                        str(columns.control_value),
-                        cfg,
-                        dataset,
-                        context=ctx_texts[k],
+                        columns,
+                        str(obs[columns.direction].iloc[example])
+                        if columns.direction and example is not None
+                        else None,
+                        str(obs[columns.dose].iloc[example])
+                        if columns.dose and example is not None
+                        else None,
                     )
-                )
-        return rows
+                row_cell.append(k)
+                row_condition.append(condition)
+                row_text.append(texts[(ctx_key, condition)])
+                row_others.append([p for p in perturbations if p != condition])
+                keys.append(opaque_id(cfg.seed, dataset, "perturbation", "rl", f"{ids[k]}|{condition}"))
+        if not keys:
+            return record_table(0, SCHEMA)
+        (_, _, template), candidates = _perturbation_draws(
+            keys, row_others, row_condition, str(columns.control_value), cfg
+        )
+        rows = np.asarray(row_cell, dtype=np.int64)
+        control_genes = sentences.arrow(cells[rows], cfg.top_k)
+        contexts = [ctx_texts[k] for k in row_cell]
+        text_column = strings(row_text)
+        prompt = format_column(
+            PERTURBATION,
+            template[:, 0],
+            {
+                "cell": join_lists(control_genes, " "),
+                "condition_text": text_column,
+                "n": cfg.answer_genes,
+                "context": strings([f" ({c})" if c else "" for c in contexts]),
+            },
+        )
+        return record_table(
+            len(keys),
+            SCHEMA,
+            id=keys,
+            task="perturbation",
+            prompt=prompt_column(prompt),
+            candidates=candidates,
+            condition=strings(row_condition),
+            condition_text=text_column,
+            cell_genes=control_genes,
+            n_genes=cfg.answer_genes,
+            context=strings(contexts),
+            dataset=dataset,
+        )
+
+
+def _empty_lists() -> pa.Array:
+    return pa.array([], type=pa.list_(pa.string()))
+
+
+def _perturbation_draws(
+    keys: Sequence[str],
+    others: Sequence[Sequence[str]],
+    conditions: Sequence[str],
+    control_value: str,
+    cfg: TaskConfig,
+    *,
+    pools: Sequence[int] | None = None,
+) -> tuple[list[np.ndarray], pa.Array]:
+    """The draws of perturbation examples seeded by ``keys``: (with ``pools``, a control cell among
+    ``pools[e]``), :func:`perturbation_candidates` (``others``: each example's other perturbations),
+    then the template. Returns the draws and the candidates column."""
+    n = len(keys)
+    n_others = np.array([len(o) for o in others], dtype=np.int64)
+    size = np.minimum(n_others, max(0, cfg.max_candidates - 2))
+    program = [draws.CHOICE, draws.PERMUTE, draws.INTEGER]
+    params = [n_others, size + 2, np.full(n, len(PERTURBATION))]
+    sizes = [size, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)]
+    if pools is not None:
+        program.insert(0, draws.INTEGER)
+        params.insert(0, np.asarray(pools, dtype=np.int64))
+        sizes.insert(0, np.zeros(n, dtype=np.int64))
+    results, _ = draws.run_program(cfg.seed, keys, program, np.stack(params, axis=1), np.stack(sizes, axis=1))
+    picked, perm = results[-3], results[-2]
+    lists = []
+    for e in range(n):
+        listed = [conditions[e], control_value, *(others[e][j] for j in picked[e, : size[e]].tolist())]
+        lists.append([listed[j] for j in perm[e, : size[e] + 2].tolist()])
+    return results, pa.array(lists, type=pa.list_(pa.string()))
 
 
 def perturbation_example(
@@ -377,7 +504,7 @@ def perturbation_plan(
 
 def perturbation_rows(
     obs: pd.DataFrame,
-    sentences: Sequence[Sequence[str]],
+    sentences: Sentences,
     cells: np.ndarray,
     columns: Columns,
     dataset: str,
@@ -386,7 +513,7 @@ def perturbation_rows(
     *,
     pool: Sequence[int] | None = None,
     gene_scores: Mapping[str, float] | None = None,
-) -> list[dict]:
+) -> pa.Table:
     """One example per perturbed cell in ``cells``: a control cell of the same context + perturbation.
 
     Single-cell perturbation data are unpaired, so each perturbed cell is paired with a seeded random

@@ -18,10 +18,44 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetInfo, Features
 
 from cellduality.data.schema import TASKS
+
+#: the ASCII bytes ``str.split()`` splits on (tab to carriage return, the four separators, space)
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+
+
+def word_counts(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``len(text.split())`` of every string, read from the Arrow buffer: a word starts at a byte
+    that is not a space after one that is (or at the start). A string with a non-ASCII byte (which may
+    be a Unicode space) is split by Python instead."""
+    if isinstance(texts, pa.ChunkedArray):
+        return np.concatenate([word_counts(c) for c in texts.chunks] or [np.zeros(0, dtype=np.int64)])
+    texts = pc.fill_null(texts, "").cast(pa.large_string())
+    n = len(texts)
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + n + 1]
+    if n == 0 or offsets[-1] == offsets[0]:
+        return np.zeros(n, dtype=np.int64)
+    raw = np.frombuffer(texts.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    local = offsets - offsets[0]
+    space = _ASCII_SPACE[raw]
+    after_space = np.empty_like(space)
+    after_space[0] = True
+    after_space[1:] = space[:-1]
+    after_space[local[:-1][local[:-1] < raw.size]] = True  # every string starts after a space
+    starts = np.flatnonzero(after_space & ~space)  # where a word starts
+    counts = np.searchsorted(starts, local[1:]) - np.searchsorted(starts, local[:-1])
+    if raw.max() >= 0x80:
+        high = np.flatnonzero(raw >= 0x80)
+        rows = np.flatnonzero(np.searchsorted(high, local[1:]) - np.searchsorted(high, local[:-1]))
+        for r in rows.tolist():
+            counts[r] = len(texts[r].as_py().split())
+    return counts
 
 
 def rows_table(rows: Sequence[Mapping[str, Any]], features: Features) -> pa.Table:
@@ -33,7 +67,12 @@ def rows_table(rows: Sequence[Mapping[str, Any]], features: Features) -> pa.Tabl
 
 def rows_dataset(rows: Sequence[Mapping[str, Any]], features: Features) -> Dataset:
     """Rows as an in-memory ``Dataset`` with ``features``, also when there is none."""
-    return Dataset(rows_table(rows, features), info=DatasetInfo(features=features))
+    return table_dataset(rows_table(rows, features), features)
+
+
+def table_dataset(table: pa.Table, features: Features) -> Dataset:
+    """A record table as an in-memory ``Dataset`` with ``features``."""
+    return Dataset(table, info=DatasetInfo(features=features))
 
 
 class SummaryCounter:
@@ -57,18 +96,22 @@ class SummaryCounter:
             sums[2] += len(row["answer"].split())
 
     def add_table(self, split: str, table: pa.Table) -> None:
-        """The same as :meth:`add` for an Arrow table of records (no Python row objects)."""
+        """The same as :meth:`add` for an Arrow table of records, in Arrow (no Python object per row):
+        an answer's genes are its runs of non-whitespace, as ``str.split()`` counts them."""
         import pyarrow.compute as pc
 
         self.add_split(split)
-        tasks = table.column("task").to_pylist()
-        cell_len = pc.fill_null(pc.list_value_length(table.column("cell_genes")), 0).to_pylist()
-        answers = table.column("answer").to_pylist()
-        for task, n_cell, answer in zip(tasks, cell_len, answers, strict=True):
+        if len(table) == 0:
+            return
+        tasks = table.column("task")
+        cell_len = pc.fill_null(pc.list_value_length(table.column("cell_genes")), 0)
+        words = pa.array(word_counts(table.column("answer")))
+        for task in pc.unique(tasks).to_pylist():
+            mask = pc.equal(tasks, task)
             sums = self._sums.setdefault((split, str(task)), [0, 0, 0])
-            sums[0] += 1
-            sums[1] += n_cell
-            sums[2] += len(answer.split())
+            sums[0] += int(pc.sum(mask).as_py() or 0)
+            sums[1] += int(pc.sum(pc.filter(cell_len, mask)).as_py() or 0)
+            sums[2] += int(pc.sum(pc.filter(words, mask)).as_py() or 0)
 
     def merge(self, other: SummaryCounter) -> None:
         """Add another counter's sums (a worker's chunk)."""
@@ -110,6 +153,23 @@ class LabelCollector:
             task = str(row["task"])
             self._candidates.setdefault(task, set()).update(str(c) for c in row.get("candidates") or [])
             self._conditions.setdefault(task, set()).add(str(row["condition"]))
+
+    def add_table(self, table: pa.Table) -> None:
+        """The same as :meth:`add` for an Arrow table of records (per task: the distinct candidates and
+        conditions, in Arrow)."""
+        import pyarrow.compute as pc
+
+        if len(table) == 0:
+            return
+        tasks = table.column("task")
+        for task in pc.unique(tasks).to_pylist():
+            mask = pc.equal(tasks, task)
+            candidates = pc.list_flatten(pc.filter(table.column("candidates"), mask))
+            self._candidates.setdefault(str(task), set()).update(
+                str(c) for c in pc.unique(candidates).to_pylist() if c is not None
+            )
+            conditions = pc.unique(pc.filter(table.column("condition"), mask)).to_pylist()
+            self._conditions.setdefault(str(task), set()).update(str(c) for c in conditions)
 
     def merge(self, other: LabelCollector) -> None:
         """Add another collector's labels (a worker's chunk)."""

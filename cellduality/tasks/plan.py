@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cellduality.data.loading import CellData
 from cellduality.data.perturbations import canonical_condition, missing_mask
 from cellduality.data.schema import TASKS, DataError
 from cellduality.data.splits import Split, split_cells
+from cellduality.sentences import Sentences
 from cellduality.tasks.classification import annotation_rows, drug_sensitivity_rows, response_labels
 from cellduality.tasks.common import TaskConfig
 from cellduality.tasks.generative import (
@@ -157,20 +159,6 @@ def task_cells(data: CellData, tasks: Sequence[str], notes: list[str]) -> dict[s
     return out
 
 
-class TaskSentences(Sequence):
-    """The sentences of one task's cells: ``sentences[positions[i]]``, without copying them."""
-
-    def __init__(self, sentences: Sequence[Sequence[str]], positions: np.ndarray) -> None:
-        self._sentences = sentences
-        self._positions = positions
-
-    def __len__(self) -> int:
-        return len(self._positions)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self._sentences[int(self._positions[i])]
-
-
 @dataclass
 class TaskPlan:
     """One task's share of a preparation: its cells, split, candidate pool and the cells of each split
@@ -190,14 +178,14 @@ class TaskPlan:
         self,
         split_name: str,
         cells: np.ndarray,
-        sentences: Sequence[Sequence[str]],
+        sentences: Sentences,
         data: CellData,
         cfg: TaskConfig,
         gene_scores: Mapping[str, float] | None,
-    ) -> list[dict[str, Any]]:
-        """The examples of ``cells`` (a chunk of ``self.cells[split_name]``); ``sentences`` are the
-        whole dataset's (indexed like ``data.adata.obs``)."""
-        task_sentences = TaskSentences(sentences, self.positions)
+    ) -> pa.Table:
+        """The examples of ``cells`` (a chunk of ``self.cells[split_name]``) as a record table;
+        ``sentences`` are the whole dataset's (indexed like ``data.adata.obs``)."""
+        task_sentences = sentences.view(self.positions)
         if self.task == "perturbation":
             plan = self.perturbation[split_name]
             if split_name == RL_SPLIT:
