@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from cellduality.parsing import gene_vocabulary
-from cellduality.rewards.dual import DualReward
-from cellduality.rewards.oracle import Oracle
+from cellduality.rewards import RewardContext, build_rewards
 from cellduality.tasks.dual import CLASSIFICATION_TASKS, GENERATION_TASKS, control_cell_genes, has_dual
 
 Messages = list[dict[str, str]]
@@ -307,7 +306,12 @@ def check_task(
     first = rows[0]
     result = TaskCheck(str(first["dataset"]), str(first["task"]), str(first.get("_split", "")))
     vocab = gene_vocabulary(genes)
-    reward = DualReward(generate=generate, vocabulary=vocab, seed=config.seed, deterministic=True)
+    # the rewards built as training builds them (the registry's one factory signature, from a context):
+    # the check validates the reward a recipe names, not a copy wired by hand
+    context = RewardContext(vocabulary=vocab, generate=generate, seed=config.seed)
+    reward, oracle_reward = build_rewards(
+        ["dual", "oracle"], context, params={"dual": {"deterministic": True}}
+    )
     columns = _label_free(rows)
     answers = counterfactuals(rows, config.seed)
     scored: dict[str, np.ndarray] = {}
@@ -339,7 +343,7 @@ def check_task(
         with_labels = {
             k: [r[k] for r in rows for _ in range(g)] for k in ("task", "answer", "candidates", "n_genes")
         }
-        oracle = np.asarray(Oracle(vocab)(completions=completions, **with_labels), dtype=float)
+        oracle = np.asarray(oracle_reward(completions=completions, **with_labels), dtype=float)
         result.grpo = group_view(dual, oracle.reshape(len(rows), g), parsed_mask, result.task)
     result.verdict = verdict(result)
     return result
