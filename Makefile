@@ -34,7 +34,7 @@ ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cellduality ablation --out ablation_out
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q --durations=40 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cellduality sft_data tests benchmarks

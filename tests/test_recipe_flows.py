@@ -29,10 +29,28 @@ FLOWS = {"sft": ["grpo_dual", "grpo_oracle"], "sft_neighbourhood": ["grpo_neighb
 pytestmark = pytest.mark.slow  # one SFT recipe (about a minute on 2 CPU cores) and its GRPO recipes
 
 
+def _command(*argv: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "cellduality"), *argv]
+
+
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 def _cellduality(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [str(Path(sys.executable).parent / "cellduality"), *argv]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(_command(*argv), cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=900)
+
+
+def _cellduality_together(commands: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str]]:
+    """Independent commands at once (one torch thread each, as a user with two terminals would run the
+    documented GRPO recipes after the same SFT): name -> (exit status, stderr)."""
+    logs = {name: cwd / f"{name}.stderr" for name in commands}  # files, so no pipe fills up and blocks
+    running = {}
+    for name, argv in commands.items():
+        with logs[name].open("w") as err:
+            running[name] = subprocess.Popen(
+                _command(*argv), cwd=cwd, env=_ENV, stdout=subprocess.DEVNULL, stderr=err
+            )
+    return {name: (process.wait(timeout=900), logs[name].read_text()) for name, process in running.items()}
 
 
 def _log_history(output_dir: Path) -> list[dict]:
@@ -60,16 +78,19 @@ def test_tiny_recipe_flow_learns_as_documented(sft: str, tmp_path: Path, request
         done = _cellduality("sft", "--config", f"recipes/tiny-cpu/{sft}.yaml", cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "outputs" / "tiny-cpu" / sft / "cellduality_run.json").is_file()
-    for grpo in FLOWS[sft]:
-        done = _cellduality(
+    runs = {
+        grpo: [
             "grpo",
             "--config",
             f"recipes/tiny-cpu/{grpo}.yaml",
             "--model_name_or_path",
             f"outputs/tiny-cpu/{sft}",
-            cwd=tmp_path,
-        )
-        assert done.returncode == 0, f"{grpo}: {done.stderr[-2000:]}"
+        ]
+        for grpo in FLOWS[sft]
+    }
+    for grpo, (status, err) in _cellduality_together(runs, tmp_path).items():
+        assert status == 0, f"{grpo}: {err[-2000:]}"
+    for grpo in FLOWS[sft]:
         logs = [e for e in _log_history(tmp_path / "outputs" / "tiny-cpu" / grpo) if "reward_std" in e]
         assert logs, f"{grpo} logged no reward"
         zero = [e["frac_reward_zero_std"] for e in logs]
