@@ -36,6 +36,7 @@ from cellduality.eval.scoring import (
     score_classification,
 )
 from cellduality.inference.cache import entry_key, open_cache, path_fingerprint
+from cellduality.inference.engine import best_by_dual, dual_confidence
 from cellduality.inference.generate import (
     Backend,
     BackendFactory,
@@ -46,7 +47,7 @@ from cellduality.inference.generate import (
     load_backend,
 )
 from cellduality.tasks import PreparedTasks, load_prepared
-from cellduality.tasks.dual import CLASSIFICATION_TASKS, dual_prompt, dual_score, forward_answer
+from cellduality.tasks.dual import CLASSIFICATION_TASKS, forward_answer
 from cellduality.tasks.real_data import RealData, load_real_data
 
 Row = dict[str, Any]
@@ -200,24 +201,15 @@ class ModelRunner:
         prompts = [r["prompt"] for r in rows for _ in range(n)]
         keys = [entry_key(r["id"], r["prompt"], j) for r in rows for j in range(n)]
         samples = self.complete(prompts, keys, sampling, f"samples{n}")
-        owners: list[tuple[int, int]] = []
-        dual_prompts: list[Any] = []
-        for i, row in enumerate(rows):
-            for j in range(n):
-                answer = forward_answer(row, samples[i * n + j], vocabulary)
-                if answer is not None:
-                    owners.append((i, j))
-                    dual_prompts.append(dual_prompt(row, answer, seed=cfg.seed))
         greedy = replace(cfg.generation, temperature=0.0)
-        dual_keys = [entry_key("dual", p) for p in dual_prompts]
-        duals = self.complete(dual_prompts, dual_keys, greedy, "dual") if dual_prompts else []
-        scores = np.zeros((len(rows), n))
-        for (i, j), completion in zip(owners, duals, strict=True):
-            scores[i, j] = dual_score(rows[i], completion, vocabulary)
-        parsed = np.zeros((len(rows), n), dtype=bool)
-        for i, j in owners:
-            parsed[i, j] = True
-        best = np.where(parsed, scores, -1.0).argmax(axis=1) if len(rows) else np.zeros(0, dtype=int)
+
+        def answer(dual_prompts: list[Any], owners: list[int]) -> list[str]:
+            return self.complete(dual_prompts, [entry_key("dual", p) for p in dual_prompts], greedy, "dual")
+
+        flat = [r for r in rows for _ in range(n)]
+        scores, parsed = dual_confidence(flat, samples, answer, vocabulary, cfg.seed)
+        scores, parsed = scores.reshape(len(rows), n), parsed.reshape(len(rows), n)
+        best = best_by_dual(scores, parsed)
         chosen = [samples[i * n + int(j)] for i, j in enumerate(best)]
         stats = {
             "dual_score_chosen": float(scores.max(axis=1).mean()) if len(rows) else float("nan"),

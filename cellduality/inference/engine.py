@@ -109,10 +109,21 @@ class Engine:
         )
 
 
-def dual_scores(
-    rows: Sequence[Row], completions: Sequence[Any], engine: Engine, vocabulary: Mapping[str, str], seed: int
-) -> np.ndarray:
-    """The dual score of each forward completion; one that does not parse scores 0 without a dual prompt."""
+def dual_confidence(
+    rows: Sequence[Row],
+    completions: Sequence[Any],
+    answer_duals: Callable[[list[Any], list[int]], list[str]],
+    vocabulary: Mapping[str, str],
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per forward completion: its dual score, and whether it gave a usable answer (parsed).
+
+    ``answer_duals(prompts, owners)`` answers the dual prompts (greedy) of the completions at ``owners``;
+    each caller brings its own generation and cache (eval's disk cache, predict's memory cache). A
+    completion that does not parse scores 0 without a dual prompt, as in the dual reward. The one place
+    where the label-free confidence of an answer is computed, for ``eval --self-verify`` and
+    ``predict``'s best-of-N alike.
+    """
     owners: list[int] = []
     prompts: list[Any] = []
     for i, (row, completion) in enumerate(zip(rows, completions, strict=True)):
@@ -120,12 +131,32 @@ def dual_scores(
         if answer is not None:
             owners.append(i)
             prompts.append(dual_prompt(row, answer, seed=seed))
-    greedy = replace(engine.settings, temperature=0.0)
-    duals = engine.complete(prompts, [rows[i]["id"] for i in owners], greedy, "dual check")
+    duals = answer_duals(prompts, owners) if prompts else []
     scores = np.zeros(len(rows))
+    parsed = np.zeros(len(rows), dtype=bool)
     for i, completion in zip(owners, duals, strict=True):
         scores[i] = dual_score(rows[i], completion, vocabulary)
-    return scores
+        parsed[i] = True
+    return scores, parsed
+
+
+def best_by_dual(scores: np.ndarray, parsed: np.ndarray) -> np.ndarray:
+    """Per row of (rows x samples): the sample to keep. A usable answer beats an unusable one even when
+    both score 0; ties keep the first usable sample (with one sample, that sample)."""
+    ranked = np.where(parsed, np.where(np.isnan(scores), 0.0, scores), -1.0)
+    return np.argmax(ranked, axis=1) if len(ranked) else np.zeros(0, dtype=int)
+
+
+def dual_scores(
+    rows: Sequence[Row], completions: Sequence[Any], engine: Engine, vocabulary: Mapping[str, str], seed: int
+) -> np.ndarray:
+    """The dual score of each forward completion, the engine answering the duals greedily."""
+    greedy = replace(engine.settings, temperature=0.0)
+
+    def answer(prompts: list[Any], owners: list[int]) -> list[str]:
+        return engine.complete(prompts, [rows[i]["id"] for i in owners], greedy, "dual check")
+
+    return dual_confidence(rows, completions, answer, vocabulary, seed)[0]
 
 
 def best_of(
@@ -160,12 +191,10 @@ def best_of(
         scores = dual_scores(flat_rows, completions, engine, vocabulary, seed).reshape(len(rows), samples)
     else:
         scores = np.full((len(rows), samples), np.nan)
-    # a usable answer beats an unusable one even when both score 0 (ties: the first usable sample)
-    ranked = np.where(usable, np.where(np.isnan(scores), 0.0, scores), -1.0)
-    best = np.argmax(ranked, axis=1) if len(rows) else np.zeros(0, int)
+    best = best_by_dual(scores, usable)
     chosen = [completions[i * samples + int(j)] for i, j in enumerate(best)]
     chosen_scores = scores[np.arange(len(rows)), best] if len(rows) else np.zeros(0)
     return chosen, chosen_scores, usable.sum(axis=1)
 
 
-__all__ = ["Engine", "MemoryCache", "best_of", "dual_scores"]
+__all__ = ["Engine", "MemoryCache", "best_by_dual", "best_of", "dual_confidence", "dual_scores"]
