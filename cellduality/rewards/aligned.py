@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from cellduality.metrics.perturbation import de_gene_indices
 from cellduality.parsing import match_label, parse_genes, parse_label
 from cellduality.rewards.base import RowReward
 from cellduality.rewards.context import RewardContext
@@ -101,8 +100,6 @@ class _DatasetTruth:
         """Control mean, the pool's mean change and its DE genes for one perturbation and context."""
         key = (condition, context)
         if key not in self._truth:
-            from cellduality import metrics as m
-
             ids = [
                 c
                 for c, t, cond, ctx in zip(
@@ -117,9 +114,7 @@ class _DatasetTruth:
             if not ids:
                 self._truth[key] = None
             else:
-                control = m.mean_profile(self.real.x[self.real.control_positions(context or None)])
-                delta = m.mean_profile(self.real.expression(ids)) - control
-                self._truth[key] = (control, delta, de_gene_indices(delta, N_DE))
+                self._truth[key] = self.real.observed_change(ids, context, N_DE)
         return self._truth[key]
 
 

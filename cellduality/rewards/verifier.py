@@ -28,7 +28,6 @@ import numpy as np
 
 # the verifier formulas and PROGENy's weights are still eval's; they move to cellduality.metrics
 from cellduality import metrics as m
-from cellduality.metrics.perturbation import de_gene_indices
 from cellduality.parsing import parse_genes
 from cellduality.rewards.base import RowReward
 from cellduality.rewards.context import RewardContext
@@ -96,10 +95,7 @@ class PerturbationTruth:
                 if not ids:
                     self._truth[key] = None
                 else:
-                    real = self.real(key[0])
-                    control = m.mean_profile(real.x[real.control_positions(key[2] or None)])
-                    delta = m.mean_profile(real.expression(ids)) - control
-                    idx = de_gene_indices(delta, self.n_de)
+                    control, delta, idx = self.real(key[0]).observed_change(ids, key[2], self.n_de)
                     self._truth[key] = Truth(control, delta, idx, len(ids))
             return self._truth[key]
 

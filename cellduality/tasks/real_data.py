@@ -106,6 +106,20 @@ class RealData:
                 return np.flatnonzero(same)
         return np.flatnonzero(is_control)
 
+    def observed_change(
+        self, cell_ids: Sequence[str], context: str | None, n_de: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ground truth of a perturbation from real cells: the control mean of its context (all
+        controls when the context has none), the observed mean delta of ``cell_ids`` from it, and the
+        ``n_de`` genes that change most. One place for what the ground-truth rewards (``oracle_eval``,
+        the verifiers) compare a predicted cell against."""
+        from cellduality.metrics.arrays import mean_profile
+        from cellduality.metrics.perturbation import de_gene_indices
+
+        control = mean_profile(self.x[self.control_positions(context or None)])
+        delta = mean_profile(self.expression(cell_ids)) - control
+        return control, delta, de_gene_indices(delta, n_de)
+
     def reconstruct(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
         """Expression of sentences via the rank fit; an empty sentence (invalid output) is a ``nan`` row."""
         out = np.full((len(sentences), len(self.genes)), NAN)
