@@ -35,7 +35,7 @@ from rich.console import Console
 from cellduality import stages
 from cellduality.ablation_goal import assess, dual_check_by_seed, goal_markdown, interval, paired_differences
 from cellduality.eval.headline import HEADLINE_METRICS
-from cellduality.metrics.registry import metric_info
+from cellduality.metrics.registry import best_item, metric_info
 from cellduality.stages import RECIPES, Plan
 
 #: the packaged plans: recipes/ablation/full (the default: the paper's data design, the full demo's SFT
@@ -274,16 +274,6 @@ def _method(metrics: dict[str, Any], task: str, name: str, metric: str) -> float
     return None if value is None else float(value)
 
 
-def _best_baseline(row: dict[str, Any]) -> tuple[str, float] | None:
-    """The baseline that scores best on the row's metric, in the metric's own direction (the registry's)."""
-    info = metric_info(row["metric_key"])
-    best: tuple[str, float] | None = None
-    for name, value in row["baselines"].items():
-        if best is None or info.better(value, best[1]):
-            best = (name, value)
-    return best
-
-
 def summarise(seeds: list[dict[str, Any]], key: str = "metrics") -> list[dict[str, Any]]:
     """One row per dataset and task: each arm's mean and interval, baselines, and the gap closed
     (``key``: the greedy evaluation, ``metrics``, or the sampled one, ``sampled``)."""
@@ -504,7 +494,7 @@ def write_report(
     ]
     for mode, table in (("greedy", rows), ("sampled, T = 1", sampled_rows)):
         for r in table:
-            best = _best_baseline(r)
+            best = best_item(r["baselines"].items(), r["metric_key"], lambda kv: kv[1])
             closed = _fmt(r["gap_closed"]) if r["gap_closed"] else "undefined"
             lines.append(
                 f"| {mode} | {r['dataset']} | {r['task']} | {r['metric']} | {_fmt(r['SFT'])} | "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cellduality.metrics import classification, generation, pathways, perturbation
 
@@ -243,15 +243,25 @@ class Scored(Protocol):
     note: str
 
 
+T = TypeVar("T")
+
+
+def best_item(items: Iterable[T], key: str, value: Callable[[T], Any]) -> T | None:
+    """The item whose ``value`` is best by metric ``key``'s direction, among finite values (first one on
+    ties); ``None`` if none has one. Tables' rows, or (name, value) pairs alike."""
+    info = metric_info(key)
+    best: T | None = None
+    best_value = 0.0
+    for item in items:
+        v = value(item)
+        if _finite(v) and (best is None or info.better(float(v), best_value)):
+            best, best_value = item, float(v)
+    return best
+
+
 def best_row(rows: Iterable[Scored], key: str) -> Scored | None:
     """The row with the best finite value of ``key`` (first one on ties); ``None`` if none has one."""
-    info = metric_info(key)
-    best: Scored | None = None
-    for row in rows:
-        value = row.metrics.get(key)
-        if _finite(value) and (best is None or info.better(float(value), float(best.metrics[key]))):  # type: ignore[arg-type]
-            best = row
-    return best
+    return best_item(rows, key, lambda row: row.metrics.get(key))
 
 
 def ceiling_violations(rows: Sequence[Scored], keys: Iterable[str]) -> dict[str, list[str]]:
@@ -330,6 +340,7 @@ __all__ = [
     "KINDS",
     "METRICS",
     "MetricInfo",
+    "best_item",
     "best_row",
     "ceiling_violations",
     "describe_directions",

@@ -150,8 +150,7 @@ def load_real_data(
 
     name = str(meta.get("dataset", ""))
     allow_scaled = meta.get("value_type") == ZSCORE
-    source = meta.get("source")
-    source = dict(source) if isinstance(source, Mapping) else {}
+    source = _source(meta)
     layer = layer if layer is not None else source.get("layer")
     gene_symbols = gene_symbols if gene_symbols is not None else source.get("gene_symbols")
     if data_path is None:
@@ -181,13 +180,19 @@ def load_real_data(
     return RealData(data, meta)
 
 
+def _source(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """How ``prepare`` read the data (``meta['source']``: path, layer, gene-symbol column); empty for a
+    folder prepared before it was recorded."""
+    source = meta.get("source")
+    return source if isinstance(source, Mapping) else {}
+
+
 def recorded_source(meta: Mapping[str, Any]) -> str | None:
     """The ``.h5ad`` path ``prepare`` recorded for a user's file; ``None`` for an embedded dataset (which is
     re-read by its name) or when no path was recorded."""
     from cellduality.data.embedded import EMBEDDED
 
-    source = meta.get("source") or {}
-    path = source.get("path") if isinstance(source, Mapping) else None
+    path = _source(meta).get("path")
     return str(path) if path and meta.get("dataset") not in EMBEDDED else None
 
 
