@@ -49,12 +49,19 @@ TARGET = 2.0
 #: per setting, the environment of its process; "new" is what cellduality does by default
 #: ``_OLD_CACHE``: the child gives the GRPO rollouts the dynamic KV cache (before the demo's static one)
 _OLD_CACHE = "CELLDUALITY_BENCH_DYNAMIC_CACHE"
+#: ``_OLD_SAMPLER=0``: torch's own multinomial for the rollouts (``cellduality.train.sampling``)
+_OLD_SAMPLER = "CELLDUALITY_FAST_SAMPLING"
 SETTINGS: dict[str, dict[str, str]] = {
-    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1"},
+    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", _OLD_SAMPLER: "0"},
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
     # many small parallel regions wait for a thread that is not running
-    "old 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", "OMP_NUM_THREADS": "1"},
+    "old 1-thread": {
+        "CELLDUALITY_COMPACT_LM_HEAD": "0",
+        _OLD_CACHE: "1",
+        _OLD_SAMPLER: "0",
+        "OMP_NUM_THREADS": "1",
+    },
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
 #: (new, reference) pairs whose ratio is printed: the head on idle cores (the target), the head alone

@@ -174,6 +174,7 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.modeling.checkpoint import RUN_META, write_run_meta
     from cellduality.train.allocator import keep_freed_memory_on_cpu
     from cellduality.train.common import check_resume, last_checkpoint, write_rank_state
+    from cellduality.train.sampling import inverse_cdf_sampling
 
     keep_freed_memory_on_cpu(bool(training_args.use_cpu))
     trainer = build_grpo_trainer(cd_args, training_args, model_args)
@@ -181,7 +182,8 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     resume = training_args.resume_from_checkpoint or last_checkpoint(
         training_args.output_dir, main_process=training_args.process_index == 0
     )
-    trainer.train(resume_from_checkpoint=resume)
+    with inverse_cdf_sampling():  # on the CPU, one uniform per sampled token (train/sampling.py)
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     dual = trainer.cellduality_dual
     if dual is not None:
