@@ -153,3 +153,62 @@ def test_ood_split_needs_two_values() -> None:
     data = load_dataset("scad_plx4720")
     with pytest.raises(DataError, match="--split id"):
         split_cells(data.adata.obs, mode="ood", key="drug")
+
+
+def _finite_range_by_mask(values):
+    """The definition: the mask of finite values, its count, then the extremes of what it keeps."""
+    finite = np.isfinite(values)
+    kept = values[finite]
+    if kept.size == 0:
+        return int((~finite).sum()), np.inf, -np.inf
+    return int((~finite).sum()), float(kept.min()), float(kept.max())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [0.0, 1.0, 2.5],
+        [-3.0, 0.0, 7.0],
+        [np.nan, 1.0, 2.0],
+        [np.inf, 1.0, -2.0],
+        [-np.inf, 4.0],
+        [np.nan, np.inf, -np.inf],
+        [np.nan],
+        [-0.0, 0.0],
+    ],
+)
+def test_finite_range_is_the_masked_definition(values):
+    from cellduality.data.loading import finite_range
+
+    array = np.asarray(values, dtype=np.float32)
+    assert finite_range(array) == _finite_range_by_mask(array)
+    rng = np.random.default_rng(len(values))  # the same inside a large random block
+    big = rng.normal(size=10_000).astype(np.float32)
+    big[rng.choice(big.size, size=len(values), replace=False)] = array
+    assert finite_range(big) == _finite_range_by_mask(big)
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        [[0.0, 1.0], [1.0, 1.0]],
+        [[0.0, 1.0], [0.5]],
+        [[0.0, 1.0, np.nan], [1.0]],
+        [[2.0, 3.0], [0.0, 1.0]],
+        [[np.nan, np.inf]],
+    ],
+)
+def test_first_pass_scan_matches_the_mask_definition(blocks):
+    """``_Scan`` (streamed prepare's first pass) skips its 0/1 comparison for blocks outside [0, 1];
+    its counts, extremes and 0/1 verdict are those of the whole matrix's finite values."""
+    from cellduality.data.streaming import _Scan
+
+    scan = _Scan()
+    for block in blocks:
+        scan.add(np.asarray(block, dtype=np.float32))
+    everything = np.concatenate([np.asarray(b, dtype=np.float32) for b in blocks])
+    n_bad, lo, hi = _finite_range_by_mask(everything)
+    finite = everything[np.isfinite(everything)]
+    assert (scan.n_bad, scan.minimum, scan.maximum) == (n_bad, lo, hi)
+    assert scan.binary == bool(np.isin(finite, (0.0, 1.0)).all())

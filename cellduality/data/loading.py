@@ -59,14 +59,36 @@ def _values(x) -> np.ndarray:
     return x.data if sp.issparse(x) else np.asarray(x).ravel()
 
 
-def _check_finite(x, where: str) -> None:
-    values = _values(x)
-    bad = ~np.isfinite(values)
-    if bad.any():
+def finite_range(values: np.ndarray) -> tuple[int, float, float]:
+    """How many of ``values`` are NaN or infinite, and the minimum and maximum of the others
+    (``inf``, ``-inf`` when there are none).
+
+    Two reductions when every value is finite, the usual case: ``min`` and ``max`` propagate a NaN and
+    reach an infinity, so finite extremes prove that no value is NaN or infinite, and no mask of the
+    matrix's size is built (a third of the time of ``cell_sentences`` went to that mask and its count).
+    """
+    if values.size == 0:
+        return 0, np.inf, -np.inf
+    lo, hi = values.min(), values.max()
+    if np.isfinite(lo) and np.isfinite(hi):
+        return 0, float(lo), float(hi)
+    finite = np.isfinite(values)
+    n_bad = int(values.size - np.count_nonzero(finite))
+    kept = values[finite]
+    if kept.size == 0:
+        return n_bad, np.inf, -np.inf
+    return n_bad, float(kept.min()), float(kept.max())
+
+
+def _check_finite(x, where: str) -> float:
+    """Refuse NaN or infinite values; the smallest value (``inf`` for a matrix without values)."""
+    n_bad, lo, _ = finite_range(_values(x))
+    if n_bad:
         raise DataError(
-            f"{where} contains {int(bad.sum())} NaN or infinite values; CellDuality cannot rank genes "
+            f"{where} contains {n_bad} NaN or infinite values; CellDuality cannot rank genes "
             "through them. Fix the file (for example replace missing values by 0 for undetected genes)."
         )
+    return lo
 
 
 def _looks_like_counts(x) -> bool:
@@ -91,12 +113,10 @@ def _pick_matrix(adata: ad.AnnData, layer: str | None, allow_scaled: bool, notes
     if x is None:
         raise DataError("the AnnData has no expression matrix (.X is empty)")
     x = _as_float_matrix(x)
-    _check_finite(x, "the expression matrix")
-    if _values(x).size and _values(x).min() < 0:
+    if _check_finite(x, "the expression matrix") < 0:
         if layer is None and adata.raw is not None:
             raw = _as_float_matrix(adata.raw.X)
-            _check_finite(raw, "adata.raw.X")
-            if _values(raw).size and _values(raw).min() < 0:
+            if _check_finite(raw, "adata.raw.X") < 0:
                 raise DataError("both .X and .raw.X hold negative values: no unscaled expression to rank")
             notes.append(".X is scaled (negative values): ranked genes from .raw instead")
             return raw, adata.raw.var.copy(), LOG_NORMALISED

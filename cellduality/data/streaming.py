@@ -33,6 +33,7 @@ from cellduality.data.loading import (
     _mouse_note,
     _symbols,
     _tidy_obs,
+    finite_range,
 )
 from cellduality.data.schema import Columns, DataError
 
@@ -63,17 +64,18 @@ class _Scan:
         if values.size == 0:
             return
         self.n_values += values.size
-        finite = np.isfinite(values)
-        n_bad = int(values.size - np.count_nonzero(finite))
+        n_bad, lo, hi = finite_range(values)
         self.n_bad += n_bad
-        if n_bad:
-            values = values[finite]
-            if values.size == 0:
-                return
-        self.minimum = min(self.minimum, float(values.min()))
-        self.maximum = max(self.maximum, float(values.max()))
-        if self.binary:
-            self.binary = bool(np.isin(values, (0.0, 1.0)).all())
+        if lo > hi:  # no finite value
+            return
+        self.minimum = min(self.minimum, lo)
+        self.maximum = max(self.maximum, hi)
+        # only values within [0, 1] can all be 0 or 1: the comparison pass is skipped for any other block
+        if self.binary and not (lo >= 0.0 and hi <= 1.0):
+            self.binary = False
+        elif self.binary:
+            finite = values if not n_bad else values[np.isfinite(values)]
+            self.binary = bool(np.isin(finite, (0.0, 1.0)).all())
 
 
 def _scan(
