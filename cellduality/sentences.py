@@ -209,10 +209,17 @@ def _pad(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     return sp.csr_matrix((values, pos, indptr.astype(itype)), shape=(n, width)).toarray()
 
 
-def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
+def _block_sparse(
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    k: int | None,
+    order: _TieOrder,
+    out: np.ndarray | None = None,
+):
     """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr).
 
-    The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`.
+    The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`. With
+    ``out`` (rows x at least the block's width, any integer type, filled with -1) the indices are written
+    there and a view of it is returned: no int64 block to convert and copy.
     """
     from cellduality.topk import genes_of_keys, top_keys_csr
 
@@ -238,9 +245,9 @@ def _block_sparse(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None
     )
     keys.sort(axis=1)  # numpy's vectorised sort, ascending: read backwards, largest first
     width = int(found.max())
-    genes = np.empty((n, width), dtype=np.int64)
+    genes = np.empty((n, width), dtype=np.int64) if out is None else out
     genes_of_keys(keys, width, np.uint64(order.b), np.uint64(pow(order.a, -1, _MOD32)), genes)
-    return genes, found
+    return genes[:, :width], found
 
 
 def _block_sparse_numpy(rows: tuple[np.ndarray, np.ndarray, np.ndarray], k: int | None, order: _TieOrder):
@@ -278,12 +285,17 @@ T = TypeVar("T")
 
 
 def _blocks(
-    matrix, top_k: int | None, seed: int, finish: Callable[[np.ndarray, np.ndarray], list[T]]
+    matrix,
+    top_k: int | None,
+    seed: int,
+    finish: Callable[[int, np.ndarray, np.ndarray], list[T]],
+    out: Callable[[int, int], np.ndarray | None] = lambda start, stop: None,
 ) -> list[T]:
-    """Per cell, ``finish(gene indices padded with -1, counts)`` of consecutive blocks of cells.
+    """Per cell, ``finish(first cell, gene indices padded with -1, counts)`` of consecutive blocks of
+    cells; ``out(start, stop)`` may give the array a sparse block's indices are written into.
 
-    Blocks run on a thread pool: numpy releases the GIL in its partition, sort and arithmetic, so
-    one block's numpy work overlaps another's ``finish`` (Python objects, GIL held).
+    Blocks run on a thread pool: numpy and the compiled kernel release the GIL, so one block's work
+    overlaps another's ``finish`` (Python objects, GIL held).
     """
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
@@ -299,10 +311,10 @@ def _blocks(
     def block(start: int) -> list[T]:
         stop = min(start + _BLOCK_CELLS, n_cells)
         if sparse:
-            cols, counts = _block_sparse(_csr_rows(matrix, start, stop), top_k, order)
+            cols, counts = _block_sparse(_csr_rows(matrix, start, stop), top_k, order, out(start, stop))
         else:
             cols, counts = _block_dense(np.asarray(matrix[start:stop]), top_k, order)
-        return finish(cols, counts)
+        return finish(start, cols, counts)
 
     starts = range(0, n_cells, _BLOCK_CELLS)
     if len(starts) < 2:
@@ -319,7 +331,7 @@ def top_gene_indices(matrix, top_k: int | None = None, seed: int = 0) -> list[np
     Accepts a dense array or any scipy sparse matrix; returns one int64 array per cell.
     """
     return _blocks(
-        matrix, top_k, seed, lambda cols, counts: [r[:c] for r, c in zip(cols, counts, strict=True)]
+        matrix, top_k, seed, lambda _, cols, counts: [r[:c] for r, c in zip(cols, counts, strict=True)]
     )
 
 
@@ -347,16 +359,26 @@ def cell_sentences(
             warnings.warn(f"cell_sentences: {note}", UserWarning, stacklevel=2)
     names = np.asarray(var.index, dtype=object)
     dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
-    parts = _blocks(matrix, top_k, seed, lambda cols, counts: [(cols.astype(dtype), counts)])
-    width = max((cols.shape[1] for cols, _ in parts), default=0)
-    genes = np.full((matrix.shape[0], max(width, 1)), -1, dtype=dtype)
-    counts = np.zeros(matrix.shape[0], dtype=np.int32)
-    start = 0
-    for cols, n in parts:
-        genes[start : start + cols.shape[0], : cols.shape[1]] = cols
-        counts[start : start + cols.shape[0]] = n
-        start += cols.shape[0]
-    return Sentences(genes, counts, names)
+    n_cells = matrix.shape[0]
+    if sp.issparse(matrix):  # a row has at most its stored values
+        stored = np.diff(sp.csr_matrix(matrix).indptr) if n_cells else np.zeros(0, dtype=np.int64)
+        room = int(stored.max()) if n_cells else 0
+    else:
+        room = matrix.shape[1]
+    room = max(min(room, room if top_k is None else top_k), 1)
+    # every block writes its rows in place (a sparse block directly from the compiled kernel)
+    genes = np.full((n_cells, room), -1, dtype=dtype)
+    counts = np.zeros(n_cells, dtype=np.int32)
+
+    def finish(start: int, cols: np.ndarray, n: np.ndarray) -> list[int]:
+        stop = start + cols.shape[0]
+        if not np.shares_memory(cols, genes):
+            genes[start:stop, : cols.shape[1]] = cols
+        counts[start:stop] = n
+        return [cols.shape[1]]
+
+    width = max(_blocks(matrix, top_k, seed, finish, lambda start, stop: genes[start:stop]), default=0)
+    return Sentences(genes if width >= room else genes[:, : max(width, 1)], counts, names)
 
 
 class GenePresence:

@@ -128,3 +128,30 @@ def test_compiled_top_k_cuts_long_rows_by_a_sampled_threshold(k) -> None:
     ref, ref_n = _block_sparse_numpy(_csr_rows(x, 0, 120), k, order)
     assert np.array_equal(got_n, ref_n) and got_n.min() == k
     assert np.array_equal(got[:, :k], ref[:, :k])
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 40])
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+def test_cell_sentences_written_in_place_match_the_per_cell_indices(top_k, layout):
+    """Blocks write their rows into one array (a sparse block straight from the compiled kernel): over
+    several blocks, with stored zeros, negative values and empty cells, every sentence is the
+    per-cell ranking, and the array is as wide as the longest sentence (at most top_k)."""
+
+    from cellduality.sentences import _BLOCK_CELLS, cell_sentences, top_gene_indices
+
+    rng = np.random.default_rng(top_k or 0)
+    n_cells, n_genes = 2 * _BLOCK_CELLS + 37, 60
+    dense = np.where(rng.random((n_cells, n_genes)) < 0.3, rng.integers(-3, 9, (n_cells, n_genes)), 0)
+    dense[::50] = 0
+    x = dense.astype(np.float32)
+    matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": np.asarray}[layout](x)
+    if layout == "csr":
+        matrix.data[::7] = 0  # stored zeros are not expressed
+    names = [f"G{j}" for j in range(n_genes)]
+    adata = ad.AnnData(X=matrix, var=pd.DataFrame(index=names))
+    sentences = cell_sentences(adata, top_k=top_k, seed=3, allow_scaled=True)
+    expected = top_gene_indices(matrix, top_k=top_k, seed=3)
+    assert [list(s) for s in sentences] == [[names[j] for j in e] for e in expected]
+    longest = max(len(e) for e in expected)
+    width = min(n_genes, top_k or n_genes) if layout == "dense" else longest
+    assert sentences.genes.shape == (n_cells, width)
