@@ -116,13 +116,19 @@ def gene_lists(names, genes: np.ndarray, lengths: np.ndarray, keep: np.ndarray |
     ``keep[r, j]``, when given), in order."""
     import pyarrow as pa
 
-    valid = np.arange(genes.shape[1])[None, :] < lengths[:, None]
-    if keep is not None:
-        valid &= keep[:, : genes.shape[1]]
-    offsets = np.zeros(genes.shape[0] + 1, dtype=np.int32)
-    np.cumsum(valid.sum(axis=1), out=offsets[1:])
-    flat = genes[valid]
-    return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(flat, type=pa.int64())))
+    n, width = genes.shape
+    if keep is None and n and bool((lengths == width).all()):  # every row full: no mask to apply
+        offsets = np.arange(0, n * width + 1, width, dtype=np.int32)
+        flat = np.ascontiguousarray(genes).reshape(-1)
+    else:
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        if keep is not None:
+            valid &= keep[:, :width]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(valid.sum(axis=1), out=offsets[1:])
+        flat = genes[valid]
+    # Arrow's take reads any integer index type: the int16/int32 indices are not widened first
+    return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(flat)))
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)

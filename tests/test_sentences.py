@@ -155,3 +155,20 @@ def test_cell_sentences_written_in_place_match_the_per_cell_indices(top_k, layou
     longest = max(len(e) for e in expected)
     width = min(n_genes, top_k or n_genes) if layout == "dense" else longest
     assert sentences.genes.shape == (n_cells, width)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64])
+def test_gene_lists_full_partial_and_kept_rows(dtype):
+    import pyarrow as pa
+
+    from cellduality.sentences import gene_lists
+
+    names = pa.array(["A", "B", "C", "D"])
+    genes = np.array([[3, 0, 1], [2, 2, 0], [1, 3, 2]], dtype=dtype)
+    full = gene_lists(names, genes, np.array([3, 3, 3]))
+    assert full.to_pylist() == [["D", "A", "B"], ["C", "C", "A"], ["B", "D", "C"]]
+    partial = gene_lists(names, genes, np.array([1, 0, 3]))
+    assert partial.to_pylist() == [["D"], [], ["B", "D", "C"]]
+    keep = np.array([[True, False, True], [True, True, True], [False, True, True]])
+    kept = gene_lists(names, genes, np.array([3, 3, 3]), keep)
+    assert kept.to_pylist() == [["D", "B"], ["C", "C", "A"], ["D", "C"]]
