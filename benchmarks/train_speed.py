@@ -9,11 +9,15 @@ settings interleaved ``--rounds`` times so that a change of load on the machine 
 ratio is taken round by round and printed as min / median / max, next to the target of 2x.
 
 - old: TRL's fused LM head projects every position on the CPU (``CELLDUALITY_COMPACT_LM_HEAD=0``), the
-  GRPO rollouts grow their KV cache token by token, torch's default threads (one per core).
-- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default) and
-  the rollouts use a static KV cache (the demo's ``cache_implementation="static"``): the same loss,
-  gradients and samples, so the benchmark also prints the training losses (SFT) and rewards (GRPO) of
-  each setting, which agree with old's up to float rounding.
+  GRPO rollouts grow their KV cache token by token and sample with ``torch.multinomial``
+  (``CELLDUALITY_FAST_SAMPLING=0``), torch's default threads (one per core).
+- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default), the
+  rollouts use a static KV cache (the demo's ``cache_implementation="static"``) and sample by inverse
+  CDF (``cellduality.train.sampling``, the default). The head and the cache give the same loss,
+  gradients and samples: the benchmark prints the training losses (SFT) of each setting, which agree
+  with old's up to float rounding. The sampler draws from the same distribution but other samples, so
+  GRPO's rewards per step differ from old's from the first step on (printed too); whether results
+  stay the same in kind is measured over seeds (docs/results.md, "Speed and results").
 - old 1-thread / new 1-thread: the same with ``OMP_NUM_THREADS=1`` (one torch thread). On cores that
   other processes share, torch's threads wait for each other at each of a step's many small parallel
   regions, so there new / old is measured best with one thread each, and one thread is several times
@@ -25,7 +29,7 @@ keeps the recipe's cadence (``monitor_steps``, so never in a short run). Tokens 
 of the process, during ``train``) are printed too: they move less than wall time when the machine is
 shared, but count threads that spin while waiting.
 
-    python benchmarks/train_speed.py [--sft-steps 12] [--grpo-steps 6] [--rounds 3] [--out DIR]
+    python benchmarks/train_speed.py [--sft-steps 40] [--grpo-steps 16] [--rounds 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -179,8 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sft-steps", type=int, default=12)
-    parser.add_argument("--grpo-steps", type=int, default=6)
+    parser.add_argument("--sft-steps", type=int, default=40)
+    parser.add_argument("--grpo-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm-steps", type=int, default=150)
     parser.add_argument("--stages", default="sft,grpo")
