@@ -9,15 +9,14 @@ settings interleaved ``--rounds`` times so that a change of load on the machine 
 ratio is taken round by round and printed as min / median / max, next to the target of 2x.
 
 - old: TRL's fused LM head projects every position on the CPU (``CELLDUALITY_COMPACT_LM_HEAD=0``), the
-  GRPO rollouts grow their KV cache token by token and sample with ``torch.multinomial``
-  (``CELLDUALITY_FAST_SAMPLING=0``), torch's default threads (one per core).
-- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default), the
-  rollouts use a static KV cache (the demo's ``cache_implementation="static"``) and sample by inverse
-  CDF (``cellduality.train.sampling``, the default). The head and the cache give the same loss,
-  gradients and samples: the benchmark prints the training losses (SFT) of each setting, which agree
-  with old's up to float rounding. The sampler draws from the same distribution but other samples, so
-  GRPO's rewards per step differ from old's from the first step on (printed too); whether results
-  stay the same in kind is measured over seeds (docs/results.md, "Speed and results").
+  GRPO rollouts grow their KV cache token by token, torch's default threads (one per core).
+- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default) and
+  the rollouts use a static KV cache (the demo's ``cache_implementation="static"``): the same loss,
+  gradients and samples, so the benchmark also prints the training losses (SFT) and rewards (GRPO) of
+  each setting, which agree with old's up to float rounding.
+- new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
+  inverse_cdf``, opt-in, ``cellduality.train.sampling``): the same distribution, other draws, so its
+  rewards differ from the first step on; docs/results.md ("Speed and results") compares six seeds.
 - old 1-thread / new 1-thread: the same with ``OMP_NUM_THREADS=1`` (one torch thread). On cores that
   other processes share, torch's threads wait for each other at each of a step's many small parallel
   regions, so there new / old is measured best with one thread each, and one thread is several times
@@ -53,24 +52,24 @@ TARGET = 2.0
 #: per setting, the environment of its process; "new" is what cellduality does by default
 #: ``_OLD_CACHE``: the child gives the GRPO rollouts the dynamic KV cache (before the demo's static one)
 _OLD_CACHE = "CELLDUALITY_BENCH_DYNAMIC_CACHE"
-#: ``_OLD_SAMPLER=0``: torch's own multinomial for the rollouts (``cellduality.train.sampling``)
-_OLD_SAMPLER = "CELLDUALITY_FAST_SAMPLING"
+#: ``_SAMPLER``: the GRPO recipe's ``cpu_sampler`` for the child (the demo's recipe: ``torch``)
+_SAMPLER = "CELLDUALITY_BENCH_CPU_SAMPLER"
 SETTINGS: dict[str, dict[str, str]] = {
-    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", _OLD_SAMPLER: "0"},
+    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1"},
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
+    # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
+    "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
     # many small parallel regions wait for a thread that is not running
-    "old 1-thread": {
-        "CELLDUALITY_COMPACT_LM_HEAD": "0",
-        _OLD_CACHE: "1",
-        _OLD_SAMPLER: "0",
-        "OMP_NUM_THREADS": "1",
-    },
+    "old 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", "OMP_NUM_THREADS": "1"},
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
-#: (new, reference) pairs whose ratio is printed: the head on idle cores (the target), the head alone
-#: where threads cannot wait on each other, and the switch to one thread on shared cores
-COMPARISONS = (("new", "old"), ("new 1-thread", "old 1-thread"), ("new 1-thread", "old"))
+COMPARISONS = (
+    ("new", "old"),
+    ("new + inverse CDF", "old"),
+    ("new 1-thread", "old 1-thread"),
+    ("new 1-thread", "old"),
+)
 
 
 def _folders(work: Path) -> list[Path]:
@@ -131,6 +130,8 @@ def _grpo_steps(work: Path, steps: int, name: str) -> Any:
     plan = FULL
     if os.environ.get(_OLD_CACHE) == "1":  # the rollouts' dynamic KV cache, TRL's default
         plan = plan.replace("grpo_dual", cache_implementation=None)
+    if os.environ.get(_SAMPLER):
+        plan = plan.replace("grpo_dual", cpu_sampler=os.environ[_SAMPLER])
     return stages.grpo(
         plan,
         work,

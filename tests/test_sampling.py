@@ -82,7 +82,7 @@ def test_other_calls_go_to_torch():
     assert inverse_cdf_multinomial(torch.tensor([0.0, 1.0]), 1).tolist() == [1]  # 1-D input
 
 
-def test_the_block_swaps_and_restores_torch_multinomial(monkeypatch):
+def test_the_block_swaps_and_restores_torch_multinomial():
     assert torch.multinomial is TORCH_MULTINOMIAL
     with inverse_cdf_sampling(True):
         assert torch.multinomial is inverse_cdf_multinomial
@@ -93,9 +93,17 @@ def test_the_block_swaps_and_restores_torch_multinomial(monkeypatch):
     with pytest.raises(ValueError), inverse_cdf_sampling(True):
         raise ValueError("an error inside the block")
     assert torch.multinomial is TORCH_MULTINOMIAL
-    monkeypatch.setenv("CELLDUALITY_FAST_SAMPLING", "0")
-    with inverse_cdf_sampling():
+    with inverse_cdf_sampling(False):
         assert torch.multinomial is TORCH_MULTINOMIAL
+
+
+def test_the_recipe_field_chooses_the_sampler():
+    from cellduality.train.configs import CellDualityArguments
+
+    assert CellDualityArguments().cpu_sampler == "torch"  # opt-in: documented seeds keep their draws
+    assert CellDualityArguments(cpu_sampler="inverse_cdf").cpu_sampler == "inverse_cdf"
+    with pytest.raises(ValueError, match="cpu_sampler must be one of torch, inverse_cdf"):
+        CellDualityArguments(cpu_sampler="gumbel")
 
 
 def test_transformers_sampling_goes_through_it(tmp_path, monkeypatch):

@@ -182,7 +182,8 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     resume = training_args.resume_from_checkpoint or last_checkpoint(
         training_args.output_dir, main_process=training_args.process_index == 0
     )
-    with inverse_cdf_sampling():  # on the CPU, one uniform per sampled token (train/sampling.py)
+    # cpu_sampler: inverse_cdf draws a CPU rollout's tokens with one uniform per row (train/sampling.py)
+    with inverse_cdf_sampling(cd_args.cpu_sampler == "inverse_cdf"):
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     dual = trainer.cellduality_dual

@@ -8,8 +8,10 @@ vocabulary) a call took 2.1-2.4 ms, 38% of a rollout's generation and 12% of a w
 with one uniform variate per row: a cumulative sum and a binary search, about 0.1 ms.
 
 The samples differ from torch's (another use of the random stream), so a run's rollouts differ from one
-made with ``torch.multinomial``: the same distribution, other draws. ``CELLDUALITY_FAST_SAMPLING=0`` keeps
-torch's sampler.
+made with ``torch.multinomial``: the same distribution, other draws. That is why it is opt-in
+(``cpu_sampler: inverse_cdf`` in a GRPO recipe): with it, every documented GRPO figure of a seed would
+be another draw. Over six seeds of the demo's dual GRPO from one SFT checkpoint, the test metrics and
+the dual check with either sampler agree within seed noise (docs/results.md, "Speed and results").
 
 Scope: :func:`inverse_cdf_sampling` replaces ``torch.multinomial`` only while its ``with`` block runs
 (the trainer's ``train``), and only for the calls it can answer exactly: a CPU floating-point 2-D
@@ -20,7 +22,6 @@ so its error messages are unchanged.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,19 +68,12 @@ def inverse_cdf_multinomial(
     return torch.minimum(drawn, last_positive)
 
 
-def fast_sampling_enabled() -> bool:
-    """Whether :func:`inverse_cdf_sampling` swaps the sampler (``CELLDUALITY_FAST_SAMPLING``, on unless ``0``)."""
-    return os.environ.get("CELLDUALITY_FAST_SAMPLING", "1") != "0"
-
-
 @contextmanager
-def inverse_cdf_sampling(enabled: bool | None = None) -> Iterator[None]:
-    """Inside the block, ``torch.multinomial`` is :func:`inverse_cdf_multinomial` (``enabled=None`` reads
-    :func:`fast_sampling_enabled`). Nested blocks are fine; the last one out restores torch's function.
+def inverse_cdf_sampling(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, ``torch.multinomial`` is :func:`inverse_cdf_multinomial` (``enabled=False``: a
+    block that changes nothing). Nested blocks are fine; the last one out restores torch's function.
     Process-wide while active (transformers looks ``torch.multinomial`` up at each call)."""
     global _depth
-    if enabled is None:
-        enabled = fast_sampling_enabled()
     if not enabled:
         yield
         return
@@ -95,4 +89,4 @@ def inverse_cdf_sampling(enabled: bool | None = None) -> Iterator[None]:
                 torch.multinomial = _TORCH_MULTINOMIAL
 
 
-__all__ = ["fast_sampling_enabled", "inverse_cdf_multinomial", "inverse_cdf_sampling"]
+__all__ = ["inverse_cdf_multinomial", "inverse_cdf_sampling"]
