@@ -178,9 +178,12 @@ def _finite_range_by_mask(values):
         [-0.0, 0.0],
     ],
 )
-def test_finite_range_is_the_masked_definition(values):
+@pytest.mark.parametrize("threads_from", [4_000_000, 1])  # the one-thread path, and halves on threads
+def test_finite_range_is_the_masked_definition(values, threads_from, monkeypatch):
+    from cellduality.data import loading
     from cellduality.data.loading import finite_range
 
+    monkeypatch.setattr(loading, "_PARALLEL_VALUES", threads_from)
     array = np.asarray(values, dtype=np.float32)
     assert finite_range(array) == _finite_range_by_mask(array)
     rng = np.random.default_rng(len(values))  # the same inside a large random block
