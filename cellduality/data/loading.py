@@ -71,7 +71,7 @@ def _extremes(values: np.ndarray) -> tuple[np.floating, np.floating]:
         return values.min(), values.max()
     from concurrent.futures import ThreadPoolExecutor
 
-    parts = np.array_split(values, threads)
+    parts = [part for part in np.array_split(values, threads) if part.size]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         found = list(pool.map(lambda part: (part.min(), part.max()), parts))
     return min(lo for lo, _ in found), max(hi for _, hi in found)
