@@ -74,7 +74,8 @@ def _extremes(values: np.ndarray) -> tuple[np.floating, np.floating]:
     parts = [part for part in np.array_split(values, threads) if part.size]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         found = list(pool.map(lambda part: (part.min(), part.max()), parts))
-    return min(lo for lo, _ in found), max(hi for _, hi in found)
+    # numpy's min and max propagate a NaN of either half (Python's min would drop it by argument order)
+    return np.min([lo for lo, _ in found]), np.max([hi for _, hi in found])
 
 
 def finite_range(values: np.ndarray) -> tuple[int, float, float]:
