@@ -67,6 +67,7 @@ SETTINGS: dict[str, dict[str, str]] = {
 COMPARISONS = (
     ("new", "old"),
     ("new + inverse CDF", "old"),
+    ("new + inverse CDF", "new"),
     ("new 1-thread", "old 1-thread"),
     ("new 1-thread", "old"),
 )
@@ -205,8 +206,11 @@ def main() -> None:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {list(SETTINGS)}")
-    pairs = [(a, b) for a, b in COMPARISONS if a in names and b in names]
+    every = names
     for stage in stages:
+        # the sampler settings change GRPO's rollouts only: SFT does not run them
+        names = [n for n in every if stage == "grpo" or _SAMPLER not in SETTINGS[n]]
+        pairs = [(a, b) for a, b in COMPARISONS if a in names and b in names]
         steps = args.sft_steps if stage == "sft" else args.grpo_steps
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         ratios = {pair: {"wall": [], "cpu": []} for pair in pairs}

@@ -119,7 +119,7 @@ class CellDualityArguments:
         metadata={
             "help": "GRPO on the CPU, how a sampled token is drawn: torch (torch.multinomial, one exponential "
             "variate per vocabulary entry) or inverse_cdf (one uniform per row: the same distribution, "
-            "other draws, about 1.16x the demo's dual GRPO tokens/s; cellduality.train.sampling). CUDA "
+            "other draws, 1.0-1.35x the demo's dual GRPO tokens/s; cellduality.train.sampling). CUDA "
             "tensors always use torch's"
         },
     )
