@@ -41,9 +41,9 @@ def test_same_distribution_as_torch_on_a_large_vocabulary():
     """The two samplers' draws of a softmax over 4,000 words: a two-sample test on the categories."""
     torch.manual_seed(1)
     weights = torch.softmax(torch.randn(4000) * 3, dim=-1)
-    ours = _frequencies(weights, 256 * 400, inverse_cdf_multinomial)
-    theirs = _frequencies(weights, 256 * 400, TORCH_MULTINOMIAL)
-    top = np.argsort(-weights.numpy())[:30]  # the categories with enough mass for a chi-square cell
+    ours = _frequencies(weights, 256 * 150, inverse_cdf_multinomial)
+    theirs = _frequencies(weights, 256 * 150, TORCH_MULTINOMIAL)
+    top = np.argsort(-weights.numpy())[:20]  # the categories with enough mass for a chi-square cell
     table = np.stack([ours[top], theirs[top]])
     assert stats.chi2_contingency(table).pvalue > 1e-4
 

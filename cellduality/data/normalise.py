@@ -1,11 +1,12 @@
 """scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p`` of a CSR block, operation for operation.
 
 Why: streamed ``prepare`` normalises each block of raw counts as ``prepare_anndata`` normalises the
-whole matrix, with scanpy. Through scanpy a block costs about 40 us per cell (an ``AnnData`` per block
-with 20,000 var names, views made actual, dispatch and copies), most of the sentence pass at 10^6
-cells; the arithmetic itself is three passes over the values. This module does the same arithmetic in
-the same order, so every value is bit for bit what scanpy gives (``tests/test_data.py`` compares them
-on random and real blocks, and the prepared rows' digests are pinned):
+whole matrix, with scanpy. Through scanpy (an ``AnnData`` per block, its checks and dispatch) a
+10,000-cell block of 1,000 counts per cell took 82-89 ms; this module, 63 ms: about 1 s of CPU per
+worker at 10^6 cells, less than one run of ``prepare`` varies there (docs/datasets.md). It does the
+same arithmetic in the same order, so every value is bit for bit what scanpy gives
+(``tests/test_data.py`` compares them on random and real blocks, and the prepared rows' digests are
+pinned):
 
 1. a cell's total: its stored values summed in storage order in float64 (scanpy's numba
    ``_normalize_csr``: ``count = 0.0; count += data[j]``), stored as float32;
