@@ -16,10 +16,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from cellduality.data.genes import detect_id_type, map_to_symbols
+from cellduality.data.normalise import normalise_counts
 from cellduality.data.perturbations import missing_mask, read_perturbations
 from cellduality.data.schema import Columns, DataError
 
@@ -157,11 +157,8 @@ def _pick_matrix(adata: ad.AnnData, layer: str | None, allow_scaled: bool, notes
 def _normalise(x, notes: list[str]):
     """Raw counts -> total-count normalisation + log1p; un-logged normalised values -> log1p."""
     if _looks_like_counts(x):
-        tmp = ad.AnnData(x)
-        sc.pp.normalize_total(tmp, target_sum=1e4)
-        sc.pp.log1p(tmp)
         notes.append("raw counts: normalised to 10,000 per cell and log1p-transformed")
-        return _as_float_matrix(tmp.X)
+        return normalise_counts(x)
     values = _values(x)
     if values.size and values.max() > 50:
         notes.append("values look normalised but not log-transformed (max > 50): applied log1p")

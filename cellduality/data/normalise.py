@@ -1,12 +1,12 @@
 """scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p`` of a CSR block, operation for operation.
 
-Why: streamed ``prepare`` normalises each block of raw counts as ``prepare_anndata`` normalises the
-whole matrix, with scanpy. Through scanpy (an ``AnnData`` per block, its checks and dispatch) a
-10,000-cell block of 1,000 counts per cell took 82-89 ms; this module, 63 ms: about 1 s of CPU per
-worker at 10^6 cells, less than one run of ``prepare`` varies there (docs/datasets.md). It does the
-same arithmetic in the same order, so every value is bit for bit what scanpy gives
-(``tests/test_data.py`` compares them on random and real blocks, and the prepared rows' digests are
-pinned):
+Why: both ``prepare`` paths normalise raw counts this way: ``prepare_anndata`` the whole matrix, the
+streamed ``prepare`` each block, so the two give the same rows. Through scanpy (an ``AnnData`` per
+call, its checks and dispatch) a 10,000-cell block of 1,000 counts per cell took 82-89 ms; this
+module, 63 ms: about 1 s of CPU per worker at 10^6 cells, less than one run of ``prepare`` varies
+there (docs/datasets.md). It does the same arithmetic in the same order, so every value is bit for
+bit what scanpy gives (``tests/test_data.py`` compares them on random and real blocks, and the
+prepared rows' digests are pinned):
 
 1. a cell's total: its stored values summed in storage order in float64 (scanpy's numba
    ``_normalize_csr``: ``count = 0.0; count += data[j]``), stored as float32;
@@ -37,8 +37,17 @@ def _row_totals(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     return totals
 
 
-def normalise_counts(x: sp.csr_matrix) -> sp.csr_matrix:
-    """A new float32 CSR matrix: ``x``'s rows scaled to 10,000 in total, then ``log1p`` (as scanpy)."""
+def normalise_counts(x: sp.spmatrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """``x``'s rows scaled to 10,000 in total, then ``log1p``, in float32: a new CSR matrix for a sparse
+    ``x``; a dense ``x`` goes through scanpy's own functions (dense matrices are the small ones)."""
+    if not sp.issparse(x):
+        import anndata as ad
+        import scanpy as sc
+
+        tmp = ad.AnnData(np.asarray(x, dtype=np.float32))
+        sc.pp.normalize_total(tmp, target_sum=TARGET_SUM)
+        sc.pp.log1p(tmp)
+        return np.asarray(tmp.X, dtype=np.float32)
     x = sp.csr_matrix(x, dtype=np.float32)
     data = np.ascontiguousarray(x.data)
     indptr = np.ascontiguousarray(x.indptr)

@@ -155,15 +155,8 @@ class StreamedSource:
         """``prepare_anndata``'s matrix steps on one block: float32, normalisation, kept columns, CSR
         without explicit zeros (rows are not dropped here: see ``keep_rows``)."""
         x = _as_float_matrix(block)
-        if self.transform == "counts" and sp.issparse(x):
-            x = normalise_counts(x)  # scanpy's arithmetic, bit for bit, without its per-call overhead
-        elif self.transform == "counts":
-            import scanpy as sc
-
-            tmp = ad.AnnData(x)
-            sc.pp.normalize_total(tmp, target_sum=1e4)
-            sc.pp.log1p(tmp)
-            x = _as_float_matrix(tmp.X)
+        if self.transform == "counts":
+            x = normalise_counts(x)  # what prepare_anndata does to the whole matrix
         elif self.transform == "log1p":
             x = x.log1p() if sp.issparse(x) else np.log1p(x)
         if self.keep_cols is not None:
