@@ -366,19 +366,18 @@ def cell_sentences(
     names = np.asarray(var.index, dtype=object)
     dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
     n_cells = matrix.shape[0]
-    if sp.issparse(matrix):  # a row has at most its stored values
-        stored = np.diff(sp.csr_matrix(matrix).indptr) if n_cells else np.zeros(0, dtype=np.int64)
-        room = int(stored.max()) if n_cells else 0
-    else:
-        room = matrix.shape[1]
-    room = max(min(room, room if top_k is None else top_k), 1)
+    sparse = sp.issparse(matrix)
+    # a row has at most its stored values (a dense row: every gene)
+    stored = np.diff(sp.csr_matrix(matrix).indptr) if sparse else np.full(n_cells, matrix.shape[1])
+    room = int(stored.max()) if n_cells else 0
+    room = max(room if top_k is None else min(room, top_k), 1)
     # every block writes its rows in place (a sparse block directly from the compiled kernel)
     genes = np.full((n_cells, room), -1, dtype=dtype)
     counts = np.zeros(n_cells, dtype=np.int32)
 
     def finish(start: int, cols: np.ndarray, n: np.ndarray) -> list[int]:
         stop = start + cols.shape[0]
-        if not np.shares_memory(cols, genes):
+        if not sparse:  # a dense block's indices come back as their own array
             genes[start:stop, : cols.shape[1]] = cols
         counts[start:stop] = n
         return [cols.shape[1]]
