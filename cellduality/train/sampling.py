@@ -10,8 +10,10 @@ with one uniform variate per row: a cumulative sum and a binary search, about 0.
 The samples differ from torch's (another use of the random stream), so a run's rollouts differ from one
 made with ``torch.multinomial``: the same distribution, other draws. That is why it is opt-in
 (``cpu_sampler: inverse_cdf`` in a GRPO recipe): with it, every documented GRPO figure of a seed would
-be another draw. Over six seeds of the demo's dual GRPO from one SFT checkpoint, the test metrics and
-the dual check with either sampler agree within seed noise (docs/results.md, "Speed and results").
+be another draw. Over six seeds of the demo's dual GRPO from one SFT checkpoint, the test metrics with
+either sampler agree within the seeds' spread, but perturbation's dual check found signal in 5 of 6
+torch checkpoints and 2 of 6 inverse-CDF ones, which six seeds do not settle (docs/results.md, "Speed
+and results").
 
 Scope: :func:`inverse_cdf_sampling` replaces ``torch.multinomial`` only while its ``with`` block runs
 (the trainer's ``train``), and only for the calls it can answer exactly: a CPU floating-point 2-D
