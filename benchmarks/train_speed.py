@@ -10,10 +10,12 @@ ratio is taken round by round and printed as min / median / max, next to the tar
 
 - old: TRL's fused LM head projects every position on the CPU (``CELLDUALITY_COMPACT_LM_HEAD=0``), the
   GRPO rollouts grow their KV cache token by token, torch's default threads (one per core).
-- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default) and
-  the rollouts use a static KV cache (the demo's ``cache_implementation="static"``): the same loss,
-  gradients and samples, so the benchmark also prints the training losses (SFT) and rewards (GRPO) of
-  each setting, which agree with old's up to float rounding.
+- new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default), the
+  rollouts use a static KV cache (the demo's ``cache_implementation="static"``), and GRPO passes each
+  prompt once for the completions that share it, in the rollouts' prefill and in the loss
+  (``cellduality.train.shared_prompts``): the same loss, gradients and samples, so the benchmark also
+  prints the training losses (SFT) and rewards (GRPO) of each setting, which agree with old's up to
+  float rounding.
 - new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
   inverse_cdf``, opt-in, ``cellduality.train.sampling``): the same distribution, other draws, so its
   rewards differ from the first step on; docs/results.md ("Speed and results") compares six seeds.
@@ -55,13 +57,18 @@ _OLD_CACHE = "CELLDUALITY_BENCH_DYNAMIC_CACHE"
 #: ``_SAMPLER``: the GRPO recipe's ``cpu_sampler`` for the child (the demo's recipe: ``torch``)
 _SAMPLER = "CELLDUALITY_BENCH_CPU_SAMPLER"
 SETTINGS: dict[str, dict[str, str]] = {
-    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1"},
+    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", "CELLDUALITY_SHARED_PROMPTS": "0"},
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
     "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
     # many small parallel regions wait for a thread that is not running
-    "old 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", "OMP_NUM_THREADS": "1"},
+    "old 1-thread": {
+        "CELLDUALITY_COMPACT_LM_HEAD": "0",
+        _OLD_CACHE: "1",
+        "CELLDUALITY_SHARED_PROMPTS": "0",
+        "OMP_NUM_THREADS": "1",
+    },
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
 COMPARISONS = (
@@ -235,14 +242,14 @@ def main() -> None:
                 f"{stage}: [{a}] / [{b}]: tokens/s (num_tokens / train_runtime) {_spread(got['wall'])} "
                 f"(target >= {TARGET:.1f}x: {verdict}); tokens per CPU second {_spread(got['cpu'])}"
             )
-        key = "losses" if stage == "sft" else "rewards"
-        reference = results[names[0]][0][key]
-        for name in names:
-            other = results[name][0][key]
-            diff = max((abs(a - b) for a, b in zip(reference, other, strict=False)), default=float("nan"))
-            print(
-                f"{stage}: {key} per step, {name}: {[round(x, 4) for x in other]} (vs {names[0]}: largest difference {diff:.2g})"
-            )
+        for key in ("losses",) if stage == "sft" else ("rewards", "losses"):
+            reference = results[names[0]][0][key]
+            for name in names:
+                other = results[name][0][key]
+                diff = max((abs(a - b) for a, b in zip(reference, other, strict=False)), default=float("nan"))
+                print(
+                    f"{stage}: {key} per step, {name}: {[round(x, 4) for x in other]} (vs {names[0]}: largest difference {diff:.2g})"
+                )
         print()
 
 

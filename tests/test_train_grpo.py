@@ -84,6 +84,8 @@ def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
     assert meta["reward_mode"] == "self_supervised" and meta["prepared"]["genes"]
     calls = json.loads((out / "dual_calls_rank0.json").read_text())
     assert len(calls) == 2  # one dual generation per reward call, also when nothing parsed
+    # the CPU run took the shared-prompt paths (tests/test_shared_prompts.py: they are TRL's up to rounding)
+    assert trainer.shared_prefills == 2 and trainer.packed_forwards == 2
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out) is not None

@@ -26,7 +26,7 @@ LABEL_COLUMNS = ("answer", "cell_id")
 def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     """The configured ``GRPOTrainer`` (dual reward wired to the trainer's own generation)."""
     from transformers import set_seed
-    from trl import GRPOTrainer, get_peft_config
+    from trl import get_peft_config
 
     from cellduality.rewards import DualReward, RewardContext, build_rewards
     from cellduality.tasks.plan import REFERENCE_TABLE, RL_SPLIT
@@ -41,6 +41,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.generation import PolicyGenerator
     from cellduality.train.launch_guard import check_training_setup
     from cellduality.train.lm_head import compact_lm_head
+    from cellduality.train.shared_prompts import SharedPromptGRPOTrainer
 
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     compact_lm_head()
@@ -108,7 +109,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     rewards = build_rewards(
         cd_args.reward_funcs, context, training_args.reward_weights, params={"dual": dual_params}
     )
-    trainer = GRPOTrainer(
+    trainer = SharedPromptGRPOTrainer(
         model=model,
         reward_funcs=rewards,
         args=training_args,
