@@ -239,7 +239,7 @@ def _block_sparse(
     bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
     keys = np.empty((n, kk), dtype=np.uint64)
     found = np.empty(n, dtype=np.int64)
-    top_keys_csr(
+    canonical = top_keys_csr(
         bits,
         np.ascontiguousarray(indices),
         np.ascontiguousarray(indptr),
@@ -249,6 +249,10 @@ def _block_sparse(
         keys,
         found,
     )
+    if not canonical:  # a gene stored twice in a row (or unsorted): its values summed, as scipy does
+        block = sp.csr_matrix((data, indices, indptr), shape=(n, int(indices.max()) + 1), copy=True)
+        block.sum_duplicates()
+        return _block_sparse((block.data, block.indices, block.indptr), k, order, out)
     keys.sort(axis=1)  # numpy's vectorised sort, ascending: read backwards, largest first
     width = int(found.max())
     genes = np.empty((n, width), dtype=np.int64) if out is None else out
@@ -308,11 +312,8 @@ def _blocks(
     n_cells = matrix.shape[0]
     order = _TieOrder.from_seed(seed)
     sparse = sp.issparse(matrix)
-    if sparse:
+    if sparse:  # a block with a gene stored twice in a row sums its repeats (``_block_sparse``)
         matrix = sp.csr_matrix(matrix)
-        if not matrix.has_canonical_format:  # repeated entries would count a gene twice
-            matrix = matrix.copy()
-            matrix.sum_duplicates()
 
     def block(start: int) -> list[T]:
         stop = min(start + _BLOCK_CELLS, n_cells)

@@ -157,6 +157,65 @@ def test_cell_sentences_written_in_place_match_the_per_cell_indices(top_k, layou
     assert sentences.genes.shape == (n_cells, width)
 
 
+@pytest.mark.parametrize("top_k", [2, 30])
+def test_a_gene_stored_twice_in_a_row_counts_once_with_its_values_summed(top_k):
+    """CSR rows that store a gene twice (scipy sums such repeats) or out of order: the kernel says so,
+    and the sentences are those of the summed, sorted matrix, in the block that has them and in the
+    others; without the repeat summed, the gene would be ranked by its parts (or listed twice)."""
+    from cellduality.sentences import _BLOCK_CELLS, _csr_rows, _TieOrder, cell_sentences
+    from cellduality.topk import top_keys_csr
+
+    rng = np.random.default_rng(5)
+    n_cells, n_genes = 2 * _BLOCK_CELLS + 11, 40
+    dense = np.where(rng.random((n_cells, n_genes)) < 0.5, rng.integers(1, 4, (n_cells, n_genes)), 0)
+    dense[:, 0] = 0
+    dense[_BLOCK_CELLS + 5, :] = 0
+    dense[_BLOCK_CELLS + 5, [3, 9]] = [2, 3]
+    canonical = sp.csr_matrix(dense.astype(np.float32))
+    # row _BLOCK_CELLS + 5 stores gene 9 twice (1 + 2: third of three by either part, first once summed);
+    # gene 0 of row 7 twice (4 + 5) after its others; row 8's genes in reverse order
+    data, indices, indptr = [], [], [0]
+    for r in range(n_cells):
+        cols = list(canonical.indices[canonical.indptr[r] : canonical.indptr[r + 1]])
+        vals = list(canonical.data[canonical.indptr[r] : canonical.indptr[r + 1]])
+        if r == _BLOCK_CELLS + 5:
+            cols, vals = [3, 9, 9], [2.0, 1.0, 2.0]
+        elif r == 7:
+            cols, vals = [*cols, 0, 0], [*vals, 4.0, 5.0]
+        elif r == 8:
+            cols, vals = cols[::-1], vals[::-1]
+        data += vals
+        indices += cols
+        indptr.append(len(indices))
+    repeated = sp.csr_matrix(
+        (np.array(data, np.float32), np.array(indices, np.int32), np.array(indptr)), shape=(n_cells, n_genes)
+    )
+    assert not repeated.has_canonical_format
+    summed = repeated.copy()
+    summed.sum_duplicates()
+
+    order = _TieOrder.from_seed(0)
+
+    def strictly_increasing(x, start=0, stop=n_cells) -> bool:
+        data, indices, indptr = _csr_rows(x, start, stop)
+        keys = np.empty((stop - start, top_k), np.uint64)
+        found = np.empty(stop - start, np.int64)
+        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+        a, b = np.uint64(order.a), np.uint64(order.b)
+        return top_keys_csr(bits, np.ascontiguousarray(indices), indptr, top_k, a, b, keys, found)
+
+    assert strictly_increasing(canonical) and strictly_increasing(summed)
+    assert not strictly_increasing(repeated)
+    assert strictly_increasing(repeated, 10, 20)  # rows without a repeat
+
+    names = [f"G{j}" for j in range(n_genes)]
+    got = cell_sentences(ad.AnnData(X=repeated, var=pd.DataFrame(index=names)), top_k=top_k)
+    want = cell_sentences(ad.AnnData(X=summed, var=pd.DataFrame(index=names)), top_k=top_k)
+    assert [list(s) for s in got] == [list(s) for s in want]
+    assert list(got[_BLOCK_CELLS + 5])[:2] == ["G9", "G3"]
+    assert got[7][0] == "G0" and list(got[7]).count("G0") == 1
+
+
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64])
 def test_gene_lists_full_partial_and_kept_rows(dtype):
     import pyarrow as pa
