@@ -66,3 +66,34 @@ def test_a_monitor_entry_keeps_the_progress_bar_figures(tmp_path) -> None:
     progress.on_log(None, state, None, logs={"monitor/annotation/oracle": 0.7})
     assert "reward=0.25" in progress.training_bar.postfix
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 2  # both entries logged
+
+
+def test_a_run_in_a_used_folder_logs_its_own_steps_and_keeps_the_earlier_ones(tmp_path) -> None:
+    """``make demo`` twice, or a run resumed from checkpoint-2 after steps 3 and 4 were logged: the log
+    lists each step once, this run's, and the earlier entries are kept beside it, never deleted."""
+    import json
+
+    from cellduality.train.progress import CompactProgress
+
+    log = tmp_path / "train_log.jsonl"
+    earlier = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
+    log.write_text("".join(json.dumps(e) + "\n" for e in earlier) + '{"step": 5, "lo')  # cut by a kill
+
+    def run(start: int, steps: range) -> list[dict]:
+        progress = CompactProgress(tmp_path)
+        state = types.SimpleNamespace(is_world_process_zero=True, global_step=start, max_steps=4)
+        progress.on_train_begin(types.SimpleNamespace(disable_tqdm=True), state, None)
+        for s in steps:
+            state.global_step = s
+            progress.on_log(None, state, None, logs={"loss": 10.0 * s})
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    resumed = run(2, range(3, 5))  # resumed from checkpoint-2
+    assert [(e["step"], e["loss"]) for e in resumed] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    first = (tmp_path / "train_log.earlier-1.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in first[:2]] == [3, 4] and first[2].startswith('{"step": 5')
+    afresh = run(0, range(1, 3))  # the same command in the same folder, from the start
+    assert [(e["step"], e["loss"]) for e in afresh] == [(1, 10.0), (2, 20.0)]
+    second = [json.loads(x) for x in (tmp_path / "train_log.earlier-2.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in second] == [1, 2, 3, 4]
+    assert run(2, range(3, 4))[-1]["step"] == 3 and not (tmp_path / "train_log.earlier-3.jsonl").exists()

@@ -5,6 +5,11 @@ replaces transformers' ``ProgressCallback``: the bar (steps, time left) carries 
 of each task and the step time as its postfix, and every full log entry goes to
 ``<output_dir>/train_log.jsonl`` (one JSON object a line, appended as it happens, so a crash loses
 nothing) and to ``report_to`` as before.
+
+The log holds one run's history: when training begins, entries past the step it starts from (all of
+them for a run that starts afresh in a used folder, such as ``make demo`` run twice; those after the
+checkpoint for a resumed run, which trains them again) move to ``train_log.earlier-N.jsonl`` beside it,
+kept, so that the log never lists a step twice.
 """
 
 from __future__ import annotations
@@ -40,12 +45,45 @@ def summary(logs: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def start_log(path: Path, step: int) -> Path | None:
+    """Keep in ``path`` the entries of steps up to ``step`` (where training starts: 0 afresh, the
+    checkpoint's step when resuming); move the others (and a line a kill cut short) to the first free
+    ``train_log.earlier-N.jsonl``, which is returned (None when nothing moved)."""
+    if not path.exists():
+        return None
+    keep: list[str] = []
+    moved: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            logged = step + 1
+        (keep if logged <= step else moved).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return None
+    n = 1
+    while (earlier := path.with_name(f"{path.stem}.earlier-{n}{path.suffix}")).exists():
+        n += 1
+    earlier.write_text("".join(moved), encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(keep), encoding="utf-8")
+    partial.replace(path)
+    return earlier
+
+
 class CompactProgress(ProgressCallback):
     """``ProgressCallback`` with a short postfix instead of printing every log dictionary."""
 
     def __init__(self, output_dir: str | Path) -> None:
         super().__init__()
         self.log_file = Path(output_dir) / "train_log.jsonl"
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if state.is_world_process_zero:
+            earlier = start_log(self.log_file, int(state.global_step))
+            if earlier is not None:
+                print(f"{self.log_file.name}: an earlier run's entries moved to {earlier.name}")
+        return super().on_train_begin(args, state, control, **kwargs)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
         if not state.is_world_process_zero or not logs:
