@@ -220,14 +220,16 @@ def _block_sparse(
     k: int | None,
     order: _TieOrder,
     out: np.ndarray | None = None,
+    seen: list[int] | None = None,
 ):
     """Top-k gene indices (padded with -1) and their counts for CSR rows (data, indices, indptr).
 
     The compiled kernel of ``cellduality.topk``; the same result as :func:`_block_sparse_numpy`. With
     ``out`` (rows x at least the block's width, any integer type, filled with -1) the indices are written
-    there and a view of it is returned: no int64 block to convert and copy.
+    there and a view of it is returned: no int64 block to convert and copy. ``seen`` gets the block's
+    ``NOT_FINITE`` and ``NEGATIVE`` bits (``cellduality.topk``) appended.
     """
-    from cellduality.topk import genes_of_keys, top_keys_csr
+    from cellduality.topk import REPEATS, genes_of_keys, top_keys_csr
 
     data, indices, indptr = rows
     counts = np.diff(indptr)
@@ -239,7 +241,7 @@ def _block_sparse(
     bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
     keys = np.empty((n, kk), dtype=np.uint64)
     found = np.empty(n, dtype=np.int64)
-    canonical = top_keys_csr(
+    flags = top_keys_csr(
         bits,
         np.ascontiguousarray(indices),
         np.ascontiguousarray(indptr),
@@ -249,7 +251,9 @@ def _block_sparse(
         keys,
         found,
     )
-    if not canonical:  # a gene stored twice in a row (or unsorted): its values summed, as scipy does
+    if seen is not None:
+        seen.append(flags & ~REPEATS)
+    if flags & REPEATS:  # a gene stored twice in a row (or unsorted): its values summed, as scipy does
         block = sp.csr_matrix((data, indices, indptr), shape=(n, int(indices.max()) + 1), copy=True)
         block.sum_duplicates()
         return _block_sparse((block.data, block.indices, block.indptr), k, order, out)
@@ -300,9 +304,11 @@ def _blocks(
     seed: int,
     finish: Callable[[int, np.ndarray, np.ndarray], list[T]],
     out: Callable[[int, int], np.ndarray | None] = lambda start, stop: None,
+    seen: list[int] | None = None,
 ) -> list[T]:
     """Per cell, ``finish(first cell, gene indices padded with -1, counts)`` of consecutive blocks of
-    cells; ``out(start, stop)`` may give the array a sparse block's indices are written into.
+    cells; ``out(start, stop)`` may give the array a sparse block's indices are written into; ``seen``
+    collects what the compiled kernel saw of a sparse matrix's values (``_block_sparse``).
 
     Blocks run on a thread pool: numpy and the compiled kernel release the GIL, so one block's work
     overlaps another's ``finish`` (Python objects, GIL held).
@@ -318,7 +324,8 @@ def _blocks(
     def block(start: int) -> list[T]:
         stop = min(start + _BLOCK_CELLS, n_cells)
         if sparse:
-            cols, counts = _block_sparse(_csr_rows(matrix, start, stop), top_k, order, out(start, stop))
+            rows = _csr_rows(matrix, start, stop)
+            cols, counts = _block_sparse(rows, top_k, order, out(start, stop), seen)
         else:
             cols, counts = _block_dense(np.asarray(matrix[start:stop]), top_k, order)
         return finish(start, cols, counts)
@@ -357,13 +364,26 @@ def cell_sentences(
     """
     import warnings
 
-    from cellduality.data.loading import pick_expression
+    from cellduality.data.loading import expression_matrix, pick_expression
 
+    matrix, var = expression_matrix(adata, layer)
+    if sp.issparse(matrix):
+        # the compiled kernel reads every value anyway: when all are finite and non-negative,
+        # pick_expression would keep this matrix as it is, and its checks need no pass of their own
+        seen: list[int] = []
+        sentences = _sentences(matrix, var, top_k, seed, seen)
+        if not any(seen):
+            return sentences
     notes: list[str] = []
     matrix, var, _ = pick_expression(adata, layer=layer, allow_scaled=allow_scaled, notes=notes)
     for note in notes:
         if note.startswith(".X is scaled"):  # said once per call: the caller may not expect it
             warnings.warn(f"cell_sentences: {note}", UserWarning, stacklevel=2)
+    return _sentences(matrix, var, top_k, seed)
+
+
+def _sentences(matrix, var, top_k: int | None, seed: int, seen: list[int] | None = None) -> Sentences:
+    """The sentences of a matrix already chosen (``seen``: see :func:`_blocks`)."""
     names = np.asarray(var.index, dtype=object)
     dtype = np.int16 if len(names) < np.iinfo(np.int16).max else np.int32
     n_cells = matrix.shape[0]
@@ -383,7 +403,10 @@ def cell_sentences(
         counts[start:stop] = n
         return [cols.shape[1]]
 
-    width = max(_blocks(matrix, top_k, seed, finish, lambda start, stop: genes[start:stop]), default=0)
+    def out(start: int, stop: int) -> np.ndarray:
+        return genes[start:stop]
+
+    width = max(_blocks(matrix, top_k, seed, finish, out, seen), default=0)
     return Sentences(genes if width >= room else genes[:, : max(width, 1)], counts, names)
 
 

@@ -163,7 +163,7 @@ def test_a_gene_stored_twice_in_a_row_counts_once_with_its_values_summed(top_k):
     and the sentences are those of the summed, sorted matrix, in the block that has them and in the
     others; without the repeat summed, the gene would be ranked by its parts (or listed twice)."""
     from cellduality.sentences import _BLOCK_CELLS, _csr_rows, _TieOrder, cell_sentences
-    from cellduality.topk import top_keys_csr
+    from cellduality.topk import REPEATS, top_keys_csr
 
     rng = np.random.default_rng(5)
     n_cells, n_genes = 2 * _BLOCK_CELLS + 11, 40
@@ -202,7 +202,9 @@ def test_a_gene_stored_twice_in_a_row_counts_once_with_its_values_summed(top_k):
         found = np.empty(stop - start, np.int64)
         bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
         a, b = np.uint64(order.a), np.uint64(order.b)
-        return top_keys_csr(bits, np.ascontiguousarray(indices), indptr, top_k, a, b, keys, found)
+        return (
+            not top_keys_csr(bits, np.ascontiguousarray(indices), indptr, top_k, a, b, keys, found) & REPEATS
+        )
 
     assert strictly_increasing(canonical) and strictly_increasing(summed)
     assert not strictly_increasing(repeated)
@@ -231,3 +233,63 @@ def test_gene_lists_full_partial_and_kept_rows(dtype):
     keep = np.array([[True, False, True], [True, True, True], [False, True, True]])
     kept = gene_lists(names, genes, np.array([3, 3, 3]), keep)
     assert kept.to_pylist() == [["D", "B"], ["C", "C", "A"], ["D", "C"]]
+
+
+def test_sparse_values_the_kernel_flags_follow_pick_expressions_rules() -> None:
+    """A sparse matrix is ranked in one pass that also checks its values: a NaN or an infinity is refused,
+    negative values send it through pick_expression's rules (.raw, or z-scores on request), -0.0 is a
+    stored zero, exactly as when pick_expression checks first (the dense path)."""
+    import warnings
+
+    from cellduality.data.schema import DataError
+    from cellduality.sentences import _csr_rows, _TieOrder, cell_sentences
+    from cellduality.topk import NEGATIVE, NOT_FINITE, top_keys_csr
+
+    rng = np.random.default_rng(2)
+    x = sp.random(60, 30, density=0.3, format="csr", random_state=3, dtype=np.float32)
+    x.data = rng.integers(1, 6, x.nnz).astype(np.float32)
+    names = [f"G{j}" for j in range(30)]
+
+    def adata(m, raw=None):
+        a = ad.AnnData(X=m, var=pd.DataFrame(index=names))
+        if raw is not None:
+            a.raw = raw
+        return a
+
+    def with_value(v: float) -> sp.csr_matrix:
+        y = x.copy()
+        y.data[7] = v
+        return y
+
+    def flags(m: sp.csr_matrix) -> int:
+        data, indices, indptr = _csr_rows(m, 0, m.shape[0])
+        order = _TieOrder.from_seed(0)
+        keys, found = np.empty((m.shape[0], 5), np.uint64), np.empty(m.shape[0], np.int64)
+        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+        return top_keys_csr(bits, indices, indptr, 5, np.uint64(order.a), np.uint64(order.b), keys, found)
+
+    assert flags(x) == 0 and flags(with_value(-0.0)) == 0
+    assert flags(with_value(np.nan)) == NOT_FINITE and flags(with_value(-np.inf)) == NOT_FINITE | NEGATIVE
+    assert flags(with_value(np.inf)) == NOT_FINITE and flags(with_value(-2.0)) == NEGATIVE
+
+    def listed(s) -> list[list[str]]:
+        return [list(r) for r in s]
+
+    clean = listed(cell_sentences(adata(x), top_k=5))
+    assert clean == listed(cell_sentences(adata(x.toarray()), top_k=5))  # the dense path checks first
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(DataError, match="NaN or infinite"):
+            cell_sentences(adata(with_value(bad)), top_k=5)
+    scaled = with_value(-2.0)
+    with pytest.raises(DataError, match="allow-scaled"):
+        cell_sentences(adata(scaled), top_k=5)
+    with pytest.warns(UserWarning, match=r"\.raw"):
+        assert listed(cell_sentences(adata(scaled, raw=adata(x)), top_k=5)) == clean
+    zscores = listed(cell_sentences(adata(scaled), top_k=5, allow_scaled=True))
+    assert zscores == listed(cell_sentences(adata(scaled.toarray()), top_k=5, allow_scaled=True))
+    stored_zero = with_value(0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert listed(cell_sentences(adata(with_value(-0.0)), top_k=5)) == listed(
+            cell_sentences(adata(stored_zero), top_k=5)
+        )

@@ -118,20 +118,26 @@ def _looks_like_counts(x) -> bool:
     return bool(np.all(np.equal(np.mod(sample, 1), 0)) and sample.max() > 1)
 
 
-def _pick_matrix(adata: ad.AnnData, layer: str | None, allow_scaled: bool, notes: list[str]) -> tuple:
-    """The matrix to rank and its var table, refusing scaled data unless ``.raw`` can stand in."""
+def _stored_matrix(adata: ad.AnnData, layer: str | None) -> tuple:
+    """``.X`` or ``layer`` as float32 (no copy when it is already), and the var table; values unchecked."""
     if layer is not None:
         if layer not in adata.layers:
             raise DataError(
                 f"layer {layer!r} not found; layers present: {', '.join(adata.layers.keys()) or '(none)'}"
             )
         x, var = adata.layers[layer], adata.var
-        notes.append(f"used layer {layer!r}")
     else:
         x, var = adata.X, adata.var
     if x is None:
         raise DataError("the AnnData has no expression matrix (.X is empty)")
-    x = _as_float_matrix(x)
+    return _as_float_matrix(x), var
+
+
+def _pick_matrix(adata: ad.AnnData, layer: str | None, allow_scaled: bool, notes: list[str]) -> tuple:
+    """The matrix to rank and its var table, refusing scaled data unless ``.raw`` can stand in."""
+    x, var = _stored_matrix(adata, layer)
+    if layer is not None:
+        notes.append(f"used layer {layer!r}")
     if _check_finite(x, "the expression matrix") < 0:
         if layer is None and adata.raw is not None:
             raw = _as_float_matrix(adata.raw.X)
@@ -304,6 +310,18 @@ def pick_expression(
     if adata.isbacked:
         adata = adata.to_memory()
     return _pick_matrix(adata, layer, allow_scaled, notes if notes is not None else [])
+
+
+def expression_matrix(adata: ad.AnnData, layer: str | None = None) -> tuple:
+    """``.X`` (or ``layer``) as float32, and the var table, before :func:`pick_expression`'s checks.
+
+    For a caller that reads every value anyway (``cell_sentences``' compiled kernel): when each is
+    finite and none is negative, ``pick_expression`` returns this same matrix; otherwise its rules
+    (``.raw`` for a scaled matrix, refusals) apply and the caller must go through it.
+    """
+    if adata.isbacked:
+        adata = adata.to_memory()
+    return _stored_matrix(adata, layer)
 
 
 def prepare_anndata(
