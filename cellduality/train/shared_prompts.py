@@ -1,4 +1,5 @@
-"""GRPO's loss forward on the CPU: each prompt once, for all the completions that share it.
+"""GRPO on the CPU passes each prompt once for all the completions that share it: in the loss forward
+and in the rollouts' prefill.
 
 Why: a GRPO batch holds ``num_generations`` completions of each prompt (8 in the demo), and TRL scores
 them as 32 rows of prompt + completion, so the forward and backward pass through every prompt 8 times.
@@ -15,11 +16,16 @@ LM head. Every log-probability and entropy is the unpacked row's up to the order
 sums, and so are the loss and its gradients: tests/test_shared_prompts.py compares both with TRL's own
 path. The demo's trunk sees 4 x 470 tokens instead of 32 x 190 (``benchmarks/train_speed.py``).
 
+The rollouts (:func:`generate_with_shared_prefill`): the KV cache of each distinct prompt is computed
+once and copied to its rows before ``generate`` samples; the same tokens as without it (the test draws
+them with the same seed both ways).
+
 Scope: CPU tensors, text-only batches, the ``sdpa`` and ``eager`` attention implementations (which take
 a custom 4-D mask), models whose positions are ``0 .. length - 1`` when none are given (TRL passes none),
 and batches in which some prompt is shared; anything else takes TRL's path unchanged. One forward per
-chunk, as in TRL's path, so every rank calls the model as often as before (DDP, ZeRO).
-``CELLDUALITY_SHARED_PROMPTS=0`` turns it off.
+chunk, as in TRL's path, so every rank calls the model as often as before (DDP, ZeRO). The rollouts'
+prefill also needs Hugging Face generation without DeepSpeed (its extra forward must not meet ZeRO-3's
+gathers on one rank only) and a completion length. ``CELLDUALITY_SHARED_PROMPTS=0`` turns both off.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def generate_with_shared_prefill(
     from transformers import DynamicCache, StaticCache
 
     groups = prompt_groups(input_ids, attention_mask)
-    if len(groups) == input_ids.size(0) or input_ids.size(1) < 2:
+    if len(groups) == input_ids.size(0) or input_ids.size(1) < 2 or generation_config.max_new_tokens is None:
         return generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
         )
