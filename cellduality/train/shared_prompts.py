@@ -184,9 +184,10 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` whose per-token log-probabilities pass each shared prompt once (CPU), and
     whose rollouts compute each distinct prompt's KV cache once (CPU, without DeepSpeed)."""
 
-    #: how often each shared path was taken (a run's tests check that it was)
-    packed_forwards: int = 0
+    #: calls that took each shared path: rollouts generated through :func:`generate_with_shared_prefill`
+    #: (which prefills once only when some prompt is shared) and packed loss forwards
     shared_prefills: int = 0
+    packed_forwards: int = 0
 
     def _generate_single_turn(  # type: ignore[override]
         self,
@@ -196,7 +197,8 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
         num_generations: Any,
         has_tool_images: bool = False,
     ) -> Any:
-        plain = (
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if (
             not enabled()
             or self.use_vllm
             or self.use_transformers_continuous_batching
@@ -204,18 +206,15 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
             or images is not None
             or bool(multimodal_fields)
             or self.accelerator.device.type != "cpu"
-        )
-        model = None if plain else self.accelerator.unwrap_model(self.model)
-        if model is None or "generate" in vars(model):
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+        ):
+            return super()._generate_single_turn(*args)
+        model = self.accelerator.unwrap_model(self.model)
+        if "generate" in vars(model):  # someone else's override of this instance: left alone
+            return super()._generate_single_turn(*args)
         model.generate = functools.partial(generate_with_shared_prefill, model, model.generate)
         self.shared_prefills += 1
-        try:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+        try:  # TRL's rollout, whose ``unwrapped_model.generate`` is now the shared prefill's
+            return super()._generate_single_turn(*args)
         finally:
             del model.generate
 
