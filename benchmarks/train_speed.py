@@ -13,9 +13,13 @@ ratio is taken round by round and printed as min / median / max, next to the tar
 - new: the head projects the labelled positions only (``cellduality.train.lm_head``, the default), the
   rollouts use a static KV cache (the demo's ``cache_implementation="static"``), and GRPO passes each
   prompt once for the completions that share it, in the rollouts' prefill and in the loss
-  (``cellduality.train.shared_prompts``): the same loss, gradients and samples, so the benchmark also
+  (``cellduality.train.shared_prompts``), and every decoding step after a generation's prefill (the
+  rollouts' and the dual's) skips the module machinery (``cellduality.modeling.decode``, bit-identical
+  logits): the same loss, gradients and samples, so the benchmark also
   prints the training losses (SFT) and rewards (GRPO) of each setting, which agree with old's up to
   float rounding.
+- new, HF decoding (GRPO): new with each decoding step through the model's own forward
+  (``CELLDUALITY_LEAN_DECODE=0``), so that new / this is what ``cellduality.modeling.decode`` adds.
 - new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
   inverse_cdf``, opt-in, ``cellduality.train.sampling``): the same distribution, other draws, so its
   rewards differ from the first step on; docs/results.md ("Speed and results") compares six seeds.
@@ -57,8 +61,14 @@ _OLD_CACHE = "CELLDUALITY_BENCH_DYNAMIC_CACHE"
 #: ``_SAMPLER``: the GRPO recipe's ``cpu_sampler`` for the child (the demo's recipe: ``torch``)
 _SAMPLER = "CELLDUALITY_BENCH_CPU_SAMPLER"
 SETTINGS: dict[str, dict[str, str]] = {
-    "old": {"CELLDUALITY_COMPACT_LM_HEAD": "0", _OLD_CACHE: "1", "CELLDUALITY_SHARED_PROMPTS": "0"},
+    "old": {
+        "CELLDUALITY_COMPACT_LM_HEAD": "0",
+        _OLD_CACHE: "1",
+        "CELLDUALITY_SHARED_PROMPTS": "0",
+        "CELLDUALITY_LEAN_DECODE": "0",
+    },
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
+    "new, HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
     "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
@@ -67,12 +77,16 @@ SETTINGS: dict[str, dict[str, str]] = {
         "CELLDUALITY_COMPACT_LM_HEAD": "0",
         _OLD_CACHE: "1",
         "CELLDUALITY_SHARED_PROMPTS": "0",
+        "CELLDUALITY_LEAN_DECODE": "0",
         "OMP_NUM_THREADS": "1",
     },
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
+#: settings that differ from "new" only in GRPO's generation (SFT generates nothing)
+GRPO_ONLY = frozenset({"new + inverse CDF", "new, HF decoding"})
 COMPARISONS = (
     ("new", "old"),
+    ("new", "new, HF decoding"),
     ("new + inverse CDF", "old"),
     ("new + inverse CDF", "new"),
     ("new 1-thread", "old 1-thread"),
@@ -215,8 +229,8 @@ def main() -> None:
         raise SystemExit(f"unknown settings {unknown}; known: {list(SETTINGS)}")
     every = names
     for stage in stages:
-        # the sampler settings change GRPO's rollouts only: SFT does not run them
-        names = [n for n in every if stage == "grpo" or _SAMPLER not in SETTINGS[n]]
+        # the sampler and the decoding change GRPO's rollouts only: SFT does not run them
+        names = [n for n in every if stage == "grpo" or n not in GRPO_ONLY]
         pairs = [(a, b) for a, b in COMPARISONS if a in names and b in names]
         steps = args.sft_steps if stage == "sft" else args.grpo_steps
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

@@ -52,11 +52,18 @@ def test_reward_mode_guard() -> None:
 
 @pytest.fixture(scope="module")
 def dual_run(tmp_path_factory):
+    from cellduality.modeling import decode
     from cellduality.train.grpo import run_grpo
 
     tmp = tmp_path_factory.mktemp("grpo")
+    before = decode.steps_taken
     trainer = run_grpo(*_args(tmp))
+    _LEAN_STEPS.append(decode.steps_taken - before)
     return tmp, trainer
+
+
+#: decoding steps the dual run took through cellduality.modeling.decode's lean step
+_LEAN_STEPS: list[int] = []
 
 
 def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
@@ -86,6 +93,9 @@ def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
     assert len(calls) == 2  # one dual generation per reward call, also when nothing parsed
     # the CPU run took the shared-prompt paths (tests/test_shared_prompts.py: they are TRL's up to rounding)
     assert trainer.shared_prefills == 2 and trainer.packed_forwards == 2
+    # and its rollouts and dual generations decoded through the lean step (tests/test_decode.py: the
+    # same tokens as Hugging Face's own forward)
+    assert _LEAN_STEPS and _LEAN_STEPS[0] > 0
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out) is not None

@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from cellduality.modeling.decode import lean_decoding
+
 Messages = list[dict[str, str]]
 _FILLER: Messages = [{"role": "user", "content": "."}]
 
@@ -302,7 +304,7 @@ class PolicyGenerator:
             attention[row, width - len(seq) :] = 1
         device = trainer.accelerator.device
         self.generations += 1
-        with self._reader_context(reference) as model, torch.no_grad():
+        with self._reader_context(reference) as model, torch.no_grad(), lean_decoding(model):
             was_training = model.training
             model.eval()
             try:

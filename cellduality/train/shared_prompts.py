@@ -18,7 +18,8 @@ path. The demo's trunk sees 4 x 470 tokens instead of 32 x 190 (``benchmarks/tra
 
 The rollouts (:func:`generate_with_shared_prefill`): the KV cache of each distinct prompt is computed
 once and copied to its rows before ``generate`` samples; the same tokens as without it (the test draws
-them with the same seed both ways).
+them with the same seed both ways). Their decoding steps skip the module machinery
+(``cellduality.modeling.decode``: bit-identical logits).
 
 Scope: CPU tensors, text-only batches, the ``sdpa`` and ``eager`` attention implementations (which take
 a custom 4-D mask), models whose positions are ``0 .. length - 1`` when none are given (TRL passes none),
@@ -37,6 +38,8 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+
+from cellduality.modeling.decode import lean_decoding
 
 #: attention implementations that accept a custom additive 4-D mask as given
 _MASKABLE = ("sdpa", "eager")
@@ -214,7 +217,8 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
         model.generate = functools.partial(generate_with_shared_prefill, model, model.generate)
         self.shared_prefills += 1
         try:  # TRL's rollout, whose ``unwrapped_model.generate`` is now the shared prefill's
-            return super()._generate_single_turn(*args)
+            with lean_decoding(model):
+                return super()._generate_single_turn(*args)
         finally:
             del model.generate
 

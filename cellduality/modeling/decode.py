@@ -1,0 +1,341 @@
+"""A Llama model's decoding steps on the CPU without the module machinery: Hugging Face's tokens, fewer
+Python calls per token.
+
+Why: on the CPU a decoding step of the demo's 4-layer model is about 300 tiny operations, and a good
+part of its time was Python around them: ``nn.Module.__call__`` for each of some 50 modules, the
+output-capturing and config-merging decorators, configuration attribute look-ups. The demo's GRPO step
+decodes about 80 tokens (40 for the rollouts, two greedy dual generations of about 20), and evaluation
+and the dual check decode the rest. Measured inside ``generate`` on the demo's SFT checkpoint (greedy,
+150-token prompts, static cache, three runs on the 2-core machine): 3.1-3.6 -> 2.4-2.6 ms a step for 4
+rows, 5.2-6.0 -> 4.6-4.7 ms for 32 rows. ``benchmarks/train_speed.py`` measures what it does to
+training.
+
+How: :func:`lean_decoding` gives the model *instance* a ``__call__`` of its own while the ``with`` block
+runs. Hugging Face's decoding loop (``GenerationMixin._sample``: ``model_forward = self.__call__``) calls
+it for every token after the prefill; the prefill (``self(...)``, which Python looks up on the class)
+keeps the model's own forward. A one-token call with the arguments that loop passes runs
+:meth:`_LeanCall.step`, which makes the calls ``LlamaForCausalLM.forward`` makes, in its order, on the same tensors: the
+embedding, Transformers' own ``create_causal_mask`` and rotary embedding, per layer RMSNorm, the q/k/v
+projections, the rotary rotation, the cache's own ``update``, the attention function the configuration
+names (``ALL_ATTENTION_FUNCTIONS``; for ``sdpa``, the kernel called with the arguments Transformers'
+wrapper gives it for one query token, chosen by that wrapper's own ``use_gqa_in_sdpa`` and
+``pack_gqa``), the output projection, RMSNorm, the gated MLP; the final norm and the
+head. So its logits are bit-identical to the model's and the sampled tokens are the same for the same
+seed (tests/test_decode.py compares both, static and dynamic cache, greedy and sampled, padded rows).
+Any other call (more than one token, other arguments) goes to the model's forward.
+
+Scope (:func:`supported`): a ``LlamaForCausalLM`` built from Transformers' own classes (no subclass, no
+PEFT layer in place of a ``Linear``, no forward of its own other than TRL's fused LM head, which decodes
+through the model's forward), with no hook on any module (DeepSpeed ZeRO-3 and accelerate's
+offloading work through hooks), on the CPU, with the default rotary embedding. Anything else decodes as
+before. ``CELLDUALITY_LEAN_DECODE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: the keyword arguments Hugging Face's decoding loop passes a Llama model for each new token
+_STEP_ARGS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values",
+        "use_cache",
+        "logits_to_keep",
+        "return_dict",
+    }
+)
+
+
+#: decoding steps this process took through the lean step (tests check that training takes the path)
+steps_taken = 0
+
+
+def enabled() -> bool:
+    """On unless ``CELLDUALITY_LEAN_DECODE=0``."""
+    return os.environ.get("CELLDUALITY_LEAN_DECODE", "1") != "0"
+
+
+def supported(model: Any) -> bool:
+    """Whether :meth:`_LeanCall.step` computes exactly what ``model``'s forward does (see the module's scope)."""
+    try:
+        from transformers.models.llama import modeling_llama as ml
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if type(model) is not ml.LlamaForCausalLM or type(model.model) is not ml.LlamaModel:
+        return False
+    own_forward = vars(model).get("forward")
+    if own_forward is not None and not _is_trls_fused_head(own_forward):
+        return False
+    inner = model.model
+    if type(inner.rotary_emb) is not ml.LlamaRotaryEmbedding or inner.rotary_emb.rope_type != "default":
+        return False
+    if type(inner.embed_tokens) is not torch.nn.Embedding or type(inner.norm) is not ml.LlamaRMSNorm:
+        return False
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.weight.device.type != "cpu":
+        return False
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (
+            type(layer) is not ml.LlamaDecoderLayer
+            or type(attn) is not ml.LlamaAttention
+            or type(mlp) is not ml.LlamaMLP
+            or type(layer.input_layernorm) is not ml.LlamaRMSNorm
+            or type(layer.post_attention_layernorm) is not ml.LlamaRMSNorm
+        ):
+            return False
+        linears = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        )
+        if any(type(lin) is not torch.nn.Linear for lin in linears):
+            return False
+    hooked = (
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or getattr(m, "_backward_pre_hooks", None)
+        for m in model.modules()
+    )
+    if any(hooked):
+        return False
+    from torch.nn.modules import module as nn_module
+
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    return not any(getattr(nn_module, name, None) for name in global_hooks)
+
+
+def _is_trls_fused_head(forward: Any) -> bool:
+    """Whether an instance ``forward`` is TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``),
+    which GRPO and SFT put on the model: without ``fused_lm_head=True`` (never passed when decoding) it
+    calls the model's own forward."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    code = getattr(getattr(forward, "__func__", None), "__code__", None)  # functools.wraps hides the names
+    return (
+        code is not None
+        and code.co_name == "_fused_forward"
+        and os.path.samefile(code.co_filename, trl_utils.__file__)
+        and getattr(forward.__func__, "__wrapped__", None) is type(forward.__self__).forward
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``modeling_llama.rotate_half``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, the same operations."""
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * hidden.to(dtype)
+
+
+class _LeanCall:
+    """The instance ``__call__`` :func:`lean_decoding` installs: one-token steps through :meth:`step`.
+
+    It reads the modules' tensors once, when the ``with`` block starts (an optimizer updates them in
+    place, so they stay the model's own)."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers.integrations.sdpa_attention import pack_gqa, use_gqa_in_sdpa
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        self.model = model
+        self.steps = 0  # decoding steps taken through ``step`` (a test checks that the path is taken)
+        inner = model.model
+        self.config = inner.config
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.layers = [
+            (
+                layer.self_attn,
+                layer.input_layernorm,
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.post_attention_layernorm,
+                layer.mlp.act_fn,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            )
+            for layer in inner.layers[: self.config.num_hidden_layers]
+        ]
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        #: Transformers' sdpa attention for one query token, without its wrapper's other branches
+        self.direct_sdpa = self.attention is ALL_ATTENTION_FUNCTIONS.get("sdpa")
+        self._mask = create_causal_mask
+        self._output = CausalLMOutputWithPast
+        self._slice = slice_logits_to_keep
+        self._use_gqa, self._pack_gqa = use_gqa_in_sdpa, pack_gqa
+
+    def _sdpa(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> Any:
+        """``sdpa_attention_forward`` for one query token on the CPU: its own decisions (GQA in the kernel
+        when there is no mask, else the query's heads packed per key head), then its output layout."""
+        kwargs: dict[str, Any] = {}
+        if attn.num_key_value_groups > 1:
+            if self._use_gqa(mask, key, value):
+                kwargs["enable_gqa"] = True
+            else:
+                query = self._pack_gqa(query, attn.num_key_value_groups)
+                mask = self._pack_gqa(mask, attn.num_key_value_groups)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=0.0 if not attn.training else attn.attention_dropout,
+            scale=attn.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        return out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Any,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> Any:
+        """One decoding step of ``LlamaForCausalLM.forward`` (one token per row, a cache, positions)."""
+        embed = self.embed
+        hidden = F.embedding(
+            input_ids,
+            embed.weight,
+            embed.padding_idx,
+            embed.max_norm,
+            embed.norm_type,
+            embed.scale_grad_by_freq,
+            embed.sparse,
+        )
+        mask = self._mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        cos, sin = self.rotary(hidden, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # as apply_rotary_pos_emb does, once for all layers
+        batch, length = hidden.shape[:2]
+        for (
+            attn,
+            norm1,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            norm2,
+            act,
+            gate_proj,
+            up_proj,
+            down_proj,
+        ) in self.layers:
+            residual = hidden
+            hidden = _rms(norm1, hidden)
+            shape = (batch, length, -1, attn.head_dim)
+            query = F.linear(hidden, q_proj.weight, q_proj.bias).view(shape).transpose(1, 2)
+            key = F.linear(hidden, k_proj.weight, k_proj.bias).view(shape).transpose(1, 2)
+            value = F.linear(hidden, v_proj.weight, v_proj.bias).view(shape).transpose(1, 2)
+            query = (query * cos) + (_rotate_half(query) * sin)
+            key = (key * cos) + (_rotate_half(key) * sin)
+            key, value = cache.update(key, value, attn.layer_idx)
+            if self.direct_sdpa and length == 1:
+                out = self._sdpa(attn, query, key, value, mask)
+            else:
+                out, _ = self.attention(
+                    attn,
+                    query,
+                    key,
+                    value,
+                    mask,
+                    dropout=0.0 if not attn.training else attn.attention_dropout,
+                    scaling=attn.scaling,
+                    position_ids=position_ids,
+                )
+            out = out.reshape(batch, length, -1).contiguous()
+            hidden = residual + F.linear(out, o_proj.weight, o_proj.bias)
+            residual = hidden
+            hidden = _rms(norm2, hidden)
+            gated = act(F.linear(hidden, gate_proj.weight, gate_proj.bias)) * F.linear(
+                hidden, up_proj.weight, up_proj.bias
+            )
+            hidden = residual + F.linear(gated, down_proj.weight, down_proj.bias)
+        hidden = _rms(self.norm, hidden)
+        logits = F.linear(self._slice(hidden, logits_to_keep), self.head.weight, self.head.bias)
+        return self._output(logits=logits, past_key_values=cache)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if (
+            args
+            or not set(kwargs) <= _STEP_ARGS
+            or ids is None
+            or ids.dim() != 2
+            or ids.size(1) != 1
+            or ids.device.type != "cpu"
+            or kwargs.get("past_key_values") is None
+            or kwargs.get("position_ids") is None
+            or kwargs.get("use_cache") is False
+            or kwargs.get("return_dict") is False
+        ):
+            return type(self.model).__call__(self.model, *args, **kwargs)
+        global steps_taken
+        self.steps += 1
+        steps_taken += 1
+        return self.step(
+            ids,
+            kwargs.get("attention_mask"),
+            kwargs["position_ids"],
+            kwargs["past_key_values"],
+            kwargs.get("logits_to_keep", 0),
+        )
+
+
+@contextmanager
+def lean_decoding(model: Any) -> Iterator[_LeanCall | None]:
+    """While the block runs, ``model.generate`` decodes through :meth:`_LeanCall.step` (yields its ``_LeanCall``,
+    whose ``steps`` counts them), when :func:`enabled` and :func:`supported`; otherwise yields None and
+    changes nothing. Leaves an instance ``__call__`` someone else installed alone."""
+    if not enabled() or "__call__" in vars(model) or not supported(model):
+        yield None
+        return
+    call = _LeanCall(model)
+    object.__setattr__(model, "__call__", call)
+    try:
+        yield call
+    finally:
+        object.__delattr__(model, "__call__")
+
+
+__all__ = ["enabled", "lean_decoding", "supported"]
