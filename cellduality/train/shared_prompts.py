@@ -151,36 +151,41 @@ def generate_with_shared_prefill(
         return generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
         )
-    owner = torch.empty(input_ids.size(0), dtype=torch.long, device=input_ids.device)
-    for g, members in enumerate(groups):
-        owner[members] = g
-    firsts = torch.tensor([members[0] for members in groups], device=input_ids.device)
-    prefix_ids, prefix_mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
-    positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
-    shared = DynamicCache(config=model.config)
-    model(
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=positions,
-        past_key_values=shared,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    config = copy.deepcopy(generation_config)
-    if config.cache_implementation == "static":
-        cache: Any = StaticCache(config=model.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
-    else:
-        cache = DynamicCache(config=model.config)
-    config.cache_implementation = None  # the cache is given
-    for layer, kv in enumerate(shared.layers):
-        cache.update(kv.keys[owner], kv.values[owner], layer)
-    return generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        generation_config=config,
-        **kwargs,
-    )
+    # inference mode: cheaper operations; no tensor made here outlives the call but the clone returned,
+    # and the cache is this call's own (Hugging Face keeps none of it on the model)
+    with torch.inference_mode():
+        owner = torch.empty(input_ids.size(0), dtype=torch.long, device=input_ids.device)
+        for g, members in enumerate(groups):
+            owner[members] = g
+        firsts = torch.tensor([members[0] for members in groups], device=input_ids.device)
+        prefix_ids, prefix_mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
+        positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+        shared = DynamicCache(config=model.config)
+        model(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=positions,
+            past_key_values=shared,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        config = copy.deepcopy(generation_config)
+        if config.cache_implementation == "static":
+            cache: Any = StaticCache(config=model.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
+        else:
+            cache = DynamicCache(config=model.config)
+        config.cache_implementation = None  # the cache is given
+        for layer, kv in enumerate(shared.layers):
+            cache.update(kv.keys[owner], kv.values[owner], layer)
+        out = generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            generation_config=config,
+            **kwargs,
+        )
+    # an ordinary tensor again, as TRL's own call returns (TRL asks for the sequences only)
+    return out.clone() if isinstance(out, torch.Tensor) else out
 
 
 class SharedPromptGRPOTrainer(GRPOTrainer):
