@@ -18,7 +18,7 @@ ratio is taken round by round and printed as min / median / max, next to the tar
   logits): the same loss, gradients and samples, so the benchmark also
   prints the training losses (SFT) and rewards (GRPO) of each setting, which agree with old's up to
   float rounding.
-- new, HF decoding (GRPO): new with each decoding step through the model's own forward
+- new with HF decoding (GRPO): new with each decoding step through the model's own forward
   (``CELLDUALITY_LEAN_DECODE=0``), so that new / this is what ``cellduality.modeling.decode`` adds.
 - new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
   inverse_cdf``, opt-in, ``cellduality.train.sampling``): the same distribution, other draws, so its
@@ -68,7 +68,7 @@ SETTINGS: dict[str, dict[str, str]] = {
         "CELLDUALITY_LEAN_DECODE": "0",
     },
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
-    "new, HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
+    "new with HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
     "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
@@ -83,10 +83,10 @@ SETTINGS: dict[str, dict[str, str]] = {
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
 #: settings that differ from "new" only in GRPO's generation (SFT generates nothing)
-GRPO_ONLY = frozenset({"new + inverse CDF", "new, HF decoding"})
+GRPO_ONLY = frozenset({"new + inverse CDF", "new with HF decoding"})
 COMPARISONS = (
     ("new", "old"),
-    ("new", "new, HF decoding"),
+    ("new", "new with HF decoding"),
     ("new + inverse CDF", "old"),
     ("new + inverse CDF", "new"),
     ("new 1-thread", "old 1-thread"),
