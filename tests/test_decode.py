@@ -52,11 +52,17 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("cache", ["static", None])
-@pytest.mark.parametrize("name", sorted(SETTINGS))
-@pytest.mark.parametrize("attention,kv_heads", [("sdpa", 2), ("sdpa", 4), ("eager", 2)])
+CASES = [("sdpa", 2, name, cache) for name in sorted(SETTINGS) for cache in ("static", None)] + [
+    ("sdpa", 4, "sampled", "static"),  # as many key/value heads as query heads: no GQA packing
+    ("sdpa", 4, "greedy", None),
+    ("eager", 2, "sampled", "static"),  # Transformers' eager attention, through its own function
+    ("eager", 2, "greedy", None),
+]
+
+
+@pytest.mark.parametrize("attention,kv_heads,name,cache", CASES)
 def test_generate_gives_hugging_faces_tokens(
-    name: str, cache: str | None, attention: str, kv_heads: int
+    attention: str, kv_heads: int, name: str, cache: str | None
 ) -> None:
     model = _model(attention, kv_heads)
     assert supported(model)
