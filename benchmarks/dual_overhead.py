@@ -5,9 +5,11 @@ tokens, dual completions up to 32), in this process. The oracle reward needs no 
 dual reward generates one batched dual completion per forward completion with the policy. To make the
 dual path do real work, the tiny model is first fine-tuned for a short while on offline-teacher traces
 so that most forward completions parse (a completion that does not parse gets no dual prompt).
-Target: dual / oracle <= 1.3.
+Learning rate 0, so every round trains nothing and generates the same completions: the arms run
+``--rounds`` times, alternating which goes first, and the ratio is the median of the rounds' ratios
+(one run's step times move by about a tenth on a shared machine). Target: dual / oracle <= 1.3.
 
-    python benchmarks/dual_overhead.py [--steps 8] [--out /tmp/cellduality_dual_overhead]
+    python benchmarks/dual_overhead.py [--steps 8] [--rounds 3] [--out /tmp/cellduality_dual_overhead]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both arms, alternating")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cellduality_dual_overhead"))
     args = parser.parse_args()
 
@@ -96,35 +99,45 @@ def main() -> None:
         "--learning_rate",
         "0",
     ]
-    dual = run_grpo(*grpo_args([*common, "--output_dir", str(args.out / "dual")]))
-    oracle = run_grpo(
-        *grpo_args(
-            [
-                *common,
-                "--output_dir",
-                str(args.out / "oracle"),
-                "--reward_mode",
-                "oracle",
-                "--reward_funcs",
-                "format",
-                "oracle",
-            ]
+    oracle_args = ["--reward_mode", "oracle", "--reward_funcs", "format", "oracle"]
+    ratios, duals, oracles = [], [], []
+    for r in range(args.rounds):  # the arms alternate, each first in turn: a change of load hits both
+        arms = ("dual", "oracle") if r % 2 == 0 else ("oracle", "dual")
+        times = {}
+        for arm in arms:
+            extra = oracle_args if arm == "oracle" else []
+            trainer = run_grpo(*grpo_args([*common, "--output_dir", str(args.out / arm), *extra]))
+            times[arm] = statistics.median(_step_times(trainer))
+            if arm == "dual":
+                dual = trainer
+        duals.append(times["dual"])
+        oracles.append(times["oracle"])
+        ratios.append(times["dual"] / times["oracle"])
+        print(
+            f"round {r + 1}/{args.rounds}: dual {times['dual']:.3f} s, oracle {times['oracle']:.3f} s, "
+            f"ratio {ratios[-1]:.2f}",
+            flush=True,
         )
-    )
-    t_dual = statistics.median(_step_times(dual))
-    t_oracle = statistics.median(_step_times(oracle))
     history = dual.cellduality_dual.history
     prompts = sum(h["prompts"] for h in history)
     parsed = prompts / max(1, len(history) * 8)
-    ratio = t_dual / t_oracle
+    ratio = statistics.median(ratios)
     generated = sum(h.get("generated", h["prompts"]) for h in history)
+    steps = len(_step_times(dual))
     print(
         f"dual prompts per forward completion: {parsed:.2f} ({generated} distinct ones generated of {prompts})"
     )
-    print(f"GRPO step with dual reward  : {t_dual:.3f} s (median of {len(_step_times(dual))} steps)")
-    print(f"GRPO step with oracle reward: {t_oracle:.3f} s (median of {len(_step_times(oracle))} steps)")
+    print(
+        f"GRPO step with dual reward  : {statistics.median(duals):.3f} s (median of {steps} steps, then of rounds)"
+    )
+    print(
+        f"GRPO step with oracle reward: {statistics.median(oracles):.3f} s (median of {steps} steps, then of rounds)"
+    )
     verdict = "met" if ratio <= TARGET else "NOT met"
-    print(f"ratio dual / oracle         : {ratio:.2f} (target <= {TARGET}: {verdict})")
+    print(
+        f"ratio dual / oracle         : {ratio:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f} over "
+        f"{args.rounds} rounds; target <= {TARGET}: {verdict})"
+    )
 
 
 if __name__ == "__main__":
