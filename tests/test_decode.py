@@ -132,9 +132,13 @@ def test_out_of_scope_models_decode_as_before() -> None:
     hooked = _model()
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert not supported(hooked)
+    patched = _model()
+    norm = patched.model.layers[1].post_attention_layernorm
+    norm.forward = lambda hidden: type(norm).forward(norm, hidden) * 2  # another norm than the class's
+    assert not supported(patched)
     peft = get_peft_model(_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not supported(peft.get_base_model())  # LoRA layers stand where the Linear layers were
-    for model in (hooked, peft.get_base_model()):
+    for model in (hooked, patched, peft.get_base_model()):
         expected, _ = _generate(model, lean=False, do_sample=False)
         got, call = _generate(model, lean=True, do_sample=False)
         assert call is None and torch.equal(got, expected)

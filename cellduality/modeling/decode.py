@@ -25,10 +25,10 @@ seed (tests/test_decode.py compares both, static and dynamic cache, greedy and s
 Any other call (more than one token, other arguments) goes to the model's forward.
 
 Scope (:func:`supported`): a ``LlamaForCausalLM`` built from Transformers' own classes (no subclass, no
-PEFT layer in place of a ``Linear``, no forward of its own other than TRL's fused LM head, which decodes
-through the model's forward), with no hook on any module (DeepSpeed ZeRO-3 and accelerate's
-offloading work through hooks), on the CPU, with the default rotary embedding. Anything else decodes as
-before. ``CELLDUALITY_LEAN_DECODE=0`` turns it off.
+PEFT layer in place of a ``Linear``, no module with a forward of its own on its instance, other than
+TRL's fused LM head on the model, which decodes through the model's forward), with no hook on any
+module (DeepSpeed ZeRO-3 and accelerate's offloading work through hooks), on the CPU, with the default
+rotary embedding. Anything else decodes as before. ``CELLDUALITY_LEAN_DECODE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def supported(model: Any) -> bool:
         )
         if any(type(lin) is not torch.nn.Linear for lin in linears):
             return False
+    if any("forward" in vars(m) for m in inner.modules()):  # a module patched on its instance
+        return False
     hooked = (
         m._forward_hooks
         or m._forward_pre_hooks
@@ -127,12 +129,13 @@ def _is_trls_fused_head(forward: Any) -> bool:
     except ImportError:  # pragma: no cover - TRL is a dependency
         return False
     code = getattr(getattr(forward, "__func__", None), "__code__", None)  # functools.wraps hides the names
-    return (
-        code is not None
-        and code.co_name == "_fused_forward"
-        and os.path.samefile(code.co_filename, trl_utils.__file__)
-        and getattr(forward.__func__, "__wrapped__", None) is type(forward.__self__).forward
-    )
+    if code is None or code.co_name != "_fused_forward":
+        return False
+    try:
+        same_file = os.path.samefile(code.co_filename, trl_utils.__file__)
+    except OSError:
+        return False
+    return same_file and getattr(forward.__func__, "__wrapped__", None) is type(forward.__self__).forward
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
