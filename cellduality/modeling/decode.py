@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,20 +144,79 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rms(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+def _rms(weight: torch.Tensor, eps: float, hidden: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward``, the same operations."""
     dtype = hidden.dtype
     hidden = hidden.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * hidden.to(dtype)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(dtype)
+
+
+class _Layer(NamedTuple):
+    """One decoder layer's tensors and settings, read once per ``with`` block (no module look-ups)."""
+
+    attn: Any
+    index: int
+    head_dim: int
+    norm1: torch.Tensor
+    eps1: float
+    q: torch.Tensor
+    q_bias: torch.Tensor | None
+    k: torch.Tensor
+    k_bias: torch.Tensor | None
+    v: torch.Tensor
+    v_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    eps2: float
+    act: Any  # None: Transformers' SiLUActivation, whose forward is ``F.silu``
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer: Any) -> _Layer:
+        from transformers.activations import SiLUActivation
+
+        attn, mlp = layer.self_attn, layer.mlp
+        act = mlp.act_fn
+        plain_silu = type(act) is SiLUActivation and "forward" not in vars(act)
+        return cls(
+            attn,
+            attn.layer_idx,
+            attn.head_dim,
+            layer.input_layernorm.weight,
+            layer.input_layernorm.variance_epsilon,
+            attn.q_proj.weight,
+            attn.q_proj.bias,
+            attn.k_proj.weight,
+            attn.k_proj.bias,
+            attn.v_proj.weight,
+            attn.v_proj.bias,
+            attn.o_proj.weight,
+            attn.o_proj.bias,
+            layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.variance_epsilon,
+            None if plain_silu else act,
+            mlp.gate_proj.weight,
+            mlp.gate_proj.bias,
+            mlp.up_proj.weight,
+            mlp.up_proj.bias,
+            mlp.down_proj.weight,
+            mlp.down_proj.bias,
+        )
 
 
 class _LeanCall:
     """The instance ``__call__`` :func:`lean_decoding` installs: one-token steps through :meth:`step`.
 
     It reads the modules' tensors once, when the ``with`` block starts (an optimizer updates them in
-    place, so they stay the model's own)."""
+    place, so they stay the model's own); the attention's ``training`` flag is read at each step."""
 
     def __init__(self, model: Any) -> None:
         from transformers.integrations.sdpa_attention import pack_gqa, use_gqa_in_sdpa
@@ -174,22 +233,7 @@ class _LeanCall:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.head = model.lm_head
-        self.layers = [
-            (
-                layer.self_attn,
-                layer.input_layernorm,
-                layer.self_attn.q_proj,
-                layer.self_attn.k_proj,
-                layer.self_attn.v_proj,
-                layer.self_attn.o_proj,
-                layer.post_attention_layernorm,
-                layer.mlp.act_fn,
-                layer.mlp.gate_proj,
-                layer.mlp.up_proj,
-                layer.mlp.down_proj,
-            )
-            for layer in inner.layers[: self.config.num_hidden_layers]
-        ]
+        self.layers = [_Layer.of(layer) for layer in inner.layers[: self.config.num_hidden_layers]]
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -251,28 +295,17 @@ class _LeanCall:
         cos, sin = self.rotary(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # as apply_rotary_pos_emb does, once for all layers
         batch, length = hidden.shape[:2]
-        for (
-            attn,
-            norm1,
-            q_proj,
-            k_proj,
-            v_proj,
-            o_proj,
-            norm2,
-            act,
-            gate_proj,
-            up_proj,
-            down_proj,
-        ) in self.layers:
+        for lay in self.layers:
+            attn = lay.attn
             residual = hidden
-            hidden = _rms(norm1, hidden)
-            shape = (batch, length, -1, attn.head_dim)
-            query = F.linear(hidden, q_proj.weight, q_proj.bias).view(shape).transpose(1, 2)
-            key = F.linear(hidden, k_proj.weight, k_proj.bias).view(shape).transpose(1, 2)
-            value = F.linear(hidden, v_proj.weight, v_proj.bias).view(shape).transpose(1, 2)
+            hidden = _rms(lay.norm1, lay.eps1, hidden)
+            shape = (batch, length, -1, lay.head_dim)
+            query = F.linear(hidden, lay.q, lay.q_bias).view(shape).transpose(1, 2)
+            key = F.linear(hidden, lay.k, lay.k_bias).view(shape).transpose(1, 2)
+            value = F.linear(hidden, lay.v, lay.v_bias).view(shape).transpose(1, 2)
             query = (query * cos) + (_rotate_half(query) * sin)
             key = (key * cos) + (_rotate_half(key) * sin)
-            key, value = cache.update(key, value, attn.layer_idx)
+            key, value = cache.update(key, value, lay.index)
             if self.direct_sdpa and length == 1:
                 out = self._sdpa(attn, query, key, value, mask)
             else:
@@ -287,14 +320,15 @@ class _LeanCall:
                     position_ids=position_ids,
                 )
             out = out.reshape(batch, length, -1).contiguous()
-            hidden = residual + F.linear(out, o_proj.weight, o_proj.bias)
+            hidden = residual + F.linear(out, lay.o, lay.o_bias)
             residual = hidden
-            hidden = _rms(norm2, hidden)
-            gated = act(F.linear(hidden, gate_proj.weight, gate_proj.bias)) * F.linear(
-                hidden, up_proj.weight, up_proj.bias
+            hidden = _rms(lay.norm2, lay.eps2, hidden)
+            gate = F.linear(hidden, lay.gate, lay.gate_bias)
+            gate = F.silu(gate) if lay.act is None else lay.act(gate)
+            hidden = residual + F.linear(
+                gate * F.linear(hidden, lay.up, lay.up_bias), lay.down, lay.down_bias
             )
-            hidden = residual + F.linear(gated, down_proj.weight, down_proj.bias)
-        hidden = _rms(self.norm, hidden)
+        hidden = _rms(self.norm.weight, self.norm.variance_epsilon, hidden)
         logits = F.linear(self._slice(hidden, logits_to_keep), self.head.weight, self.head.bias)
         return self._output(logits=logits, past_key_values=cache)
 
