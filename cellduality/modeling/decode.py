@@ -5,10 +5,10 @@ Why: on the CPU a decoding step of the demo's 4-layer model is about 300 tiny op
 part of its time was Python around them: ``nn.Module.__call__`` for each of some 50 modules, the
 output-capturing and config-merging decorators, configuration attribute look-ups. The demo's GRPO step
 decodes about 80 tokens (40 for the rollouts, two greedy dual generations of about 20), and evaluation
-and the dual check decode the rest. Measured inside ``generate`` on the demo's SFT checkpoint (greedy,
-150-token prompts, static cache, three runs on the 2-core machine): 3.1-3.6 -> 2.4-2.6 ms a step for 4
-rows, 5.2-6.0 -> 4.6-4.7 ms for 32 rows. ``benchmarks/train_speed.py`` measures what it does to
-training.
+and the dual check decode the rest. Measured one step at a time on the demo's SFT checkpoint (150-token
+prompts, static cache, the model's forward and this step alternating, three runs on the 2-core
+machine): 3.0 -> 2.2 ms a step for 4 rows, 4.6-4.9 -> 4.0-4.1 ms for 32 rows.
+``benchmarks/train_speed.py`` measures what it does to training.
 
 How: :func:`lean_decoding` gives the model *instance* a ``__call__`` of its own while the ``with`` block
 runs. Hugging Face's decoding loop (``GenerationMixin._sample``: ``model_forward = self.__call__``) calls
