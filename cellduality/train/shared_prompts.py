@@ -171,7 +171,9 @@ def generate_with_shared_prefill(
         )
         config = copy.deepcopy(generation_config)
         if config.cache_implementation == "static":
-            cache: Any = StaticCache(config=model.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
+            cache: Any = StaticCache(
+                config=model.config, max_cache_len=input_ids.size(1) + config.max_new_tokens
+            )
         else:
             cache = DynamicCache(config=model.config)
         config.cache_implementation = None  # the cache is given
