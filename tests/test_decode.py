@@ -166,3 +166,29 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("CELLDUALITY_LEAN_DECODE", "0")
     _, call = _generate(_model(), lean=True, do_sample=False)
     assert call is None
+
+
+def test_lean_generation_owns_its_cache_in_inference_mode_and_keeps_the_tokens() -> None:
+    """Inference mode only where the generation's cache is the call's own: the same tokens as
+    Hugging Face's ``generate`` under ``no_grad``, and nothing of it left on the model."""
+    from cellduality.modeling.decode import lean_generation
+
+    ids, mask = _prompts()
+    for attention, static in (("sdpa", False), ("sdpa", True), ("eager", False)):
+        model = _model(attention)
+        if static:
+            model.generation_config.cache_implementation = "static"
+        with torch.no_grad():
+            expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        with lean_generation(model) as cache:
+            assert torch.is_inference_mode_enabled() == (not static)
+            assert bool(cache) == (not static)
+            got = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **cache
+            )
+        assert got.tolist() == expected.tolist()
+        assert not any(p.is_inference() for p in model.parameters())
+    hooked = _model()
+    hooked.model.norm.register_forward_hook(lambda *a: None)
+    with lean_generation(hooked) as cache:  # out of scope: as before, no_grad and Hugging Face's cache
+        assert cache == {} and not torch.is_inference_mode_enabled() and not torch.is_grad_enabled()

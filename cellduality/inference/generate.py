@@ -161,15 +161,16 @@ class HFBackend:
             torch.manual_seed(settings.seed)
         else:  # silence the model's own sampling defaults, which greedy decoding ignores anyway
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        from cellduality.modeling.decode import lean_decoding
+        from cellduality.modeling.decode import lean_generation
 
-        with torch.no_grad(), lean_decoding(self.model):  # on the CPU: fewer Python calls per token
+        with lean_generation(self.model) as cache:  # on the CPU: fewer Python calls per token
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad_id,
                 **kwargs,
+                **cache,
             )
         stop = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
         texts = []

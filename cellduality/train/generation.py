@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from cellduality.modeling.decode import lean_decoding
+from cellduality.modeling.decode import lean_generation
 
 Messages = list[dict[str, str]]
 _FILLER: Messages = [{"role": "user", "content": "."}]
@@ -304,7 +304,7 @@ class PolicyGenerator:
             attention[row, width - len(seq) :] = 1
         device = trainer.accelerator.device
         self.generations += 1
-        with self._reader_context(reference) as model, torch.no_grad(), lean_decoding(model):
+        with self._reader_context(reference) as model, lean_generation(model) as cache:
             was_training = model.training
             model.eval()
             try:
@@ -318,6 +318,7 @@ class PolicyGenerator:
                     top_k=None,
                     pad_token_id=pad_id,
                     use_cache=True,
+                    **cache,
                 )
             finally:
                 if was_training:
