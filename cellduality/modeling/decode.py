@@ -24,6 +24,10 @@ head. So its logits are bit-identical to the model's and the sampled tokens are 
 seed (tests/test_decode.py compares both, static and dynamic cache, greedy and sampled, padded rows).
 Any other call (more than one token, other arguments) goes to the model's forward.
 
+:func:`lean_generation` adds inference mode around a whole ``generate`` call where the lean step
+applies and the call's cache can be its own (used by the dual's generation and ``inference``; the
+rollouts' shared prefill owns its cache already).
+
 Scope (:func:`supported`): a ``LlamaForCausalLM`` built from Transformers' own classes (no subclass, no
 PEFT layer in place of a ``Linear``, no module with a forward of its own on its instance, other than
 TRL's fused LM head on the model, which decodes through the model's forward), with no hook on any
