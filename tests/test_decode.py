@@ -117,10 +117,15 @@ def test_a_step_is_bit_identical_to_the_models_forward() -> None:
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-def test_a_step_that_skews_the_rotation_is_caught(monkeypatch) -> None:
-    """The comparison above is sharp: a step whose rotary rotation is off by 1e-6 differs."""
-    real = decode._rotate_half
-    monkeypatch.setattr(decode, "_rotate_half", lambda x: real(x) * (1 + 1e-6))
+def test_a_step_that_skews_a_projection_is_caught(monkeypatch) -> None:
+    """The comparison above is sharp: a step whose query projection is off by 1e-6 differs."""
+    real = decode._Layer.of
+
+    def skewed(layer):  # the lean step's own copy of a query weight, off by one part in a million
+        tensors = real(layer)
+        return tensors._replace(q=tensors.q * (1 + 1e-6))
+
+    monkeypatch.setattr(decode._Layer, "of", skewed)
     (expected, _), (got, _) = _one_step(_model())
     assert not torch.equal(got, expected)
     assert torch.allclose(got, expected, atol=1e-4)  # close: only the comparison's sharpness is tested

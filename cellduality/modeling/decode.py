@@ -14,14 +14,15 @@ How: :func:`lean_decoding` gives the model *instance* a ``__call__`` of its own 
 runs. Hugging Face's decoding loop (``GenerationMixin._sample``: ``model_forward = self.__call__``) calls
 it for every token after the prefill; the prefill (``self(...)``, which Python looks up on the class)
 keeps the model's own forward. A one-token call with the arguments that loop passes runs
-:meth:`_LeanCall.step`, which makes the calls ``LlamaForCausalLM.forward`` makes, in its order, on the same tensors: the
-embedding, Transformers' own ``create_causal_mask`` and rotary embedding, per layer RMSNorm, the q/k/v
-projections, the rotary rotation, the cache's own ``update``, the attention function the configuration
-names (``ALL_ATTENTION_FUNCTIONS``; for ``sdpa``, the kernel called with the arguments Transformers'
-wrapper gives it for one query token, chosen by that wrapper's own ``use_gqa_in_sdpa`` and
-``pack_gqa``), the output projection, RMSNorm, the gated MLP; the final norm and the
-head. So its logits are bit-identical to the model's and the sampled tokens are the same for the same
-seed (tests/test_decode.py compares both, static and dynamic cache, greedy and sampled, padded rows).
+:meth:`_LeanCall.step`, which makes the calls ``LlamaForCausalLM.forward`` makes, in its order, on the
+same tensors: the embedding, Transformers' own ``create_causal_mask`` and rotary embedding, per layer
+Transformers' ``LlamaRMSNorm.forward`` (called as a function, without the module call), the q/k/v
+projections, Transformers' ``rotate_half``, the cache's own ``update``, the attention function the
+configuration names (``ALL_ATTENTION_FUNCTIONS``; for ``sdpa``, the kernel called with the arguments
+Transformers' wrapper gives it for one query token, chosen by that wrapper's own ``use_gqa_in_sdpa``
+and ``pack_gqa``), the output projection, the norm again, the gated MLP; the final norm and the head.
+So its logits are bit-identical to the model's and the sampled tokens are the same for the same seed
+(tests/test_decode.py compares both, static and dynamic cache, greedy and sampled, padded rows).
 Any other call (more than one token, other arguments) goes to the model's forward.
 
 :func:`lean_generation` adds inference mode around a whole ``generate`` call where the lean step
@@ -142,29 +143,13 @@ def _is_trls_fused_head(forward: Any) -> bool:
     return same_file and getattr(forward.__func__, "__wrapped__", None) is type(forward.__self__).forward
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``modeling_llama.rotate_half``."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rms(weight: torch.Tensor, eps: float, hidden: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, the same operations."""
-    dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + eps)
-    return weight * hidden.to(dtype)
-
-
 class _Layer(NamedTuple):
     """One decoder layer's tensors and settings, read once per ``with`` block (no module look-ups)."""
 
     attn: Any
     index: int
     head_dim: int
-    norm1: torch.Tensor
-    eps1: float
+    norm1: Any  # the LlamaRMSNorm modules, run through their class's forward (no ``__call__``)
     q: torch.Tensor
     q_bias: torch.Tensor | None
     k: torch.Tensor
@@ -173,8 +158,7 @@ class _Layer(NamedTuple):
     v_bias: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
-    norm2: torch.Tensor
-    eps2: float
+    norm2: Any
     act: Any  # None: Transformers' SiLUActivation, whose forward is ``F.silu``
     gate: torch.Tensor
     gate_bias: torch.Tensor | None
@@ -194,8 +178,7 @@ class _Layer(NamedTuple):
             attn,
             attn.layer_idx,
             attn.head_dim,
-            layer.input_layernorm.weight,
-            layer.input_layernorm.variance_epsilon,
+            layer.input_layernorm,
             attn.q_proj.weight,
             attn.q_proj.bias,
             attn.k_proj.weight,
@@ -204,8 +187,7 @@ class _Layer(NamedTuple):
             attn.v_proj.bias,
             attn.o_proj.weight,
             attn.o_proj.bias,
-            layer.post_attention_layernorm.weight,
-            layer.post_attention_layernorm.variance_epsilon,
+            layer.post_attention_layernorm,
             None if plain_silu else act,
             mlp.gate_proj.weight,
             mlp.gate_proj.bias,
@@ -227,7 +209,7 @@ class _LeanCall:
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import CausalLMOutputWithPast
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+        from transformers.models.llama import modeling_llama as ml
 
         self.model = model
         self.steps = 0  # decoding steps taken through ``step`` (a test checks that the path is taken)
@@ -239,7 +221,7 @@ class _LeanCall:
         self.head = model.lm_head
         self.layers = [_Layer.of(layer) for layer in inner.layers[: self.config.num_hidden_layers]]
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            self.config._attn_implementation, ml.eager_attention_forward
         )
         #: Transformers' sdpa attention for one query token, without its wrapper's other branches
         self.direct_sdpa = self.attention is ALL_ATTENTION_FUNCTIONS.get("sdpa")
@@ -247,6 +229,8 @@ class _LeanCall:
         self._output = CausalLMOutputWithPast
         self._slice = slice_logits_to_keep
         self._use_gqa, self._pack_gqa = use_gqa_in_sdpa, pack_gqa
+        #: Transformers' own RMSNorm and rotation, called as functions: the same code, no module call
+        self._rms, self._rotate_half = ml.LlamaRMSNorm.forward, ml.rotate_half
 
     def _sdpa(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> Any:
         """``sdpa_attention_forward`` for one query token on the CPU: its own decisions (GQA in the kernel
@@ -302,13 +286,13 @@ class _LeanCall:
         for lay in self.layers:
             attn = lay.attn
             residual = hidden
-            hidden = _rms(lay.norm1, lay.eps1, hidden)
+            hidden = self._rms(lay.norm1, hidden)
             shape = (batch, length, -1, lay.head_dim)
             query = F.linear(hidden, lay.q, lay.q_bias).view(shape).transpose(1, 2)
             key = F.linear(hidden, lay.k, lay.k_bias).view(shape).transpose(1, 2)
             value = F.linear(hidden, lay.v, lay.v_bias).view(shape).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            key = (key * cos) + (_rotate_half(key) * sin)
+            query = (query * cos) + (self._rotate_half(query) * sin)
+            key = (key * cos) + (self._rotate_half(key) * sin)
             key, value = cache.update(key, value, lay.index)
             if self.direct_sdpa and length == 1:
                 out = self._sdpa(attn, query, key, value, mask)
@@ -326,13 +310,13 @@ class _LeanCall:
             out = out.reshape(batch, length, -1).contiguous()
             hidden = residual + F.linear(out, lay.o, lay.o_bias)
             residual = hidden
-            hidden = _rms(lay.norm2, lay.eps2, hidden)
+            hidden = self._rms(lay.norm2, hidden)
             gate = F.linear(hidden, lay.gate, lay.gate_bias)
             gate = F.silu(gate) if lay.act is None else lay.act(gate)
             hidden = residual + F.linear(
                 gate * F.linear(hidden, lay.up, lay.up_bias), lay.down, lay.down_bias
             )
-        hidden = _rms(self.norm.weight, self.norm.variance_epsilon, hidden)
+        hidden = self._rms(self.norm, hidden)
         logits = F.linear(self._slice(hidden, logits_to_keep), self.head.weight, self.head.bias)
         return self._output(logits=logits, past_key_values=cache)
 
@@ -365,9 +349,9 @@ class _LeanCall:
 
 @contextmanager
 def lean_decoding(model: Any) -> Iterator[_LeanCall | None]:
-    """While the block runs, ``model.generate`` decodes through :meth:`_LeanCall.step` (yields its ``_LeanCall``,
-    whose ``steps`` counts them), when :func:`enabled` and :func:`supported`; otherwise yields None and
-    changes nothing. Leaves an instance ``__call__`` someone else installed alone."""
+    """While the block runs, ``model.generate`` decodes through :meth:`_LeanCall.step` (yields the
+    ``_LeanCall``, whose ``steps`` counts them), when :func:`enabled` and :func:`supported`; otherwise
+    yields None and changes nothing. Leaves an instance ``__call__`` someone else installed alone."""
     if not enabled() or "__call__" in vars(model) or not supported(model):
         yield None
         return
