@@ -314,6 +314,26 @@ def check_launch_environment(
     )
 
 
+def skip_deepspeed_cpu_shm_kernel(environment: LaunchEnvironment) -> bool:
+    """On DeepSpeed's CPU path (the tests' opt-in), do not build its shared-memory all-reduce kernel.
+
+    DeepSpeed's communication back-end compiles ``deepspeed_shm_comm`` (a C++ extension, about 25 s on 2
+    cores, again for every new environment) when it starts on a CPU. Only its tensor-parallel inference
+    all-reduce uses the kernel; ZeRO's collectives go through ``torch.distributed`` (gloo) either way, and
+    without the kernel DeepSpeed falls back to ``torch.distributed`` there too. Marking the op incompatible
+    in DeepSpeed's own table (which its ``build_shm_op`` reads) makes it skip the build. Returns whether
+    it did; never on a CUDA machine.
+    """
+    if not environment.use_deepspeed or environment.cuda_available:
+        return False
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return True
+
+
 def validate_accelerate_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load an accelerate YAML config and raise ``ValueError`` listing every problem found; return the dict.
 

@@ -126,7 +126,11 @@ def stage_main(stage: str, argv: Sequence[str] | None, prog: str, parse_args, ru
     """
     from cellduality.data.schema import DataError
     from cellduality.modeling.tiny import TinyModelRefused
-    from cellduality.train.launch_guard import LaunchError, check_launch_environment
+    from cellduality.train.launch_guard import (
+        LaunchError,
+        check_launch_environment,
+        skip_deepspeed_cpu_shm_kernel,
+    )
 
     args = list(sys.argv[1:] if argv is None else argv)
     kind = wants_help(args)
@@ -136,9 +140,10 @@ def stage_main(stage: str, argv: Sequence[str] | None, prog: str, parse_args, ru
     if kind == "all":
         return print_full_help(parse_args)
     try:
-        check_launch_environment()
+        environment = check_launch_environment()
     except LaunchError as exc:  # every rank refuses; the first one says why
         return report_error(prog, exc)
+    skip_deepspeed_cpu_shm_kernel(environment)
     if args and not args[0].startswith("-"):  # `cellduality grpo recipe.yaml`: TRL would ignore it until late
         hint = f" (a recipe: --config {args[0]})" if args[0].endswith((".yaml", ".yml")) else ""
         return report_error(
