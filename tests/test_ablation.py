@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,63 +47,6 @@ def test_summarise_over_seeds() -> None:
     assert row["SFT"][0] == pytest.approx(0.5333, abs=1e-3) and row["SFT"][1] < row["SFT"][0] < row["SFT"][2]
     assert row["gap_closed"][0] == pytest.approx(0.5) and row["gap_closed_defined"] == "2/3 seeds"
     assert row["baselines"] == {"majority class": 0.3}
-
-
-@pytest.mark.slow
-def test_tiny_ablation_resumes(uninterrupted: Path, tmp_path: Path) -> None:
-    """The tiny one-seed ablation with one extra RL-pool size (the module's run, made by the command), its
-    report, and a second run (in this process, on a copy of its folder) that trains nothing again."""
-    import shutil
-
-    from cellduality.ablation import run_ablation, tiny_config
-
-    shutil.copytree(uninterrupted.parent, tmp_path / "abl", symlinks=True)
-    config = replace(tiny_config(tmp_path / "abl", seeds=(0,)), pool_sizes=(4,))  # the command's config
-    report = tmp_path / "abl" / "report"
-    payload = json.loads((report / "ablation.json").read_text())
-    rows = {(r["dataset"], r["task"]): r for r in payload["rows"]}
-    assert {t for _, t in rows} == {"annotation", "generation", "drug_sensitivity", "perturbation"}
-    for row in rows.values():
-        for arm in ("SFT", "dual GRPO", "oracle GRPO"):
-            assert len(row["per_seed"][arm]) == 1  # one value per seed and arm
-        assert row["gap_closed"] is None or len(row["gap_closed"]) == 3
-    # the perturbation data is the demo's (glioblastoma_panobinostat: one perturbation, nothing to hold out)
-    meta = json.loads(
-        (tmp_path / "abl" / "seed0" / "prepared" / "glioblastoma_panobinostat" / "meta.json").read_text()
-    )
-    assert meta["split"]["perturbation"]["mode"] == "id"
-    run = payload["runs"][0]
-    assert set(run["dual_check"]) == {"SFT", "dual GRPO"}
-    assert run["curves"]["dual GRPO"] and run["curves"]["oracle GRPO"]
-    text = (report / "report.md").read_text()
-    assert "gap closed" in text and "| perturbation |" in text and "## Against the goal" in text
-    assert len(payload["goal"]["parts"]) == 4 and len(payload["goal"]["tasks"]) == 4
-    assert payload["goal"]["mode"] == "sampled" and payload["sampled_rows"]
-    # the paper's data design: an RL pool per task, GRPO's prompts from it, the oracle aligned with eval
-    assert set(meta["split"]["perturbation"]) >= {"sft_examples", "rl_pool"}
-    assert run["training"]["oracle GRPO"]["frac_reward_zero_std"]
-    assert set(run["training"]["dual GRPO"]) >= {"zero_std", "parsed", "collapse"}
-    annotation = payload["runs"][0]["metrics"]["pbmc68k"]["tasks"]["annotation"]
-    assert len(annotation["methods"]["SFT"]["per_row"]) == annotation["n_examples"]  # one score per test cell
-    # the label-efficiency curve: the extra pool size trained from the seed's own SFT checkpoint (linked)
-    pool = tmp_path / "abl" / "pool_sizes" / "rl4" / "seed0"
-    assert (pool / "sft").is_symlink() and (pool / "grpo" / "model.safetensors").is_file()
-    curve = payload["pool_curve"]["pbmc68k/annotation"]
-    assert set(curve) == {"4", str(config.plan.fields("prepare")["rl_examples"])}
-    assert "## Label efficiency" in text
-    for png in ("arms.png", "reward_curves.png", "pool_sizes.png"):
-        assert (report / png).read_bytes()[:4] == b"\x89PNG"
-    # run again: every stage is read back from its marker, nothing is trained again
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")}
-    run_ablation(config)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
-    assert json.loads((report / "ablation.json").read_text())["rows"] == payload["rows"]
-    # resuming under another plan would mix two sizes in one table: refused in one line, nothing touched
-    steps = config.plan.fields("grpo_dual")["max_steps"]
-    other = replace(config, plan=config.plan.replace("grpo_dual", max_steps=steps + 1))
-    with pytest.raises(SystemExit, match=r"another plan \(grpo_dual\.max_steps differ\)"):
-        run_ablation(other)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
 
 
 def _metrics(sft: list, dual: list, oracle: list) -> dict:
@@ -183,40 +127,70 @@ def test_goal_parts_follow_the_measured_numbers() -> None:
 
 
 def _ablation(out: Path, *extra: str) -> subprocess.Popen:
+    """``cellduality ablation --tiny --seeds 0 ... --out out`` started, one torch thread; its standard error
+    goes to ``<out>.stderr`` (appended to), so a run nobody reads from meanwhile never blocks on a pipe."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "cellduality"), "ablation", "--tiny", "--seeds", "0", *extra]
-    return subprocess.Popen(
-        [*command, "--out", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    with _stderr(out).open("a") as err:
+        return subprocess.Popen(
+            [*command, "--out", str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def _stderr(out: Path) -> Path:
+    return out.with_name(out.name + ".stderr")
+
+
+def _finished(out: Path, process: subprocess.Popen) -> Path:
+    """Wait for the run; its report folder, or a failure with the end of its standard error."""
+    status = process.wait(timeout=900)
+    assert status == 0, _stderr(out).read_text()[-2000:]
+    return out / "report"
+
+
+class _Started:
+    """A command started in the background: its report folder once it has ended."""
+
+    def __init__(self, out: Path, process: subprocess.Popen) -> None:
+        self.out, self.process = out, process
+
+    def report(self) -> Path:
+        return _finished(self.out, self.process)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """``cellduality ablation --tiny --seeds 0 --pool-sizes 4``, run once without interruption: its report
-    folder. Shared by the tests below; they copy it before writing (``test_tiny_ablation_resumes``) or
-    only read its report."""
+def started(tmp_path_factory) -> Iterator[_Started]:
+    """``cellduality ablation --tiny --seeds 0 --pool-sizes 4``, started once without interruption and left
+    running: it takes one core (one torch thread), so the killed runs below use the other meanwhile."""
     out = tmp_path_factory.mktemp("whole")
-    whole = _ablation(out, "--pool-sizes", "4")
-    _, err = whole.communicate(timeout=900)
-    assert whole.returncode == 0, err[-2000:]
-    return out / "report"
+    run = _Started(out, _ablation(out, "--pool-sizes", "4"))
+    yield run
+    if run.process.poll() is None:  # a test failed before waiting for it
+        os.killpg(run.process.pid, signal.SIGKILL)
+        run.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(started: _Started) -> Path:
+    """The uninterrupted run's report folder, once it has ended. Shared by the tests below; they copy it
+    before writing (``test_tiny_ablation_resumes``) or only read its report."""
+    return started.report()
 
 
 @pytest.mark.slow
 def test_ablation_killed_inside_each_stage_resumes_to_the_same_report(
-    uninterrupted: Path, tmp_path: Path
+    started: _Started, tmp_path: Path
 ) -> None:
     """SIGKILL while a stage is half-written (its folder exists, its ``.done`` marker does not), then the
     same command again, for each stage in turn: killed inside ``prepared``; run again and killed inside
     ``sft``; run again and killed inside ``grpo``; run again, it finishes, and its report's rows equal
     those of a run never interrupted. (One chain instead of one run per stage: every resumption still
     meets a half-written stage; the uninterrupted run also trained the RL-pool size 4, which comes after
-    these stages and does not enter the rows.)"""
+    these stages and does not enter the rows.) The uninterrupted run goes on meanwhile on the other core."""
     out = tmp_path / "killed"
     for stage in ("prepared", "sft", "grpo"):
         folder = out / "seed0" / stage
@@ -229,11 +203,63 @@ def test_ablation_killed_inside_each_stage_resumes_to_the_same_report(
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(timeout=60)
         assert not (folder / ".done").exists(), stage  # left half-written, as a kill leaves it
-    again = _ablation(out)
-    _, err = again.communicate(timeout=900)
-    assert again.returncode == 0, err[-2000:]
-    rows = [
-        json.loads((report / "ablation.json").read_text())["rows"]
-        for report in (uninterrupted, out / "report")
-    ]
+    report = _finished(out, _ablation(out))
+    rows = [json.loads((r / "ablation.json").read_text())["rows"] for r in (started.report(), report)]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_tiny_ablation_resumes(uninterrupted: Path, tmp_path: Path) -> None:
+    """The tiny one-seed ablation with one extra RL-pool size (the module's run, made by the command), its
+    report, and a second run (in this process, on a copy of its folder) that trains nothing again."""
+    import shutil
+
+    from cellduality.ablation import run_ablation, tiny_config
+
+    shutil.copytree(uninterrupted.parent, tmp_path / "abl", symlinks=True)
+    config = replace(tiny_config(tmp_path / "abl", seeds=(0,)), pool_sizes=(4,))  # the command's config
+    report = tmp_path / "abl" / "report"
+    payload = json.loads((report / "ablation.json").read_text())
+    rows = {(r["dataset"], r["task"]): r for r in payload["rows"]}
+    assert {t for _, t in rows} == {"annotation", "generation", "drug_sensitivity", "perturbation"}
+    for row in rows.values():
+        for arm in ("SFT", "dual GRPO", "oracle GRPO"):
+            assert len(row["per_seed"][arm]) == 1  # one value per seed and arm
+        assert row["gap_closed"] is None or len(row["gap_closed"]) == 3
+    # the perturbation data is the demo's (glioblastoma_panobinostat: one perturbation, nothing to hold out)
+    meta = json.loads(
+        (tmp_path / "abl" / "seed0" / "prepared" / "glioblastoma_panobinostat" / "meta.json").read_text()
+    )
+    assert meta["split"]["perturbation"]["mode"] == "id"
+    run = payload["runs"][0]
+    assert set(run["dual_check"]) == {"SFT", "dual GRPO"}
+    assert run["curves"]["dual GRPO"] and run["curves"]["oracle GRPO"]
+    text = (report / "report.md").read_text()
+    assert "gap closed" in text and "| perturbation |" in text and "## Against the goal" in text
+    assert len(payload["goal"]["parts"]) == 4 and len(payload["goal"]["tasks"]) == 4
+    assert payload["goal"]["mode"] == "sampled" and payload["sampled_rows"]
+    # the paper's data design: an RL pool per task, GRPO's prompts from it, the oracle aligned with eval
+    assert set(meta["split"]["perturbation"]) >= {"sft_examples", "rl_pool"}
+    assert run["training"]["oracle GRPO"]["frac_reward_zero_std"]
+    assert set(run["training"]["dual GRPO"]) >= {"zero_std", "parsed", "collapse"}
+    annotation = payload["runs"][0]["metrics"]["pbmc68k"]["tasks"]["annotation"]
+    assert len(annotation["methods"]["SFT"]["per_row"]) == annotation["n_examples"]  # one score per test cell
+    # the label-efficiency curve: the extra pool size trained from the seed's own SFT checkpoint (linked)
+    pool = tmp_path / "abl" / "pool_sizes" / "rl4" / "seed0"
+    assert (pool / "sft").is_symlink() and (pool / "grpo" / "model.safetensors").is_file()
+    curve = payload["pool_curve"]["pbmc68k/annotation"]
+    assert set(curve) == {"4", str(config.plan.fields("prepare")["rl_examples"])}
+    assert "## Label efficiency" in text
+    for png in ("arms.png", "reward_curves.png", "pool_sizes.png"):
+        assert (report / png).read_bytes()[:4] == b"\x89PNG"
+    # run again: every stage is read back from its marker, nothing is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")}
+    run_ablation(config)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps
+    assert json.loads((report / "ablation.json").read_text())["rows"] == payload["rows"]
+    # resuming under another plan would mix two sizes in one table: refused in one line, nothing touched
+    steps = config.plan.fields("grpo_dual")["max_steps"]
+    other = replace(config, plan=config.plan.replace("grpo_dual", max_steps=steps + 1))
+    with pytest.raises(SystemExit, match=r"another plan \(grpo_dual\.max_steps differ\)"):
+        run_ablation(other)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("model.safetensors")} == stamps

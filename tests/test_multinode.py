@@ -108,9 +108,10 @@ def _two_machines(tmp: Path, stage: str, recipe: Path, out: Path, *args: str) ->
     return ranks
 
 
-def test_two_machines_on_localhost_train_sft_then_dual_grpo_in_sync(tmp_path) -> None:
-    # SFT first, so that the policy writes answers the rewards can score (an untrained model's rewards
-    # are all 0: GRPO would have no advantage to learn from); 8 per device on 2 ranks = the recipe's 16
+def test_two_machines_on_localhost_train_sft_then_dual_grpo_in_sync(tmp_path, sft_checkpoint) -> None:
+    # SFT goes on from the session's SFT checkpoint of this recipe for 24 steps (8 per device on 2 ranks =
+    # the recipe's 16), so that the policy writes answers the rewards can score (an untrained model's
+    # rewards are all 0: GRPO would have no advantage to learn from) without training it all again here
     sft = tmp_path / "sft"
     ranks = _two_machines(
         tmp_path,
@@ -118,12 +119,14 @@ def test_two_machines_on_localhost_train_sft_then_dual_grpo_in_sync(tmp_path) ->
         SFT_RECIPE,
         sft,
         "--model_name_or_path",
-        str(tmp_path / "model"),
+        str(sft_checkpoint),
         "--per_device_train_batch_size",
         "8",
+        "--max_steps",
+        "24",
     )
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
-    assert _digest(tmp_path / "model") != ranks[0]["params_sha256"]  # SFT changed the weights
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 24
+    assert _digest(sft_checkpoint) != ranks[0]["params_sha256"]  # SFT changed the weights
 
     steps = 5
     out = tmp_path / "grpo"

@@ -33,10 +33,11 @@ def _command(*argv: str) -> list[str]:
     return [str(Path(sys.executable).parent / "cellduality"), *argv]
 
 
-_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _cellduality(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """One command alone, on every core (torch's default), as a user runs the SFT step."""
     return subprocess.run(_command(*argv), cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -48,7 +49,11 @@ def _cellduality_together(commands: dict[str, list[str]], cwd: Path) -> dict[str
     for name, argv in commands.items():
         with logs[name].open("w") as err:
             running[name] = subprocess.Popen(
-                _command(*argv), cwd=cwd, env=_ENV, stdout=subprocess.DEVNULL, stderr=err
+                _command(*argv),
+                cwd=cwd,
+                env={**_ENV, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.DEVNULL,
+                stderr=err,
             )
     return {name: (process.wait(timeout=900), logs[name].read_text()) for name, process in running.items()}
 
