@@ -15,9 +15,12 @@ ratio is taken round by round and printed as min / median / max, next to the tar
   prompt once for the completions that share it, in the rollouts' prefill and in the loss
   (``cellduality.train.shared_prompts``), and every decoding step after a generation's prefill (the
   rollouts' and the dual's) skips the module machinery (``cellduality.modeling.decode``, bit-identical
-  logits): the same loss, gradients and samples, so the benchmark also
+  logits), and the fused head's tiles are folded in fewer passes (``cellduality.train.head_tiles``,
+  bit-identical): the same loss, gradients and samples, so the benchmark also
   prints the training losses (SFT) and rewards (GRPO) of each setting, which agree with old's up to
   float rounding.
+- new with TRL's head tiles: new with TRL's own torch folds of the fused LM head's tiles
+  (``CELLDUALITY_LEAN_HEAD_TILES=0``), so that new / this is what ``cellduality.train.head_tiles`` adds.
 - new with HF decoding (GRPO): new with each decoding step through the model's own forward
   (``CELLDUALITY_LEAN_DECODE=0``), so that new / this is what ``cellduality.modeling.decode`` adds.
 - new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
@@ -66,9 +69,11 @@ SETTINGS: dict[str, dict[str, str]] = {
         _OLD_CACHE: "1",
         "CELLDUALITY_SHARED_PROMPTS": "0",
         "CELLDUALITY_LEAN_DECODE": "0",
+        "CELLDUALITY_LEAN_HEAD_TILES": "0",
     },
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
     "new with HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
+    "new with TRL's head tiles": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_HEAD_TILES": "0"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
     "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
@@ -78,6 +83,7 @@ SETTINGS: dict[str, dict[str, str]] = {
         _OLD_CACHE: "1",
         "CELLDUALITY_SHARED_PROMPTS": "0",
         "CELLDUALITY_LEAN_DECODE": "0",
+        "CELLDUALITY_LEAN_HEAD_TILES": "0",
         "OMP_NUM_THREADS": "1",
     },
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
@@ -87,6 +93,7 @@ GRPO_ONLY = frozenset({"new + inverse CDF", "new with HF decoding"})
 COMPARISONS = (
     ("new", "old"),
     ("new", "new with HF decoding"),
+    ("new", "new with TRL's head tiles"),
     ("new + inverse CDF", "old"),
     ("new + inverse CDF", "new"),
     ("new 1-thread", "old 1-thread"),

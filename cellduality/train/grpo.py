@@ -39,12 +39,14 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
     from cellduality.train.configs import check_reward_mode
     from cellduality.train.data import load_task_data, training_rows
     from cellduality.train.generation import PolicyGenerator
+    from cellduality.train.head_tiles import lean_head_tiles
     from cellduality.train.launch_guard import check_training_setup
     from cellduality.train.lm_head import compact_lm_head
     from cellduality.train.shared_prompts import SharedPromptGRPOTrainer
 
     check_reward_mode(cd_args.reward_mode, list(cd_args.reward_funcs))
     compact_lm_head()
+    lean_head_tiles()
     set_seed(training_args.seed)
     apply_auto_vllm(cd_args, training_args)
     check_training_setup(training_args)  # ZeRO-3 + HF generation without the gather: refused

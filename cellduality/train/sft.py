@@ -67,10 +67,12 @@ def run_sft(cd_args: Any, sft_args: Any, training_args: Any, model_args: Any):
         write_rank_state,
     )
     from cellduality.train.data import load_task_data
+    from cellduality.train.head_tiles import lean_head_tiles
     from cellduality.train.lm_head import compact_lm_head
 
     keep_freed_memory_on_cpu(bool(training_args.use_cpu))
     compact_lm_head()
+    lean_head_tiles()
     set_seed(training_args.seed)
     prepared = load_task_data(cd_args, training_args)
     ensure_model(cd_args, model_args.model_name_or_path, prepared, training_args)
