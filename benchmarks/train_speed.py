@@ -15,12 +15,16 @@ ratio is taken round by round and printed as min / median / max, next to the tar
   prompt once for the completions that share it, in the rollouts' prefill and in the loss
   (``cellduality.train.shared_prompts``), and every decoding step after a generation's prefill (the
   rollouts' and the dual's) skips the module machinery (``cellduality.modeling.decode``, bit-identical
-  logits), and the fused head's tiles are folded in fewer passes (``cellduality.train.head_tiles``,
-  bit-identical): the same loss, gradients and samples, so the benchmark also
+  logits), the fused head's tiles are folded in fewer passes (``cellduality.train.head_tiles``,
+  bit-identical), and a sampled token's exponential variates are made in bulk
+  (``cellduality.modeling.draws``, torch's own draws): the same loss, gradients and samples, so the
+  benchmark also
   prints the training losses (SFT) and rewards (GRPO) of each setting, which agree with old's up to
   float rounding.
 - new with TRL's head tiles: new with TRL's own torch folds of the fused LM head's tiles
   (``CELLDUALITY_LEAN_HEAD_TILES=0``), so that new / this is what ``cellduality.train.head_tiles`` adds.
+- new with torch's exponential_ (GRPO): new with ``torch.multinomial``'s own serial variates
+  (``CELLDUALITY_FAST_DRAWS=0``), so that new / this is what ``cellduality.modeling.draws`` adds.
 - new with HF decoding (GRPO): new with each decoding step through the model's own forward
   (``CELLDUALITY_LEAN_DECODE=0``), so that new / this is what ``cellduality.modeling.decode`` adds.
 - new + inverse CDF (GRPO): new, and the rollouts' tokens drawn by inverse CDF (``cpu_sampler:
@@ -70,10 +74,12 @@ SETTINGS: dict[str, dict[str, str]] = {
         "CELLDUALITY_SHARED_PROMPTS": "0",
         "CELLDUALITY_LEAN_DECODE": "0",
         "CELLDUALITY_LEAN_HEAD_TILES": "0",
+        "CELLDUALITY_FAST_DRAWS": "0",
     },
     "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
     "new with HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
     "new with TRL's head tiles": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_HEAD_TILES": "0"},
+    "new with torch's exponential_": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_FAST_DRAWS": "0"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
     "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
@@ -84,16 +90,18 @@ SETTINGS: dict[str, dict[str, str]] = {
         "CELLDUALITY_SHARED_PROMPTS": "0",
         "CELLDUALITY_LEAN_DECODE": "0",
         "CELLDUALITY_LEAN_HEAD_TILES": "0",
+        "CELLDUALITY_FAST_DRAWS": "0",
         "OMP_NUM_THREADS": "1",
     },
     "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
 }
 #: settings that differ from "new" only in GRPO's generation (SFT generates nothing)
-GRPO_ONLY = frozenset({"new + inverse CDF", "new with HF decoding"})
+GRPO_ONLY = frozenset({"new + inverse CDF", "new with HF decoding", "new with torch's exponential_"})
 COMPARISONS = (
     ("new", "old"),
     ("new", "new with HF decoding"),
     ("new", "new with TRL's head tiles"),
+    ("new", "new with torch's exponential_"),
     ("new + inverse CDF", "old"),
     ("new + inverse CDF", "new"),
     ("new 1-thread", "old 1-thread"),

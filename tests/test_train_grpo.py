@@ -52,18 +52,21 @@ def test_reward_mode_guard() -> None:
 
 @pytest.fixture(scope="module")
 def dual_run(tmp_path_factory):
-    from cellduality.modeling import decode
+    from cellduality.modeling import decode, draws
     from cellduality.train.grpo import run_grpo
 
     tmp = tmp_path_factory.mktemp("grpo")
-    before = decode.steps_taken
+    before, drawn = decode.steps_taken, draws.rows_drawn
     trainer = run_grpo(*_args(tmp))
     _LEAN_STEPS.append(decode.steps_taken - before)
+    _DRAWN_ROWS.append(draws.rows_drawn - drawn)
     return tmp, trainer
 
 
 #: decoding steps the dual run took through cellduality.modeling.decode's lean step
 _LEAN_STEPS: list[int] = []
+#: rows whose token the run drew with torch's own draws made in bulk (cellduality.modeling.draws)
+_DRAWN_ROWS: list[int] = []
 
 
 def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
@@ -96,6 +99,7 @@ def test_dual_grpo_trains_logs_and_saves(dual_run) -> None:
     # and its rollouts and dual generations decoded through the lean step (tests/test_decode.py: the
     # same tokens as Hugging Face's own forward)
     assert _LEAN_STEPS and _LEAN_STEPS[0] > 0
+    assert _DRAWN_ROWS and _DRAWN_ROWS[0] > 0  # the rollouts' sampled tokens took the bulk variates
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out) is not None

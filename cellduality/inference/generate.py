@@ -162,8 +162,10 @@ class HFBackend:
         else:  # silence the model's own sampling defaults, which greedy decoding ignores anyway
             kwargs.update(temperature=None, top_p=None, top_k=None)
         from cellduality.modeling.decode import lean_generation
+        from cellduality.modeling.draws import torch_draws
 
-        with lean_generation(self.model) as cache:  # on the CPU: fewer Python calls per token
+        # on the CPU: fewer Python calls per token, and torch.multinomial's own draws made faster
+        with lean_generation(self.model) as cache, torch_draws(None if settings.do_sample else False):
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),

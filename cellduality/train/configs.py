@@ -117,10 +117,10 @@ class CellDualityArguments:
     cpu_sampler: str = field(
         default="torch",
         metadata={
-            "help": "GRPO on the CPU, how a sampled token is drawn: torch (torch.multinomial, one exponential "
-            "variate per vocabulary entry) or inverse_cdf (one uniform per row: the same distribution, "
-            "other draws, 1.0-1.35x the demo's dual GRPO tokens/s; cellduality.train.sampling). CUDA "
-            "tensors always use torch's"
+            "help": "GRPO on the CPU, how a sampled token is drawn: torch (torch.multinomial's own draws, its "
+            "exponential variates made in bulk: cellduality.modeling.draws) or inverse_cdf (one uniform per "
+            "row: the same distribution, other draws; cellduality.train.sampling). CUDA tensors always use "
+            "torch's"
         },
     )
     zero_variance_stop_steps: int = field(

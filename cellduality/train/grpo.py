@@ -175,6 +175,7 @@ def build_grpo_trainer(cd_args: Any, training_args: Any, model_args: Any):
 def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     """Train, resuming from the newest checkpoint of ``output_dir`` if a run was interrupted."""
     from cellduality.modeling.checkpoint import RUN_META, write_run_meta
+    from cellduality.modeling.draws import torch_draws
     from cellduality.train.allocator import keep_freed_memory_on_cpu
     from cellduality.train.common import check_resume, last_checkpoint, write_rank_state
     from cellduality.train.sampling import inverse_cdf_sampling
@@ -185,8 +186,11 @@ def run_grpo(cd_args: Any, training_args: Any, model_args: Any):
     resume = training_args.resume_from_checkpoint or last_checkpoint(
         training_args.output_dir, main_process=training_args.process_index == 0
     )
-    # cpu_sampler: inverse_cdf draws a CPU rollout's tokens with one uniform per row (train/sampling.py)
-    with inverse_cdf_sampling(cd_args.cpu_sampler == "inverse_cdf"):
+    # cpu_sampler: torch (the default) draws torch.multinomial's own tokens with its exponential variates
+    # made in bulk (modeling/draws.py); inverse_cdf draws other tokens with one uniform per row
+    # (train/sampling.py)
+    sampler = cd_args.cpu_sampler
+    with inverse_cdf_sampling(sampler == "inverse_cdf"), torch_draws(None if sampler == "torch" else False):
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     dual = trainer.cellduality_dual
