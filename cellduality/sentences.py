@@ -100,20 +100,28 @@ class Sentences(Sequence):
             self._shared["scores"] = cached
         return cached[1]
 
-    def arrow(self, cells: np.ndarray | None = None, limit: int | None = None):
+    def arrow(self, cells: np.ndarray | None = None, limit: int | None = None, *, dictionary: bool = False):
         """The sentences of ``cells`` (default all), each cut to ``limit`` genes, as an Arrow
-        ``list<string>`` column: the text, without a Python object per cell."""
+        ``list<string>`` column: the text, without a Python object per cell.
+
+        ``dictionary=True``: a ``list<dictionary<int64, string>>`` column instead, each word an index into
+        the gene symbols (Arrow's encoding for repeated strings, as Parquet and pandas' categoricals
+        keep them): the same words (``to_pylist``, ``cast`` to ``list<string>``), no symbol copied per
+        word, so making it costs next to nothing."""
         cells = np.arange(len(self)) if cells is None else cells
         genes, lengths = self.rows(cells, self.genes.shape[1] if limit is None else limit)
-        return gene_lists(self.arrow_names(), genes, lengths)
+        return gene_lists(self.arrow_names(), genes, lengths, dictionary=dictionary)
 
     def tolist(self) -> list[list[str]]:
         return [self[i] for i in range(len(self))]
 
 
-def gene_lists(names, genes: np.ndarray, lengths: np.ndarray, keep: np.ndarray | None = None):
+def gene_lists(
+    names, genes: np.ndarray, lengths: np.ndarray, keep: np.ndarray | None = None, *, dictionary: bool = False
+):
     """An Arrow ``list<string>`` column: row r is ``names[genes[r, j]]`` for j < ``lengths[r]`` (and
-    ``keep[r, j]``, when given), in order."""
+    ``keep[r, j]``, when given), in order; ``dictionary=True``: the same words dictionary-encoded
+    (``list<dictionary<index, string>>``, the indices and ``names`` as they are)."""
     import pyarrow as pa
 
     n, width = genes.shape
@@ -127,6 +135,10 @@ def gene_lists(names, genes: np.ndarray, lengths: np.ndarray, keep: np.ndarray |
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(valid.sum(axis=1), out=offsets[1:])
         flat = genes[valid]
+    if dictionary:
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), pa.DictionaryArray.from_arrays(pa.array(flat), names)
+        )
     # Arrow's take reads any integer index type: the int16/int32 indices are not widened first
     return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(flat)))
 

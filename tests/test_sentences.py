@@ -233,6 +233,12 @@ def test_gene_lists_full_partial_and_kept_rows(dtype):
     keep = np.array([[True, False, True], [True, True, True], [False, True, True]])
     kept = gene_lists(names, genes, np.array([3, 3, 3]), keep)
     assert kept.to_pylist() == [["D", "B"], ["C", "C", "A"], ["D", "C"]]
+    # dictionary-encoded: the same words, each an index into the names (no symbol copied per word)
+    for lengths, mask, plain in ((np.array([1, 0, 3]), None, partial), (np.array([3, 3, 3]), keep, kept)):
+        encoded = gene_lists(names, genes, lengths, mask, dictionary=True)
+        assert pa.types.is_dictionary(encoded.type.value_type)
+        assert encoded.to_pylist() == plain.to_pylist()
+        assert encoded.cast(pa.list_(pa.string())).equals(plain)
 
 
 def test_sparse_values_the_kernel_flags_follow_pick_expressions_rules() -> None:
