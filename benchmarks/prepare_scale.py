@@ -348,6 +348,9 @@ def main() -> None:
             path = work / f"synthetic_{n}.h5ad"
             t0 = time.perf_counter()
             size_gb = write_counts_file(path, n, args.nnz)
+            # the file on disk before prepare starts, as a user's file is: otherwise the kernel writes the
+            # file's gigabytes back while prepare reads it, and that is timed as prepare's
+            os.sync()
             written = time.perf_counter() - t0
             first_file = first_file or path
             cmd = [
