@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -78,6 +78,21 @@ def _variates_from_bits(bits: np.ndarray) -> np.ndarray:
     return q
 
 
+def one_cpu_sample(input: torch.Tensor, num_samples: int, out: torch.Tensor | None) -> bool:
+    """Whether a ``torch.multinomial`` call is one sample from each row of a CPU floating-point
+    ``(rows, categories)`` tensor, without ``out=``: the calls this module's and
+    ``cellduality.train.sampling``'s replacements answer themselves (one sample is the same with or
+    without replacement); every other call goes to torch's own function."""
+    return (
+        out is None
+        and num_samples == 1
+        and input.dim() == 2
+        and input.device.type == "cpu"
+        and input.is_floating_point()
+        and input.shape[-1] > 0
+    )
+
+
 def exact_multinomial(
     input: torch.Tensor,
     num_samples: int,
@@ -88,15 +103,7 @@ def exact_multinomial(
 ) -> torch.Tensor:
     """``torch.multinomial``, the same draws, for CPU float32 ``(rows, categories)`` input and one sample
     (torch's fast path: ``argmax(input / Exponential(1))``); every other call is torch's own."""
-    if (
-        out is not None
-        or num_samples != 1
-        or input.dim() != 2
-        or input.device.type != "cpu"
-        or input.dtype != torch.float32
-        or input.shape[-1] == 0
-        or input.requires_grad
-    ):
+    if not one_cpu_sample(input, num_samples, out) or input.dtype != torch.float32 or input.requires_grad:
         return _TORCH_MULTINOMIAL(input, num_samples, replacement, generator=generator, out=out)
     # torch's checks, before any variate: it raises for these (and draws nothing)
     valid = bool(((input.max() < math.inf) & (input.min() >= 0)).item()) and not bool(
@@ -112,19 +119,13 @@ def exact_multinomial(
 
 
 @contextmanager
-def torch_draws(enabled: bool | None = None) -> Iterator[None]:
-    """Inside the block, ``torch.multinomial`` is :func:`exact_multinomial` (``enabled=None`` reads
-    ``CELLDUALITY_FAST_DRAWS``, on unless ``0``; ``False``: a block that changes nothing). Process-wide
-    while active (transformers looks ``torch.multinomial`` up at each call); on leaving, whatever was
-    installed before is put back."""
-    if enabled is None:
-        enabled = os.environ.get("CELLDUALITY_FAST_DRAWS", "1") != "0"
-    if not enabled:
-        yield
-        return
+def multinomial_replaced(replacement: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``torch.multinomial`` is ``replacement``; on leaving (an error included),
+    whatever was installed before is put back, so blocks nest. Process-wide while active: transformers
+    looks ``torch.multinomial`` up at each call."""
     with _lock:
         previous = torch.multinomial
-        torch.multinomial = exact_multinomial  # type: ignore[assignment]
+        torch.multinomial = replacement  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -132,4 +133,23 @@ def torch_draws(enabled: bool | None = None) -> Iterator[None]:
             torch.multinomial = previous  # type: ignore[assignment]
 
 
-__all__ = ["exact_multinomial", "exponential_variates", "torch_draws"]
+@contextmanager
+def torch_draws(enabled: bool | None = None) -> Iterator[None]:
+    """Inside the block, ``torch.multinomial`` is :func:`exact_multinomial` (``enabled=None`` reads
+    ``CELLDUALITY_FAST_DRAWS``, on unless ``0``; ``False``: a block that changes nothing)."""
+    if enabled is None:
+        enabled = os.environ.get("CELLDUALITY_FAST_DRAWS", "1") != "0"
+    if not enabled:
+        yield
+        return
+    with multinomial_replaced(exact_multinomial):
+        yield
+
+
+__all__ = [
+    "exact_multinomial",
+    "exponential_variates",
+    "multinomial_replaced",
+    "one_cpu_sample",
+    "torch_draws",
+]

@@ -24,15 +24,14 @@ so its error messages are unchanged.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+from cellduality.modeling.draws import multinomial_replaced, one_cpu_sample
+
 _TORCH_MULTINOMIAL = torch.multinomial
-_lock = threading.Lock()
-_depth = 0
 
 
 def inverse_cdf_multinomial(
@@ -50,14 +49,7 @@ def inverse_cdf_multinomial(
     ``u * total``, which a zero weight never is, and the rare ``u * total == total`` rounding is
     clamped to the row's last category of positive weight.
     """
-    if (
-        out is not None
-        or num_samples != 1
-        or input.dim() != 2
-        or input.device.type != "cpu"
-        or not input.is_floating_point()
-        or input.shape[-1] == 0
-    ):
+    if not one_cpu_sample(input, num_samples, out):
         return _TORCH_MULTINOMIAL(input, num_samples, replacement, generator=generator, out=out)
     cdf = input.cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:].contiguous()
@@ -73,22 +65,13 @@ def inverse_cdf_multinomial(
 @contextmanager
 def inverse_cdf_sampling(enabled: bool = True) -> Iterator[None]:
     """Inside the block, ``torch.multinomial`` is :func:`inverse_cdf_multinomial` (``enabled=False``: a
-    block that changes nothing). Nested blocks are fine; the last one out restores torch's function.
-    Process-wide while active (transformers looks ``torch.multinomial`` up at each call)."""
-    global _depth
+    block that changes nothing); leaving it puts back what was there (``multinomial_replaced``, shared
+    with ``cellduality.modeling.draws``), so nested blocks are fine."""
     if not enabled:
         yield
         return
-    with _lock:
-        _depth += 1
-        torch.multinomial = inverse_cdf_multinomial  # type: ignore[assignment]
-    try:
+    with multinomial_replaced(inverse_cdf_multinomial):
         yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                torch.multinomial = _TORCH_MULTINOMIAL
 
 
 __all__ = ["inverse_cdf_multinomial", "inverse_cdf_sampling"]
