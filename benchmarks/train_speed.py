@@ -67,33 +67,28 @@ TARGET = 2.0
 _OLD_CACHE = "CELLDUALITY_BENCH_DYNAMIC_CACHE"
 #: ``_SAMPLER``: the GRPO recipe's ``cpu_sampler`` for the child (the demo's recipe: ``torch``)
 _SAMPLER = "CELLDUALITY_BENCH_CPU_SAMPLER"
+#: "old": every speed-up of the issue turned off
+_OLD = {
+    "CELLDUALITY_COMPACT_LM_HEAD": "0",
+    _OLD_CACHE: "1",
+    "CELLDUALITY_SHARED_PROMPTS": "0",
+    "CELLDUALITY_LEAN_DECODE": "0",
+    "CELLDUALITY_LEAN_HEAD_TILES": "0",
+    "CELLDUALITY_FAST_DRAWS": "0",
+}
+_NEW = {"CELLDUALITY_COMPACT_LM_HEAD": "1"}
 SETTINGS: dict[str, dict[str, str]] = {
-    "old": {
-        "CELLDUALITY_COMPACT_LM_HEAD": "0",
-        _OLD_CACHE: "1",
-        "CELLDUALITY_SHARED_PROMPTS": "0",
-        "CELLDUALITY_LEAN_DECODE": "0",
-        "CELLDUALITY_LEAN_HEAD_TILES": "0",
-        "CELLDUALITY_FAST_DRAWS": "0",
-    },
-    "new": {"CELLDUALITY_COMPACT_LM_HEAD": "1"},
-    "new with HF decoding": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_DECODE": "0"},
-    "new with TRL's head tiles": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_LEAN_HEAD_TILES": "0"},
-    "new with torch's exponential_": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "CELLDUALITY_FAST_DRAWS": "0"},
+    "old": _OLD,
+    "new": _NEW,
+    "new with HF decoding": {**_NEW, "CELLDUALITY_LEAN_DECODE": "0"},
+    "new with TRL's head tiles": {**_NEW, "CELLDUALITY_LEAN_HEAD_TILES": "0"},
+    "new with torch's exponential_": {**_NEW, "CELLDUALITY_FAST_DRAWS": "0"},
     # the opt-in sampler of GRPO recipes (cpu_sampler: inverse_cdf): same distribution, other draws
-    "new + inverse CDF": {"CELLDUALITY_COMPACT_LM_HEAD": "1", _SAMPLER: "inverse_cdf"},
+    "new + inverse CDF": {**_NEW, _SAMPLER: "inverse_cdf"},
     # torch's intra-op threads: its default is one per core; on cores other processes share, a step's
     # many small parallel regions wait for a thread that is not running
-    "old 1-thread": {
-        "CELLDUALITY_COMPACT_LM_HEAD": "0",
-        _OLD_CACHE: "1",
-        "CELLDUALITY_SHARED_PROMPTS": "0",
-        "CELLDUALITY_LEAN_DECODE": "0",
-        "CELLDUALITY_LEAN_HEAD_TILES": "0",
-        "CELLDUALITY_FAST_DRAWS": "0",
-        "OMP_NUM_THREADS": "1",
-    },
-    "new 1-thread": {"CELLDUALITY_COMPACT_LM_HEAD": "1", "OMP_NUM_THREADS": "1"},
+    "old 1-thread": {**_OLD, "OMP_NUM_THREADS": "1"},
+    "new 1-thread": {**_NEW, "OMP_NUM_THREADS": "1"},
 }
 #: settings that differ from "new" only in GRPO's generation (SFT generates nothing)
 GRPO_ONLY = frozenset({"new + inverse CDF", "new with HF decoding", "new with torch's exponential_"})

@@ -135,12 +135,10 @@ def gene_lists(
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(valid.sum(axis=1), out=offsets[1:])
         flat = genes[valid]
-    if dictionary:
-        return pa.ListArray.from_arrays(
-            pa.array(offsets), pa.DictionaryArray.from_arrays(pa.array(flat), names)
-        )
+    indices = pa.array(flat)
     # Arrow's take reads any integer index type: the int16/int32 indices are not widened first
-    return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(flat)))
+    words = pa.DictionaryArray.from_arrays(indices, names) if dictionary else names.take(indices)
+    return pa.ListArray.from_arrays(pa.array(offsets), words)
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)

@@ -73,6 +73,7 @@ def _forward_tile(
         )  # fmt: skip
     z = tile if inv_t == 1.0 else tile.mul_(inv_t)  # TRL: z = tile * logit_scale * inv_t
     local = targets - vocab_start
+    in_tile = (local >= 0) & (local < n_cols)
     if HAS_MEAN_LOGITS:
         z_sum += z.sum(-1)
     tile_max, first = z.max(-1)  # the maximum (TRL's amax) and its first index, in one pass
@@ -81,9 +82,7 @@ def _forward_tile(
         # (TRL's value). Target in it: the tile's maximum where its first index lies before the target;
         # otherwise the target is that first maximum (every earlier logit is smaller) or below it (then not
         # top-1 whatever this holds), so it contributes nothing. Target before the tile: nothing (TRL's too).
-        beyond = local >= n_cols
-        inside = (local >= 0) & ~beyond
-        contribution = torch.where(beyond | (inside & (first < local)), tile_max, -torch.inf)
+        contribution = torch.where((local >= n_cols) | (in_tile & (first < local)), tile_max, -torch.inf)
         max_before_target.copy_(torch.maximum(max_before_target, contribution))
     new_m = torch.maximum(running_max, tile_max)
     rescale = torch.exp(running_max - new_m)
@@ -95,7 +94,6 @@ def _forward_tile(
     if HAS_ENTROPY:
         x_sum_exp.mul_(rescale).add_(e.mul_(z).sum(-1))
     running_max.copy_(new_m)
-    in_tile = (local >= 0) & (local < n_cols)
     target_z = z.gather(-1, local.clamp(0, n_cols - 1).unsqueeze(-1)).squeeze(-1)
     target_logit.copy_(torch.where(in_tile, target_z, target_logit))
     return None
