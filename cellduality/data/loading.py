@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from cellduality.data.genes import detect_id_type, map_to_symbols
 from cellduality.data.normalise import normalise_counts
-from cellduality.data.perturbations import missing_mask, read_perturbations
+from cellduality.data.perturbations import label_text, read_perturbations
 from cellduality.data.schema import Columns, DataError
 
 LOG_NORMALISED = "log-normalised"
@@ -270,9 +270,7 @@ def _tidy_obs(obs: pd.DataFrame, columns: Columns, notes: list[str]) -> pd.DataF
     obs = obs.copy()
     for column in (columns.cell_type, columns.drug, columns.response):
         if column and column in obs.columns:
-            values = obs[column]
-            missing = missing_mask(values)
-            obs[column] = np.where(missing, "", values.astype(str).str.strip().to_numpy())
+            obs[column] = label_text(obs[column])[0]
     pert = columns.perturbation
     perturbed = np.ones(len(obs), dtype=bool)  # cells whose prompt names a perturbation
     if pert and pert in obs.columns:
@@ -284,8 +282,8 @@ def _tidy_obs(obs: pd.DataFrame, columns: Columns, notes: list[str]) -> pd.DataF
         notes.append(reading.note(pert, columns.combo_sep, columns.perturbation_kind))
     for column in columns.optional_columns():
         if column in obs.columns:
-            missing = missing_mask(obs[column])
-            obs[column] = np.where(missing, "", obs[column].astype(str).str.strip().to_numpy())
+            text, missing = label_text(obs[column])
+            obs[column] = text
             if column in (columns.direction, columns.dose):
                 missing &= perturbed  # a control cell has no dose or direction, by design
             if missing.any():

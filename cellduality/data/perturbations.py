@@ -30,10 +30,50 @@ OTHER_SEPARATORS = ("_", "|", ";", ",")
 
 def missing_mask(values: pd.Series | Sequence[object]) -> np.ndarray:
     """True where a value is NaN/None or a blank or "nan"-like string."""
+    return label_text(values)[1]
+
+
+def label_text(values: pd.Series | Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """Each value as ``str(value).strip()`` (``""`` where missing) and :func:`missing_mask`.
+
+    A label column of an atlas holds 10^6 values and a few dozen distinct ones: when equal values
+    have equal text (a categorical column, or one of strings only) each distinct value is stripped and
+    compared once, then spread by its code. A column of mixed types (``1`` and ``1.0`` are equal but
+    read differently) goes value by value.
+    """
     series = pd.Series(values).reset_index(drop=True)
+    distinct = _distinct(series)
+    if distinct is None:
+        return _each_text(series)
+    codes, uniques = distinct
+    text, missing = _each_text(uniques)
+    text = np.append(text, "").astype(object)  # code -1 (NaN / None) reads the appended blank
+    missing = np.append(missing, True)
+    return text[codes], missing[codes]
+
+
+def _each_text(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`label_text` value by value."""
     isna = series.isna().to_numpy()
-    text = series.astype(str).str.strip().str.casefold()
-    return isna | text.isin(MISSING_MARKERS).to_numpy()
+    text = series.astype(str).str.strip()
+    missing = isna | text.str.casefold().isin(MISSING_MARKERS).to_numpy()
+    return np.where(missing, "", text.to_numpy(dtype=object)).astype(object), missing
+
+
+def _distinct(series: pd.Series) -> tuple[np.ndarray, pd.Series] | None:
+    """The codes (-1 where missing) and distinct values of a column whose equal values have equal text;
+    ``None`` for any other column, or one with few rows (nothing to save)."""
+    if len(series) < 1_000:
+        return None
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        categories = series.cat.categories
+        if categories.dtype == object and pd.api.types.infer_dtype(categories, skipna=True) != "string":
+            return None  # categories of mixed types: read value by value
+        return series.cat.codes.to_numpy(), pd.Series(categories.to_numpy(dtype=object), dtype=object)
+    if pd.api.types.infer_dtype(series, skipna=True) != "string":
+        return None
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    return codes, pd.Series(np.asarray(uniques, dtype=object), dtype=object)
 
 
 @dataclass(frozen=True)
@@ -93,8 +133,7 @@ def read_perturbations(
 ) -> PerturbationReading:
     """Canonical conditions of a perturbation column (see the module docstring)."""
     series = pd.Series(list(values), dtype=object)
-    missing = missing_mask(series)
-    raw = series.astype(str).str.strip().to_numpy(dtype=object)
+    raw, missing = label_text(series)
     cache: dict[str, str] = {}
     out = np.empty(len(raw), dtype=object)
     padded = 0
