@@ -209,3 +209,34 @@ def test_cli_prepare_refuses_to_replace_a_prepared_folder(capsys, tmp_path) -> N
     code, _, err = _cli(capsys, *base[:-1], str(theirs), "--overwrite")
     assert code == 2 and "is not part of a prepared dataset" in err
     assert sorted(p.name for p in (theirs / "data").iterdir()) == ["notes.txt"]
+
+
+def test_value_blocks_reuse_one_buffer_and_scan_as_fresh_reads(tmp_path) -> None:
+    """The first pass reads each block's values into one buffer: every block (longer and shorter ones,
+    empty rows, an empty block) holds exactly the values a fresh read gives, and the scan's verdicts
+    (extremes, empty cells) are those of the whole matrix."""
+    from cellduality.data.backed import H5adFile
+    from cellduality.data.streaming import _scan
+
+    rng = np.random.default_rng(1)
+    x = sp.random(300, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    x = x.tolil()
+    x[50:80] = 0  # a block of 10 empty cells among longer rows
+    x[7, 3] = -0.5
+    x = sp.csr_matrix(x)
+    x.eliminate_zeros()
+    path = tmp_path / "values.h5ad"
+    ad.AnnData(X=x, var=pd.DataFrame(index=[f"G{j}" for j in range(40)])).write_h5ad(path)
+    with H5adFile(path) as file:
+        matrix = file.matrix()
+        seen, buffers = [], set()
+        for start, stop, values in matrix.value_blocks(10):
+            lo, hi = x.indptr[start], x.indptr[stop]
+            assert np.array_equal(values, x.data[lo:hi]) and values.dtype == np.float32
+            seen.append((start, stop))
+            buffers.add(values.base is not None and id(values.base))
+        assert seen == list(matrix.blocks(10)) and len(buffers) == 1  # one buffer for all 30 blocks
+        scan, positive = _scan(matrix, 10, True)
+    assert (scan.minimum, scan.maximum, scan.n_values) == (-0.5, x.data.max(), x.nnz)
+    assert positive.tolist() == (x.max(axis=1).toarray().ravel() > 0).tolist()
+    assert not positive[50:80].any() and positive.sum() > 200

@@ -76,6 +76,24 @@ class BlockMatrix:
         parts = [self.rows(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
         return sp.vstack(parts, format="csr") if self.sparse else np.vstack(parts)
 
+    def value_blocks(self, block_cells: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, values)`` for each block of :meth:`blocks` of a CSR matrix: the rows' stored
+        values (its ``data``) as stored, each array valid until the next is yielded.
+
+        They are read into one buffer the size of the largest block: a pass over a 10^6-cell file reads
+        4 GB of values, and a new array per block pays its page faults again (two thirds of the reading
+        time, measured on such a file).
+        """
+        bounds = [
+            (start, stop, int(self.indptr[start]), int(self.indptr[stop]))
+            for start, stop in self.blocks(block_cells)
+        ]
+        buffer = np.empty(max((hi - lo for *_, lo, hi in bounds), default=0), dtype=self._data.dtype)
+        for start, stop, lo, hi in bounds:
+            if hi > lo:
+                self._data.read_direct(buffer, np.s_[lo:hi], np.s_[0 : hi - lo])
+            yield start, stop, buffer[: hi - lo]
+
     def head_values(self, n: int) -> np.ndarray:
         """The first ``n`` stored values (CSR ``data``; a dense matrix row-major, zeros included)."""
         if self.sparse:

@@ -94,10 +94,9 @@ def _scan(
         return scan, None
     positive = np.zeros(matrix.n_rows, dtype=bool)
     mask = None if col_mask is True else col_mask
-    for start, stop in matrix.blocks(block_cells):
-        if matrix.sparse:
+    if matrix.sparse:
+        for start, stop, values in matrix.value_blocks(block_cells):
             lo, hi = int(matrix.indptr[start]), int(matrix.indptr[stop])
-            values = np.asarray(matrix._data[lo:hi])
             scan.add(values)
             if mask is not None:  # a value in a dropped column counts as not expressed
                 values = np.where(mask[np.asarray(matrix._indices[lo:hi])], values, 0)
@@ -109,10 +108,11 @@ def _scan(
             if stored.any():
                 largest[stored] = np.fmax.reduceat(values, bounds[:-1][stored])
             positive[start:stop] = largest > 0
-        else:
-            block = np.asarray(matrix.rows(start, stop))
-            scan.add(block)
-            positive[start:stop] = ((block if mask is None else block[:, mask]) > 0).any(axis=1)
+        return scan, positive if col_mask is not None else None
+    for start, stop in matrix.blocks(block_cells):
+        block = np.asarray(matrix.rows(start, stop))
+        scan.add(block)
+        positive[start:stop] = ((block if mask is None else block[:, mask]) > 0).any(axis=1)
     return scan, positive if col_mask is not None else None
 
 
