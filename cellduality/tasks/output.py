@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,24 +39,39 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return np.concatenate([word_counts(c) for c in texts.chunks] or [np.zeros(0, dtype=np.int64)])
     texts = pc.fill_null(texts, "").cast(pa.large_string())
     n = len(texts)
+    counts = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return counts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + n + 1]
-    if n == 0 or offsets[-1] == offsets[0]:
-        return np.zeros(n, dtype=np.int64)
-    raw = np.frombuffer(texts.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    local = offsets - offsets[0]
-    space = _ASCII_SPACE[raw]
-    after_space = np.empty_like(space)
-    after_space[0] = True
-    after_space[1:] = space[:-1]
-    after_space[local[:-1][local[:-1] < raw.size]] = True  # every string starts after a space
-    starts = np.flatnonzero(after_space & ~space)  # where a word starts
-    counts = np.searchsorted(starts, local[1:]) - np.searchsorted(starts, local[:-1])
-    if raw.max() >= 0x80:
-        high = np.flatnonzero(raw >= 0x80)
-        rows = np.flatnonzero(np.searchsorted(high, local[1:]) - np.searchsorted(high, local[:-1]))
-        for r in rows.tolist():
-            counts[r] = len(texts[r].as_py().split())
+    if offsets[-1] == offsets[0]:
+        return counts
+    raw = np.frombuffer(texts.buffers()[2], dtype=np.uint8)
+    high = np.zeros(n, dtype=np.bool_)
+    _count_words(raw, offsets, _ASCII_SPACE, counts, high)
+    for r in np.flatnonzero(high).tolist():
+        counts[r] = len(texts[r].as_py().split())
     return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_words(
+    raw: np.ndarray, offsets: np.ndarray, space: np.ndarray, counts: np.ndarray, high: np.ndarray
+) -> None:
+    """:func:`word_counts`' loop over the bytes: one pass, nothing allocated (the numpy version built
+    four arrays of the column's size: 3 s of a 10^6-cell ``prepare``'s summaries). ``high[r]``: row r
+    has a non-ASCII byte."""
+    for r in range(counts.size):
+        words = 0
+        after_space = True
+        for i in range(offsets[r], offsets[r + 1]):
+            byte = raw[i]
+            if byte >= 0x80:
+                high[r] = True
+            is_space = space[byte]
+            if after_space and not is_space:
+                words += 1
+            after_space = is_space
+        counts[r] = words
 
 
 def rows_table(rows: Sequence[Mapping[str, Any]], features: Features) -> pa.Table:
