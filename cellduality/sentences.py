@@ -432,6 +432,14 @@ class GenePresence:
 
     def add(self, offset: int, genes: np.ndarray, counts: np.ndarray) -> None:
         """The sentences of cells ``offset, offset + 1, ...`` (gene indices, lengths)."""
+        from cellduality.topk import count_presence
+
+        if genes.shape[0]:
+            count_presence(genes, np.asarray(counts), self.top_k, offset, self.counts, self.first)
+        self.n += genes.shape[0]
+
+    def _add_numpy(self, offset: int, genes: np.ndarray, counts: np.ndarray) -> None:
+        """:meth:`add` in numpy: the reference the compiled loop is tested against."""
         top = genes[:, : self.top_k]
         valid = np.arange(top.shape[1])[None, :] < np.minimum(counts, self.top_k)[:, None]
         flat = np.flatnonzero(valid.ravel())

@@ -189,3 +189,22 @@ def genes_of_keys(keys: np.ndarray, width: int, b: np.uint64, a_inv: np.uint64, 
         for t in range(width):
             key = keys[r, kk - 1 - t]
             genes[r, t] = -1 if key == 0 else np.int64((((key & _LOW32) - b) * a_inv) & _LOW32)
+
+
+@numba.njit(nogil=True, cache=True)
+def count_presence(
+    genes: np.ndarray, lengths: np.ndarray, top_k: int, offset: int, counts: np.ndarray, first: np.ndarray
+) -> None:
+    """``GenePresence.add``'s loop: for the first ``min(lengths[i], top_k)`` genes of each row i, count
+    the gene and keep its earliest position ``(offset + i) * top_k + j`` (rows are cells in reading
+    order). One pass, nothing allocated: the numpy version built four arrays of the block's size and a
+    scatter per block (15 ms of the main thread for each 10,000 cells)."""
+    width = min(genes.shape[1], top_k)
+    for i in range(genes.shape[0]):
+        n = min(lengths[i], width)
+        for j in range(n):
+            g = np.int64(genes[i, j])
+            counts[g] += 1
+            pos = (offset + i) * top_k + j
+            if pos < first[g]:
+                first[g] = pos

@@ -36,6 +36,7 @@ from cellduality.tasks.common import (
     join_genes,
     messages,
     opaque_id,
+    opaque_ids,
     pick,
     presence_scores,
     record,
@@ -133,6 +134,43 @@ def test_sentences_are_lists_of_symbols_and_arrow_columns(pbmc, pbmc_sentences) 
         presence.add(lo, pbmc_sentences.genes[lo : lo + 97], pbmc_sentences.counts[lo : lo + 97])
     # the same scores in the same (first-seen) order: meta.json lists them, most_informative breaks ties by it
     assert list(presence.scores(pbmc_sentences.names).items()) == list(_scores(lists, 25).items())
+
+
+def test_ids_and_seed_words_from_a_shared_prefix_equal_the_whole_key() -> None:
+    """``opaque_ids`` (one hash of the prefix, continued per cell) and ``PrefixedKeys`` (a crc32 continued
+    from the prefix's) give what hashing each whole string gives, for any id (empty, non-ASCII, long)."""
+    ids = ["cell0", "", "AAACCTGAGCATCATC-1", "é|ctrl+KRAS", "x" * 300, "cell0"]
+    for seed, dataset, split in [(0, "pbmc68k", "train"), (12345678901, "atlas ü", "rl")]:
+        assert opaque_ids(seed, dataset, "annotation", split, ids) == [
+            opaque_id(seed, dataset, "annotation", split, c) for c in ids
+        ]
+        prefix = f"{dataset}/annotation/{split}/"
+        joined = d.key_crcs([prefix + c for c in ids])
+        assert np.array_equal(d.key_crcs(d.PrefixedKeys(prefix, ids)), joined)
+        assert joined.dtype == np.uint64 and len(set(joined.tolist())) == 5  # the repeated id repeats
+    assert opaque_ids(0, "d", "t", "s", []) == [] and d.key_crcs(d.PrefixedKeys("p/", [])).size == 0
+
+
+@pytest.mark.parametrize(
+    ("width", "top_k", "dtype"), [(30, 25, np.int16), (20, 25, np.int32), (25, 25, np.int16)]
+)
+def test_gene_presence_compiled_loop_equals_numpy(width: int, top_k: int, dtype) -> None:
+    """The compiled counting loop gives the numpy version's counts and first positions, for stores wider
+    and narrower than top_k and sentences of every length (0 to full, -1 padding past the length)."""
+    rng = np.random.default_rng(3)
+    n_genes, n_cells = 60, 1_000
+    genes = rng.integers(0, n_genes, (n_cells, width)).astype(dtype)
+    lengths = rng.integers(0, width + 1, n_cells).astype(np.int32)
+    genes[np.arange(width)[None, :] >= lengths[:, None]] = -1
+    compiled, numpy = GenePresence(n_genes, top_k), GenePresence(n_genes, top_k)
+    for lo in range(0, n_cells, 137):
+        compiled.add(lo, genes[lo : lo + 137], lengths[lo : lo + 137])
+        numpy._add_numpy(lo, genes[lo : lo + 137], lengths[lo : lo + 137])
+    assert compiled.n == numpy.n == n_cells
+    assert np.array_equal(compiled.counts, numpy.counts) and compiled.counts.sum() > 0
+    assert np.array_equal(compiled.first, numpy.first)
+    names = [f"G{j}" for j in range(n_genes)]
+    assert list(compiled.scores(names).items()) == list(numpy.scores(names).items())
 
 
 @pytest.mark.parametrize("closed", [False, True])

@@ -33,7 +33,7 @@ from cellduality.tasks.common import (
     join_candidates,
     join_genes,
     messages,
-    opaque_id,
+    opaque_ids,
     pick,
     record,
     shuffled,
@@ -96,7 +96,7 @@ def hidden_counts(lengths: np.ndarray, fraction: float) -> np.ndarray:
 def sentence_columns(
     sentences: Sentences,
     cells: np.ndarray,
-    keys: Sequence[str],
+    keys: Sequence[str] | draws.PrefixedKeys,
     cfg: TaskConfig,
     gene_scores: Mapping[str, float] | None,
     after: Sequence[tuple[int, np.ndarray]],
@@ -162,7 +162,7 @@ def annotation_rows(
         else np.array([label not in known for label in own], dtype=bool)
     )
     vocabulary, index, m = candidate_rows(candidates, own, extend)
-    keys = [f"{dataset}/annotation/{split}/{cell_id}" for cell_id in ids]
+    keys = draws.PrefixedKeys(f"{dataset}/annotation/{split}/", ids)
     cell, visible, hidden, n_hidden, (perm, template) = sentence_columns(
         sentences,
         cells,
@@ -184,7 +184,7 @@ def annotation_rows(
     return record_table(
         len(ids),
         SCHEMA,
-        id=[opaque_id(cfg.seed, dataset, "annotation", split, cell_id) for cell_id in ids],
+        id=opaque_ids(cfg.seed, dataset, "annotation", split, ids),
         task="annotation",
         prompt=prompt_column(prompt),
         answer=strings(own),
@@ -284,7 +284,7 @@ def drug_sensitivity_rows(
     ctx_values = [[str(v) for v in obs[c].iloc[cells].tolist()] for c in columns.context]
     contexts = context_texts(obs, cells, columns.context)
     n = len(ids)
-    keys = [f"{dataset}/drug_sensitivity/{split}/{cell_id}" for cell_id in ids]
+    keys = draws.PrefixedKeys(f"{dataset}/drug_sensitivity/{split}/", ids)
     cell, visible, hidden, n_hidden, (perm, template) = sentence_columns(
         sentences,
         cells,
@@ -308,7 +308,7 @@ def drug_sensitivity_rows(
     return record_table(
         n,
         SCHEMA,
-        id=[opaque_id(cfg.seed, dataset, "drug_sensitivity", split, cell_id) for cell_id in ids],
+        id=opaque_ids(cfg.seed, dataset, "drug_sensitivity", split, ids),
         task="drug_sensitivity",
         prompt=prompt_column(prompt),
         answer=strings(labels),

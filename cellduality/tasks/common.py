@@ -131,6 +131,20 @@ def opaque_id(seed: int, dataset: str, task: str, split: str, cell_id: str) -> s
     return f"{dataset}/{task}/{split}/{digest.hexdigest()}"
 
 
+def opaque_ids(seed: int, dataset: str, task: str, split: str, cell_ids: Sequence[str]) -> list[str]:
+    """:func:`opaque_id` of each of ``cell_ids``: the hash of the shared prefix is computed once and
+    continued per cell (``blake2b`` hashes a stream: ``copy`` then ``update`` gives the digest of the
+    whole string), half the time of a new hash per example."""
+    head = f"{dataset}/{task}/{split}/"
+    base = hashlib.blake2b(f"{seed}/{head}".encode(), digest_size=6)
+    out = []
+    for cell_id in cell_ids:
+        digest = base.copy()
+        digest.update(cell_id.encode())
+        out.append(head + digest.hexdigest())
+    return out
+
+
 def presence_scores(sentences: Sequence[Sequence[str]]) -> dict[str, float]:
     """How much a gene's presence in a cell sentence varies across cells: ``p * (1 - p)``.
 

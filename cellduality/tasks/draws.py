@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -332,14 +333,32 @@ def seed_words(seed: int) -> np.ndarray:
     return np.asarray(words, dtype=np.uint64)
 
 
-def key_crcs(keys: Sequence[str]) -> np.ndarray:
+@dataclass(frozen=True)
+class PrefixedKeys:
+    """The keys ``prefix + suffix`` for each of ``suffixes`` (``dataset/task/split/`` and the cell ids),
+    never joined: a crc32 continues from the prefix's (``zlib.crc32(suffix, crc32(prefix))`` is the
+    crc32 of the whole key), so neither the strings nor the prefix's bytes are made again per example."""
+
+    prefix: str
+    suffixes: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.suffixes)
+
+
+def key_crcs(keys: Sequence[str] | PrefixedKeys) -> np.ndarray:
     """The second seed word of each example (``example_rng``'s crc32 of its key)."""
-    return np.fromiter((zlib.crc32(k.encode()) for k in keys), dtype=np.uint64, count=len(keys))
+    if isinstance(keys, PrefixedKeys):
+        head = zlib.crc32(keys.prefix.encode())
+        crcs = (zlib.crc32(s.encode(), head) for s in keys.suffixes)
+    else:
+        crcs = (zlib.crc32(k.encode()) for k in keys)
+    return np.fromiter(crcs, dtype=np.uint64, count=len(keys))
 
 
 def run_program(
     seed: int,
-    keys: Sequence[str],
+    keys: Sequence[str] | PrefixedKeys,
     program: Sequence[int],
     params: np.ndarray,
     sizes: np.ndarray | None = None,

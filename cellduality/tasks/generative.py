@@ -33,6 +33,7 @@ from cellduality.tasks.common import (
     join_genes,
     messages,
     opaque_id,
+    opaque_ids,
     pick,
     record,
     shuffled,
@@ -64,12 +65,12 @@ def generation_rows(
     own = labels.iloc[cells].tolist()
     extend = np.array([label not in known for label in own], dtype=bool)
     vocabulary, index, m = candidate_rows(candidates, own, extend)
-    keys = [f"{dataset}/generation/{split}/{cell_id}" for cell_id in ids]
+    keys = draws.PrefixedKeys(f"{dataset}/generation/{split}/", ids)
     genes, lengths = sentences.rows(cells, cfg.answer_genes)
     answer = join_lists(gene_lists(sentences.arrow_names(), genes, lengths), " ")
     return _generation_table(
         keys,
-        [opaque_id(cfg.seed, dataset, "generation", split, cell_id) for cell_id in ids],
+        opaque_ids(cfg.seed, dataset, "generation", split, ids),
         strings(own),
         vocabulary,
         index,
@@ -92,7 +93,7 @@ def generation_prompts(
     if not candidates:
         return record_table(0, SCHEMA)
     ids = obs.index[cells].astype(str).tolist()
-    keys = [opaque_id(cfg.seed, dataset, "generation", "rl", cell_id) for cell_id in ids]
+    keys = opaque_ids(cfg.seed, dataset, "generation", "rl", ids)
     n = len(keys)
     (drawn,), _ = draws.run_program(cfg.seed, keys, [draws.INTEGER], np.full((n, 1), len(candidates)))
     vocabulary = strings(candidates)
@@ -111,7 +112,7 @@ def generation_prompts(
 
 
 def _generation_table(
-    keys: Sequence[str],
+    keys: Sequence[str] | draws.PrefixedKeys,
     ids: Sequence[str],
     conditions: pa.Array,
     vocabulary: pa.Array,
@@ -293,7 +294,7 @@ class PerturbationPlan:
         return record_table(
             len(ids),
             SCHEMA,
-            id=[opaque_id(cfg.seed, dataset, "perturbation", split, cell_id) for cell_id in ids],
+            id=opaque_ids(cfg.seed, dataset, "perturbation", split, ids),
             task="perturbation",
             prompt=prompt_column(prompt),
             answer=answer,
