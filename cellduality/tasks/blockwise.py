@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from cellduality.data.schema import Columns
@@ -57,7 +58,7 @@ from cellduality.tasks.build import (
 )
 from cellduality.tasks.columns import FEATURES
 from cellduality.tasks.common import TaskConfig
-from cellduality.tasks.output import LabelCollector, ShardWriter, SummaryCounter
+from cellduality.tasks.output import LabelCollector, ShardWriter, SummaryCounter, word_counts
 from cellduality.tasks.plan import (
     REFERENCE_TABLE,
     RL_SPLIT,
@@ -218,7 +219,9 @@ def _write_rows(
 
         from cellduality.tasks.draws import compile_draws
 
-        compile_draws()  # once, here: the forked workers inherit the compiled loop
+        # compiled (or loaded from numba's cache) once, here: the forked workers inherit the loops
+        compile_draws()
+        word_counts(pa.array(["warm up"]))
         _WORKER.update(plan=plan, store=store, data=data, cfg=cfg, gene_scores=gene_scores)
         paths = [
             (split, index, chunk, str(writer.folder / split / f".job-{os.getpid()}-{k:06d}.arrow"))
