@@ -335,6 +335,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cellduality-scale-", dir=args.workdir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(
