@@ -141,9 +141,16 @@ def test_ids_and_seed_words_from_a_shared_prefix_equal_the_whole_key() -> None:
     from the prefix's) give what hashing each whole string gives, for any id (empty, non-ASCII, long)."""
     ids = ["cell0", "", "AAACCTGAGCATCATC-1", "é|ctrl+KRAS", "x" * 300, "cell0"]
     for seed, dataset, split in [(0, "pbmc68k", "train"), (12345678901, "atlas ü", "rl")]:
-        assert opaque_ids(seed, dataset, "annotation", split, ids) == [
-            opaque_id(seed, dataset, "annotation", split, c) for c in ids
+        whole = [
+            hashlib.blake2b(f"{seed}/{dataset}/annotation/{split}/{c}".encode(), digest_size=6).hexdigest()
+            for c in ids
         ]
+        assert opaque_ids(seed, dataset, "annotation", split, ids) == [
+            f"{dataset}/annotation/{split}/{digest}" for digest in whole
+        ]
+        assert [opaque_id(seed, dataset, "annotation", split, c) for c in ids] == opaque_ids(
+            seed, dataset, "annotation", split, ids
+        )
         prefix = f"{dataset}/annotation/{split}/"
         joined = d.key_crcs([prefix + c for c in ids])
         assert np.array_equal(d.key_crcs(d.PrefixedKeys(prefix, ids)), joined)

@@ -125,16 +125,16 @@ def opaque_id(seed: int, dataset: str, task: str, split: str, cell_id: str) -> s
 
     The digest hides the original cell id, which can encode a label (SCAD's ids contain ``br`` /
     ``par``, naming resistant / sensitive cells), and every id reaches the reward functions as a column.
-    It is a stable hash of the seed and the cell, so the same preparation gives the same ids.
+    It is a stable hash of the seed and the cell (6-byte blake2b of ``seed/dataset/task/split/cell_id``),
+    so the same preparation gives the same ids.
     """
-    digest = hashlib.blake2b(f"{seed}/{dataset}/{task}/{split}/{cell_id}".encode(), digest_size=6)
-    return f"{dataset}/{task}/{split}/{digest.hexdigest()}"
+    return opaque_ids(seed, dataset, task, split, [cell_id])[0]
 
 
 def opaque_ids(seed: int, dataset: str, task: str, split: str, cell_ids: Sequence[str]) -> list[str]:
-    """:func:`opaque_id` of each of ``cell_ids``: the hash of the shared prefix is computed once and
-    continued per cell (``blake2b`` hashes a stream: ``copy`` then ``update`` gives the digest of the
-    whole string), half the time of a new hash per example."""
+    """:func:`opaque_id` of each of ``cell_ids``, the one place the id is made: the hash of the shared
+    prefix is computed once and continued per cell (``blake2b`` hashes a stream: ``copy`` then ``update``
+    gives the digest of the whole string), half the time of a new hash per example."""
     head = f"{dataset}/{task}/{split}/"
     base = hashlib.blake2b(f"{seed}/{head}".encode(), digest_size=6)
     out = []
